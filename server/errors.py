@@ -1,0 +1,22 @@
+"""The one error type the request path raises for bad input; the API turns it into JSON."""
+
+
+class InputError(Exception):
+    """A client mistake: becomes `{"error": {"type", "message", "param"}}` with `status`."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "request_too_large", 415: "unsupported_media_type", 422: "unprocessable_content",
+             429: "rate_limit_exceeded", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    @property
+    def type(self) -> str:
+        return self.TYPES.get(self.status, "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"type": self.type, "message": self.message, "param": self.param}}

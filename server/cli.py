@@ -9,7 +9,7 @@ SUBCOMMANDS = {
     "make-tiny": ("server.make_tiny", "build a small random-weight OneLLM model folder, offline"),
     "parity": ("server.parity", "check this implementation against a reference fixture"),
     "serve": ("server.api.serve", "run the HTTP gateway"),
-    "chat": ("clients.python.onellm_client.cli", "chat with a running gateway from the terminal"),
+    "chat": ("onellm_client.cli", "chat with a running gateway from the terminal"),
 }
 
 

@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURE = SHARED / "fixtures" / "onellm-ref-tiny"
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    """The authors' reference fixture; missing it is a failure in CI, a skip elsewhere."""
+    if not (FIXTURE / "reference.json").exists():
+        message = f"reference fixture not found at {FIXTURE}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A freshly built `onellm make-tiny` model folder, shared by the whole session."""
+    from server.cli import main
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    assert main(["make-tiny", "--out", str(out)]) == 0
+    return out

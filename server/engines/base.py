@@ -14,6 +14,7 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ("###",)
     seed: int | None = None
+    ignore_eos: bool = False  # parity checks decode a fixed number of tokens
 
 
 @dataclass

@@ -1,0 +1,123 @@
+"""The embedded engine: the converted `llm/` folder run in-process with `transformers`.
+
+It needs no GPU and no vLLM, so anyone can serve a model in one command. Generation steps run
+on one worker thread: concurrent requests interleave step by step, each with its own KV cache.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from transformers import LlamaForCausalLM
+
+from server.engines.base import Sampling, Usage
+
+
+def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """Greedy when temperature is 0, else temperature + nucleus (top-p) sampling."""
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStream:
+    """Token ids in, text deltas out; holds back text that may still become a stop string."""
+
+    def __init__(self, tokenizer: spm.SentencePieceProcessor, stops: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded text already handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        for stop in self.stops:
+            at = text.find(stop, self.sent)
+            if at >= 0:
+                self.stopped = True
+                return self._take(text, at)
+        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its other bytes
+            return ""
+        held = max((n for s in self.stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        return self._take(text, len(text) - held)
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._take(self.tokenizer.decode(self.ids), None)
+
+    def _take(self, text: str, end: int | None) -> str:
+        delta = text[self.sent:end]
+        self.sent += len(delta)
+        return delta
+
+
+class LocalEngine:
+    name = "local"
+
+    def __init__(self, llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        llm_dir = Path(llm_dir)
+        self.model = LlamaForCausalLM.from_pretrained(llm_dir, dtype=dtype).to(device).eval()
+        self.tokenizer = spm.SentencePieceProcessor(model_file=str(llm_dir / "tokenizer.model"))
+        self.eos_id = self.model.config.eos_token_id
+        self.max_positions = self.model.config.max_position_embeddings
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="local-llm")
+
+    @torch.inference_mode()
+    def first_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits [V] of the first generated token for prompt embeddings [L, D]."""
+        x = embeddings.unsqueeze(0).to(self.model.device, self.model.dtype)
+        return self.model(inputs_embeds=x).logits[0, -1].float()
+
+    def token_ids(self, embeddings: torch.Tensor, sampling: Sampling) -> Iterator[int]:
+        """Generated ids one by one, decoding with a KV cache; stops at EOS unless told not to."""
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        limit = min(sampling.max_tokens, self.max_positions - embeddings.shape[0])
+        with torch.inference_mode():
+            x = embeddings.unsqueeze(0).to(self.model.device, self.model.dtype)
+            out = self.model(inputs_embeds=x, use_cache=True)
+            for step in range(limit):
+                token = pick_token(out.logits[0, -1].float().cpu(), sampling, generator)
+                yield token
+                if token == self.eos_id and not sampling.ignore_eos or step + 1 == limit:
+                    return
+                ids = torch.tensor([[token]], device=self.model.device)
+                out = self.model(input_ids=ids, past_key_values=out.past_key_values, use_cache=True)
+
+    async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None) -> AsyncIterator[str]:
+        usage = usage if usage is not None else Usage()
+        loop = asyncio.get_running_loop()
+        ids = self.token_ids(embeddings, sampling)
+        text = TextStream(self.tokenizer, sampling.stop)
+        usage.finish_reason = "length"
+        try:
+            while (token := await loop.run_in_executor(self._worker, next, ids, None)) is not None:
+                usage.completion_tokens += 1
+                usage.token_ids.append(token)
+                if token == self.eos_id and not sampling.ignore_eos:
+                    usage.finish_reason = "stop"
+                    break
+                delta = text.push(token)
+                if delta:
+                    yield delta
+                if text.stopped:
+                    usage.finish_reason = "stop"
+                    return
+            if tail := text.flush():
+                yield tail
+        finally:
+            await loop.run_in_executor(self._worker, ids.close)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)

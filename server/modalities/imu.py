@@ -1,0 +1,24 @@
+import torch
+from torch import nn
+
+from server.inputs.arrays import imu_tensor
+from server.modalities.base import Modality
+
+
+class ImuTokenizer(nn.Conv1d):
+    """IMU [B, 6, 400] -> [B, 391, W]."""
+
+    @classmethod
+    def from_weights(cls, weights: dict[str, torch.Tensor]) -> "ImuTokenizer":
+        width, channels, k = weights["weight"].shape
+        return cls(channels, width, kernel_size=k, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).transpose(1, 2)
+
+
+def preprocess(files, options) -> torch.Tensor:
+    return imu_tensor(files["imu"], float(options.get("imu_sample_rate", 200.0)), "imu")  # [6, 400]
+
+
+MODALITY = Modality(name="imu", fields=("imu",), preprocess=preprocess, tokenizer=ImuTokenizer.from_weights)

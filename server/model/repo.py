@@ -1,0 +1,64 @@
+"""Load a model folder (`model_repo/<name>/`, see model_repo/README.md) into a ready encoder."""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from safetensors.torch import load_file
+
+from server.model.encoder import Encoder
+from server.model.prompt import assemble, render
+
+
+@dataclass
+class OneLLM:
+    """The encoder side of one served model: what turns a chat with attachments into embeddings."""
+
+    path: Path
+    config: dict
+    encoder: Encoder
+    tokenizer: spm.SentencePieceProcessor
+
+    @property
+    def name(self) -> str:
+        return self.config["name"]
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.tok_embeddings.weight.dtype
+
+    @property
+    def bos_id(self) -> int:
+        return self.config["llm"]["bos_id"]
+
+    def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Model inputs [B, ...] -> prefixes [B, 30, D] on this model's device and dtype."""
+        return self.encoder(modality, inputs.to(self.device, self.dtype))
+
+    def prompt_ids(self, turns: Sequence[tuple[str, str]], system: str | None = None) -> list[int]:
+        text = render(turns, self.config["prompt"]["system"] if system is None else system)
+        return [self.bos_id] + self.tokenizer.encode(text)
+
+    def embeddings(self, ids: list[int], attachments: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """Prompt ids and [(modality, prefix [30, D]), ...] -> LLM input embeddings [L, D]."""
+        tokens = self.encoder.embed_tokens(ids)
+        blocks = [self.encoder.block(m, prefix.to(self.device, self.dtype)) for m, prefix in attachments]
+        return assemble(tokens[:1], blocks, tokens[1:])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> OneLLM:
+    path = Path(path)
+    config = json.loads((path / "model.json").read_text())
+    weights = load_file(path / "encoder.safetensors")
+    enc = config["encoder"]
+    encoder = Encoder(weights, config["modalities"], enc["clip_heads"], enc["upm_heads"], enc["norm_eps"])
+    encoder.to(device=device, dtype=dtype or next(iter(weights.values())).dtype)
+    tokenizer = spm.SentencePieceProcessor(model_file=str(path / "llm" / "tokenizer.model"))
+    return OneLLM(path, config, encoder, tokenizer)

@@ -1,0 +1,198 @@
+"""The production engine: a vLLM OpenAI server started with `--enable-prompt-embeds`.
+
+The gateway computes the prompt embeddings [L, D] (encoder + prompt assembly) and vLLM
+only runs the LLaMA decoder on them, via `POST /v1/completions` with `prompt_embeds`.
+"""
+
+import base64
+import io
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import torch
+
+from server.engines.base import EngineUnavailable, Sampling, Usage
+from server.errors import InputError
+
+# OneLLM's chat template separates turns with "###"; the model must never run into the
+# next turn, whatever stop strings the caller asked for.
+TURN_SEPARATOR = "###"
+
+
+def encode_embeddings(embeddings: torch.Tensor, dtype: torch.dtype) -> str:
+    """Base64 of a `torch.save`d tensor: the only `prompt_embeds` format vLLM reads."""
+    buffer = io.BytesIO()
+    torch.save(embeddings.detach().to(dtype).contiguous().cpu(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def completion_request(embeddings: torch.Tensor, sampling: Sampling, model: str,
+                       dtype: torch.dtype = torch.float32) -> dict:
+    """The JSON body of a streaming `/v1/completions` request for `embeddings` [L, D]."""
+    if embeddings.dim() != 2:
+        raise ValueError(f"prompt embeddings must be [L, D], got shape {tuple(embeddings.shape)}")
+    stop = list(dict.fromkeys([*sampling.stop, TURN_SEPARATOR]))
+    body = {
+        "model": model,
+        "prompt_embeds": encode_embeddings(embeddings, dtype),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": sampling.max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "stop": stop,
+        "return_token_ids": True,
+    }
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    return body
+
+
+class SSEParser:
+    """Incremental Server-Sent Events parser: feed raw bytes, get each event's data.
+
+    Lines are split on bytes before decoding, so a UTF-8 character cut between two
+    network chunks is reassembled before it is decoded.
+    """
+
+    def __init__(self):
+        self._buffer = b""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[str]:
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        events = []
+        for raw in lines:
+            line = raw.rstrip(b"\r").decode("utf-8")
+            if not line:
+                if self._data:
+                    events.append("\n".join(self._data))
+                    self._data = []
+            elif line.startswith("data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(" ") else value)
+            # comments (":...") and the event/id/retry fields carry nothing vLLM uses
+        return events
+
+
+def _error_message(payload: dict | str) -> str:
+    """vLLM's error text, from either of the JSON shapes its versions have used."""
+    if isinstance(payload, dict):
+        error = payload.get("error", payload)
+        if isinstance(error, dict):
+            return str(error.get("message") or error)
+        return str(error)
+    return payload
+
+
+def _raise_for_error(status: int, payload: dict | str) -> None:
+    message = _error_message(payload)
+    # vLLM answers 400 for requests it will never serve (prompt longer than the context,
+    # max_tokens past it): the client's mistake, not an outage.
+    if status == 400:
+        raise InputError(400, f"vLLM rejected the request: {message}", "messages")
+    raise EngineUnavailable(f"vLLM answered HTTP {status}: {message}")
+
+
+class VLLMEngine:
+    """Streams completions for prompt embeddings from a vLLM OpenAI-compatible server."""
+
+    name = "vllm"
+
+    def __init__(self, base_url: str, model: str | None = None, dtype: torch.dtype = torch.float32,
+                 timeout: float = 600.0, connect_timeout: float = 5.0, health_timeout: float = 2.0):
+        """`dtype` is the dtype vLLM serves the LLM in (`--dtype`); `timeout` bounds the
+        wait for each streamed chunk, which on CPU includes the whole prefill."""
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.dtype = dtype
+        self.health_timeout = health_timeout
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+        )
+
+    async def ready(self) -> bool:
+        try:
+            response = await self._client.get("/health", timeout=self.health_timeout)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _served_model(self) -> str:
+        if self.model is None:
+            try:
+                response = await self._client.get("/v1/models")
+            except httpx.HTTPError as error:
+                raise self._unavailable(error) from error
+            if response.status_code != 200:
+                _raise_for_error(response.status_code, _json_or_text(response.text))
+            models = response.json().get("data") or []
+            if not models:
+                raise EngineUnavailable(f"vLLM at {self.base_url} serves no model")
+            self.model = models[0]["id"]
+        return self.model
+
+    async def stream(self, embeddings: torch.Tensor, sampling: Sampling,
+                     usage: Usage | None = None) -> AsyncIterator[str]:
+        usage = usage if usage is not None else Usage()
+        body = completion_request(embeddings, sampling, await self._served_model(), self.dtype)
+        try:
+            # Leaving this block early (the caller's aclose() or a cancelled task) closes
+            # the HTTP response, which is how vLLM learns to abort the request.
+            async with self._client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    _raise_for_error(response.status_code, _json_or_text(response.text))
+                parser = SSEParser()
+                async for chunk in response.aiter_bytes():
+                    for data in parser.feed(chunk):
+                        if data == "[DONE]":
+                            return
+                        text = _apply_event(json.loads(data), usage)
+                        if text:
+                            yield text
+        except httpx.HTTPError as error:
+            raise self._unavailable(error) from error
+        # vLLM always ends with [DONE]; a stream without it was cut off.
+        raise EngineUnavailable(f"vLLM at {self.base_url} closed the stream before it finished")
+
+    def _unavailable(self, error: httpx.HTTPError) -> EngineUnavailable:
+        if isinstance(error, httpx.ConnectError):
+            return EngineUnavailable(f"cannot connect to vLLM at {self.base_url}: {error}")
+        if isinstance(error, httpx.TimeoutException):
+            return EngineUnavailable(f"vLLM at {self.base_url} timed out: {type(error).__name__}")
+        return EngineUnavailable(f"lost the connection to vLLM at {self.base_url}: {error!r}")
+
+
+def _apply_event(event: dict, usage: Usage) -> str:
+    """Record one streamed chunk in `usage`; returns its text delta."""
+    if "error" in event:
+        # an error after the 200 header arrives as an event in the stream
+        error = event["error"]
+        status = error.get("code") if isinstance(error, dict) else None
+        _raise_for_error(status if isinstance(status, int) else 500, event)
+    text = ""
+    for choice in event.get("choices") or []:
+        text += choice.get("text") or ""
+        token_ids = choice.get("token_ids") or []
+        usage.token_ids.extend(token_ids)
+        usage.completion_tokens += len(token_ids)
+        if choice.get("finish_reason"):
+            usage.finish_reason = choice["finish_reason"]
+    # the last chunk carries vLLM's own count (include_usage); it has no choices
+    if event.get("usage"):
+        usage.completion_tokens = event["usage"]["completion_tokens"]
+    return text
+
+
+def _json_or_text(text: str) -> dict | str:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -22,8 +22,11 @@ TURN_SEPARATOR = "###"
 
 def encode_embeddings(embeddings: torch.Tensor, dtype: torch.dtype) -> str:
     """Base64 of a `torch.save`d tensor: the only `prompt_embeds` format vLLM reads."""
+    # clone: torch.save writes a view's whole storage, and prompt embeddings are often a
+    # view (rows of the embedding table, a slice of a batch)
+    tensor = embeddings.detach().to(device="cpu", dtype=dtype).clone(memory_format=torch.contiguous_format)
     buffer = io.BytesIO()
-    torch.save(embeddings.detach().to(dtype).contiguous().cpu(), buffer)
+    torch.save(tensor, buffer)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -43,6 +46,7 @@ def completion_request(embeddings: torch.Tensor, sampling: Sampling, model: str,
         "top_p": sampling.top_p,
         "stop": stop,
         "return_token_ids": True,
+        "ignore_eos": sampling.ignore_eos,
     }
     if sampling.seed is not None:
         body["seed"] = sampling.seed
@@ -77,22 +81,23 @@ class SSEParser:
         return events
 
 
-def _error_message(payload: dict | str) -> str:
-    """vLLM's error text, from either of the JSON shapes its versions have used."""
-    if isinstance(payload, dict):
-        error = payload.get("error", payload)
-        if isinstance(error, dict):
-            return str(error.get("message") or error)
-        return str(error)
-    return payload
+def _error_fields(payload: dict | str) -> tuple[str, str | None]:
+    """vLLM's error message and the parameter it blames, from either JSON shape its
+    versions have used (`{"error": {...}}` or the fields at the top level)."""
+    if not isinstance(payload, dict):
+        return payload, None
+    error = payload.get("error", payload)
+    if not isinstance(error, dict):
+        return str(error), None
+    return str(error.get("message") or error), error.get("param")
 
 
 def _raise_for_error(status: int, payload: dict | str) -> None:
-    message = _error_message(payload)
-    # vLLM answers 400 for requests it will never serve (prompt longer than the context,
-    # max_tokens past it): the client's mistake, not an outage.
+    message, param = _error_fields(payload)
+    # vLLM answers 400 for requests it will never serve (the prompt longer than the
+    # context window, max_tokens past it): the client's mistake, not an outage.
     if status == 400:
-        raise InputError(400, f"vLLM rejected the request: {message}", "messages")
+        raise InputError(400, message, "max_tokens" if param == "max_tokens" else "messages")
     raise EngineUnavailable(f"vLLM answered HTTP {status}: {message}")
 
 
@@ -102,9 +107,11 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, base_url: str, model: str | None = None, dtype: torch.dtype = torch.float32,
-                 timeout: float = 600.0, connect_timeout: float = 5.0, health_timeout: float = 2.0):
-        """`dtype` is the dtype vLLM serves the LLM in (`--dtype`); `timeout` bounds the
-        wait for each streamed chunk, which on CPU includes the whole prefill."""
+                 timeout: float = 600.0, connect_timeout: float = 5.0, health_timeout: float = 2.0,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        """`model` defaults to the one the server lists; `dtype` is the one vLLM serves the
+        LLM in (`--dtype`); `timeout` bounds the wait for each streamed chunk, which on CPU
+        includes the whole prefill."""
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.dtype = dtype
@@ -112,6 +119,7 @@ class VLLMEngine:
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            transport=transport,
         )
 
     async def ready(self) -> bool:

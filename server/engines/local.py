@@ -75,7 +75,7 @@ class LocalEngine:
     def first_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits [V] of the first generated token for prompt embeddings [L, D]."""
         x = embeddings.unsqueeze(0).to(self.model.device, self.model.dtype)
-        return self.model(inputs_embeds=x).logits[0, -1].float()
+        return self.model(inputs_embeds=x, logits_to_keep=1).logits[0, -1].float()
 
     def token_ids(self, embeddings: torch.Tensor, sampling: Sampling) -> Iterator[int]:
         """Generated ids one by one, decoding with a KV cache; stops at EOS unless told not to."""
@@ -83,14 +83,14 @@ class LocalEngine:
         limit = min(sampling.max_tokens, self.max_positions - embeddings.shape[0])
         with torch.inference_mode():
             x = embeddings.unsqueeze(0).to(self.model.device, self.model.dtype)
-            out = self.model(inputs_embeds=x, use_cache=True)
+            out = self.model(inputs_embeds=x, use_cache=True, logits_to_keep=1)
             for step in range(limit):
                 token = pick_token(out.logits[0, -1].float().cpu(), sampling, generator)
                 yield token
                 if token == self.eos_id and not sampling.ignore_eos or step + 1 == limit:
                     return
                 ids = torch.tensor([[token]], device=self.model.device)
-                out = self.model(input_ids=ids, past_key_values=out.past_key_values, use_cache=True)
+                out = self.model(input_ids=ids, cache=out.cache, use_cache=True)
 
     async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None) -> AsyncIterator[str]:
         usage = usage if usage is not None else Usage()

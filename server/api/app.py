@@ -1,0 +1,315 @@
+"""The FastAPI gateway: routes, error bodies, SSE framing, and start-up/shutdown in the lifespan."""
+
+import json
+import logging
+import time
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+
+import httpx
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from server.api import schemas
+from server.api.metrics import Metrics
+from server.api.serving import ChatService, Generation
+from server.api.settings import Settings
+from server.api.uploads import UPLOAD_FIELDS, Chat, chat_from_form, chat_from_openai
+from server.engines.base import Engine, EngineUnavailable, Sampling
+from server.errors import InputError
+from server.model.repo import OneLLM, load_model
+
+log = logging.getLogger("onellm.gateway")
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_REMOTE_BYTES = 64 << 20
+FORM_FIELDS = {"prompt", "messages", "model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
+               "imu_sample_rate"}
+
+
+class ChatForm(BaseModel):
+    """The text fields of `POST /v1/chat` (multipart), validated like the JSON endpoint's."""
+
+    prompt: str | None = None
+    messages: str | None = None
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: str | None = None
+    seed: int | None = None
+    stream: bool = True
+    imu_sample_rate: float = 200.0
+
+
+def build_engine(settings: Settings, model: OneLLM) -> Engine:
+    if settings.vllm_url:
+        from server.engines.vllm import VLLMEngine
+        return VLLMEngine(settings.vllm_url)
+    from server.engines.local import LocalEngine
+    return LocalEngine(model.path / "llm", device=settings.device, dtype=model.dtype)
+
+
+def error_response(error: InputError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine | None = None) -> FastAPI:
+    """The gateway app; `model` and `engine` are loaded in the lifespan unless given."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        nonlocal model, engine
+        dtype = getattr(torch, settings.dtype) if settings.dtype else None
+        model = model or load_model(settings.model, device=settings.device, dtype=dtype)
+        engine = engine or build_engine(settings, model)
+        if model.config.get("random_weights"):
+            log.warning("model '%s' has random weights: its answers are meaningless", model.name)
+        app.state.service = ChatService(model, engine, app.state.metrics, settings.preprocess_workers,
+                                        int(settings.prefix_cache_mb * (1 << 20)), settings.default_max_tokens)
+        log.info("serving model '%s' on the %s engine", model.name, engine.name)
+        yield
+        app.state.service.close()
+        await engine.close()
+
+    app = FastAPI(title="OneLLM Serve", version="0.1.0", lifespan=lifespan,
+                  responses={400: {"model": schemas.ErrorResponse}, 503: {"model": schemas.ErrorResponse}})
+    app.state.metrics = Metrics()
+    app.state.settings = settings
+
+    @app.exception_handler(InputError)
+    async def on_input_error(request: Request, e: InputError):
+        return error_response(e)
+
+    @app.exception_handler(EngineUnavailable)
+    async def on_engine_down(request: Request, e: EngineUnavailable):
+        return error_response(InputError(503, f"the LLM engine is unavailable: {e}"))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        loc = [str(p) for p in first["loc"] if p != "body"]
+        return error_response(InputError(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", ".".join(loc) or None))
+
+    @app.exception_handler(HTTPException)
+    async def on_http(request: Request, e: HTTPException):
+        return error_response(InputError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, e: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"error": {"type": "internal_error", "message": "internal server error", "param": None}},
+                            status_code=500)
+
+    async def fetch_remote(url: str, param: str) -> bytes:
+        host = httpx.URL(url).host
+        if host not in settings.allowed_url_hosts:
+            raise InputError(400, f"remote URLs from '{host}' are not allowed; send the file as a data: URL", param)
+        try:
+            async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
+                async with client.stream("GET", url) as response:
+                    if response.status_code != 200:
+                        raise InputError(422, f"fetching the URL gave HTTP {response.status_code}", param)
+                    data = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        data += chunk
+                        if len(data) > MAX_REMOTE_BYTES:
+                            raise InputError(413, f"the remote file is larger than {MAX_REMOTE_BYTES} bytes", param)
+                    return bytes(data)
+        except httpx.HTTPError as e:
+            raise InputError(422, f"could not fetch the URL: {type(e).__name__}", param) from None
+
+    def check_model(name: str | None) -> None:
+        served = app.state.service.model.name
+        if name not in (None, "", served):
+            raise InputError(404, f"model '{name}' is not served here; this server serves '{served}'", "model")
+
+    async def respond(chat: Chat, sampling_fields: dict, stream: bool, include_usage: bool) -> Response:
+        started = time.monotonic()
+        service: ChatService = app.state.service
+        metrics = app.state.metrics
+        label = "+".join(a.modality for t in chat.turns for a in t.attachments) or "text"
+        metrics.in_flight.inc()
+        try:
+            prepared = await service.prepare(chat, sampling_fields.pop("max_tokens"))
+            sampling = Sampling(max_tokens=prepared.max_tokens, **sampling_fields)
+            generation = Generation(prepared, started=started)
+            deltas = service.generate(generation, sampling)
+            try:  # the first delta comes before the response starts, so a down engine is a plain 503
+                first = await anext(deltas, None)
+            except BaseException:
+                await deltas.aclose()
+                raise
+        except InputError as e:
+            metrics.requests.labels(label, str(e.status)).inc()
+            metrics.in_flight.dec()
+            raise
+        except EngineUnavailable:
+            metrics.requests.labels(label, "503").inc()
+            metrics.in_flight.dec()
+            raise
+        model_name = service.model.name
+        if stream:
+            events = sse_events(deltas, first, generation, model_name, include_usage)
+            return StreamingResponse(_finishing(events, metrics, label), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            text = first or ""
+            async with aclosing(deltas):
+                async for delta in deltas:
+                    text += delta
+        finally:
+            metrics.in_flight.dec()
+        metrics.requests.labels(label, "200").inc()
+        usage = generation.usage
+        return JSONResponse(schemas.ChatCompletion(
+            id=schemas.completion_id(), created=schemas.now(), model=model_name,
+            choices=[schemas.Choice(message=schemas.ResponseMessage(content=text), finish_reason=usage.finish_reason)],
+            usage=schemas.Usage(prompt_tokens=prepared.prompt_tokens, completion_tokens=usage.completion_tokens,
+                                total_tokens=prepared.prompt_tokens + usage.completion_tokens),
+        ).model_dump(exclude_none=True))
+
+    @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion)
+    async def chat_completions(body: schemas.ChatCompletionRequest) -> Response:
+        check_model(body.model)
+        chat = await chat_from_openai(body, fetch_remote if settings.allowed_url_hosts else None)
+        return await respond(chat, sampling_fields(body.max_completion_tokens or body.max_tokens, body.temperature,
+                                                   body.top_p, body.stop, body.seed), body.stream,
+                             bool(body.stream_options and body.stream_options.include_usage))
+
+    @app.post("/v1/chat", response_model=schemas.ChatCompletion,
+              openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object"}}}}})
+    async def chat(request: Request) -> Response:
+        if not request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            raise InputError(415, "POST /v1/chat takes multipart/form-data (curl -F); JSON goes to /v1/chat/completions")
+        async with request.form(max_files=32, max_fields=64) as form:
+            texts, uploads = {}, []
+            for name, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if name not in UPLOAD_FIELDS:
+                        raise InputError(400, f"unknown upload field '{name}'; accepted: {', '.join(UPLOAD_FIELDS)}", name)
+                    uploads.append((name, await value.read()))
+                elif name in UPLOAD_FIELDS:
+                    raise InputError(400, f"'{name}' must be a file upload (curl -F {name}=@file)", name)
+                elif name not in FORM_FIELDS:
+                    raise InputError(400, f"unknown form field '{name}'", name)
+                else:
+                    texts[name] = value
+        try:
+            fields = ChatForm.model_validate(texts)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise InputError(400, f"{first['loc'][0]}: {first['msg']}", str(first["loc"][0])) from None
+        check_model(fields.model)
+        chat = chat_from_form(fields.prompt, fields.messages, uploads, {"imu_sample_rate": fields.imu_sample_rate})
+        stop = _form_stop(fields.stop)
+        return await respond(chat, sampling_fields(fields.max_tokens, fields.temperature, fields.top_p, stop,
+                                                   fields.seed), fields.stream, include_usage=False)
+
+    @app.get("/v1/models", response_model=schemas.ModelList)
+    async def models() -> schemas.ModelList:
+        model = app.state.service.model
+        return schemas.ModelList(data=[schemas.ModelCard(
+            id=model.name, created=int(model.path.stat().st_mtime), modalities=model.encoder.modalities,
+            random_weights=bool(model.config.get("random_weights")))])
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        service = getattr(app.state, "service", None)
+        if service is None or not await service.engine.ready():
+            engine = service.engine.name if service else "none"
+            return error_response(InputError(503, f"not ready: the {engine} engine is not answering"))
+        return JSONResponse({"status": "ready", "model": service.model.name, "engine": service.engine.name})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(app.state.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        index = STATIC_DIR / "index.html"
+        if not index.exists():
+            raise InputError(404, "no web page is installed")
+        return FileResponse(index)
+
+    return app
+
+
+def sampling_fields(max_tokens, temperature, top_p, stop, seed) -> dict:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise InputError(400, "stop takes up to 4 non-empty strings", "stop")
+    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+            "stop": tuple(dict.fromkeys(["###", *stops])), "seed": seed}
+
+
+def _form_stop(stop: str | None) -> str | list[str] | None:
+    """A form's `stop` is one string, or a JSON list of strings."""
+    if stop and stop.startswith("["):
+        try:
+            value = json.loads(stop)
+        except json.JSONDecodeError:
+            raise InputError(400, "stop: not a valid JSON list", "stop") from None
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise InputError(400, "stop: expected a list of strings", "stop")
+        return value
+    return stop
+
+
+def _chunk(cid: str, created: int, model: str, delta: schemas.Delta, finish: str | None = None,
+           usage: schemas.Usage | None = None) -> str:
+    chunk = schemas.ChatCompletionChunk(id=cid, created=created, model=model, usage=usage,
+                                        choices=[] if usage else [schemas.ChunkChoice(delta=delta, finish_reason=finish)])
+    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+
+async def sse_events(deltas, first: str | None, generation: Generation, model: str, include_usage: bool):
+    """OpenAI `chat.completion.chunk` events ending in `data: [DONE]`; a failure mid-stream is an `error` event."""
+    cid, created = schemas.completion_id(), schemas.now()
+    async with aclosing(deltas):
+        yield _chunk(cid, created, model, schemas.Delta(role="assistant", content=""))
+        try:
+            if first is not None:
+                yield _chunk(cid, created, model, schemas.Delta(content=first))
+                async for delta in deltas:
+                    yield _chunk(cid, created, model, schemas.Delta(content=delta))
+        except (EngineUnavailable, InputError) as e:
+            error = e if isinstance(e, InputError) else InputError(503, f"the LLM engine failed mid-answer: {e}")
+            yield f"event: error\ndata: {json.dumps(error.body())}\n\n"
+            yield "data: [DONE]\n\n"
+            raise _StreamFailed(error.status) from None
+    yield _chunk(cid, created, model, schemas.Delta(), finish=generation.usage.finish_reason)
+    if include_usage:
+        prompt = generation.prepared.prompt_tokens
+        done = generation.usage.completion_tokens
+        yield _chunk(cid, created, model, schemas.Delta(),
+                     usage=schemas.Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done))
+    yield "data: [DONE]\n\n"
+
+
+class _StreamFailed(Exception):
+    def __init__(self, status: int):
+        self.status = status
+
+
+async def _finishing(events, metrics: Metrics, label: str):
+    """Counts a streamed request once it ends, however it ends (done, failed, or the client left)."""
+    status = "499"  # nginx's "client closed request", kept if the client disconnects
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+        status = "200"
+    except _StreamFailed as e:
+        status = str(e.status)
+    finally:
+        metrics.requests.labels(label, status).inc()
+        metrics.in_flight.dec()

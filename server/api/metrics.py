@@ -1,0 +1,23 @@
+"""Prometheus metrics of one gateway (its own registry, so several apps can live in one process)."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("onellm_requests", "Chat requests by modality and HTTP status",
+                                ["modality", "status"], registry=self.registry)
+        self.ttft = Histogram("onellm_time_to_first_token_seconds", "Time from request to the first text delta",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokens_out = Counter("onellm_output_tokens", "Generated tokens", registry=self.registry)
+        self.in_flight = Gauge("onellm_queue_depth", "Chat requests admitted and not finished", registry=self.registry)
+        self.encoder_runs = Counter("onellm_encoder_runs", "Attachments run through the encoder",
+                                    ["modality"], registry=self.registry)
+        self.prefix_cache_hits = Counter("onellm_prefix_cache_hits", "Attachments served from the prefix cache",
+                                         ["modality"], registry=self.registry)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,121 @@
+"""The chat logic behind both endpoints: attachments -> prefixes -> prompt embeddings -> engine stream."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from server.api.metrics import Metrics
+from server.api.prefix_cache import PrefixCache, prefix_key
+from server.api.uploads import Attachment, Chat
+from server.engines.base import Engine, Sampling, Usage
+from server.errors import InputError
+from server.model.repo import OneLLM
+from server.modalities import MODALITIES
+
+
+@dataclass
+class Prepared:
+    """A chat made ready for the engine: what was kept of the history, as embeddings."""
+
+    embeddings: torch.Tensor  # [L, D]
+    max_tokens: int
+    modalities: list[str]
+    dropped_turns: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+
+@dataclass
+class Generation:
+    prepared: Prepared
+    usage: Usage = field(default_factory=Usage)
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+
+class ChatService:
+    def __init__(self, model: OneLLM, engine: Engine, metrics: Metrics, preprocess_workers: int,
+                 prefix_cache_bytes: int, default_max_tokens: int):
+        self.model = model
+        self.engine = engine
+        self.metrics = metrics
+        self.default_max_tokens = default_max_tokens
+        self.context = model.config["llm"]["max_positions"]
+        self.block_rows = model.config["encoder"]["prefix_tokens"] + 2  # start tag, prefix, end tag
+        self.cache = PrefixCache(prefix_cache_bytes)
+        # decoding runs in a pool so a large video never stalls other users' token streams;
+        # the encoder has one thread of its own: torch already uses every core for one batch
+        self._preprocess = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")
+
+    def close(self) -> None:
+        self._preprocess.shutdown(wait=False, cancel_futures=True)
+        self._encoder.shutdown(wait=False, cancel_futures=True)
+
+    async def prefix(self, attachment: Attachment) -> torch.Tensor:
+        """One attachment -> its prefix [30, D], from the cache when the same bytes came before."""
+        m = attachment.modality
+        if m not in self.model.encoder.modalities:
+            raise InputError(400, f"model '{self.model.name}' does not accept '{m}' inputs", next(iter(attachment.files)))
+        key = prefix_key(self.model.name, m, attachment.files, attachment.options)
+        if (cached := self.cache.get(key)) is not None:
+            self.metrics.prefix_cache_hits.labels(m).inc()
+            return cached
+        loop = asyncio.get_running_loop()
+        inputs = await loop.run_in_executor(self._preprocess, _preprocess, attachment)
+        prefix = (await loop.run_in_executor(self._encoder, self.model.encode, m, inputs.unsqueeze(0)))[0]
+        self.metrics.encoder_runs.labels(m).inc()
+        self.cache.put(key, prefix)
+        return prefix
+
+    def fit_context(self, chat: Chat, max_tokens: int | None) -> tuple[int, list[int], int]:
+        """Drop the oldest turns until prompt + answer fit the context window, as OneLLM does.
+
+        Returns (first kept turn, prompt ids, max_tokens). The current turn is never cut: when it
+        alone leaves less room than max_tokens the answer gets what room there is, and when it
+        leaves none, that is the client's error.
+        """
+        wanted = max_tokens or self.default_max_tokens
+        starts = [i for i, t in enumerate(chat.turns) if t.role == "user"]
+        for start in starts:
+            turns = chat.turns[start:]
+            ids = self.model.prompt_ids([(t.role, t.text) for t in turns], chat.system)
+            length = len(ids) + self.block_rows * sum(len(t.attachments) for t in turns)
+            room = self.context - length
+            if room >= wanted or (start == starts[-1] and room >= 1):
+                return start, ids, min(wanted, room)
+        raise InputError(400, f"the current message needs {length} prompt tokens plus max_tokens={wanted}, "
+                              f"more than the context window of {self.context} tokens", "messages")
+
+    async def prepare(self, chat: Chat, max_tokens: int | None) -> Prepared:
+        start, ids, max_tokens = self.fit_context(chat, max_tokens)
+        attachments = [a for t in chat.turns[start:] for a in t.attachments]
+        prefixes = await asyncio.gather(*(self.prefix(a) for a in attachments))
+        embeddings = self.model.embeddings(ids, [(a.modality, p) for a, p in zip(attachments, prefixes)])
+        return Prepared(embeddings, max_tokens, [a.modality for a in attachments], start)
+
+    async def generate(self, generation: Generation, sampling: Sampling) -> AsyncIterator[str]:
+        """Text deltas of one answer; fills `generation.usage` and the metrics as it goes."""
+        async for delta in self.engine.stream(generation.prepared.embeddings, sampling, generation.usage):
+            if generation.first_token_at is None:
+                generation.first_token_at = time.monotonic()
+                self.metrics.ttft.observe(generation.first_token_at - generation.started)
+            yield delta
+        self.metrics.tokens_out.inc(generation.usage.completion_tokens)
+
+
+def _preprocess(attachment: Attachment) -> torch.Tensor:
+    """Decode one attachment; a decoder failing in a way it did not foresee is still the file's fault."""
+    try:
+        return MODALITIES[attachment.modality].preprocess(attachment.files, attachment.options)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - untrusted bytes can break a decoder in any way
+        field_name = next(reversed(attachment.files))
+        raise InputError(422, f"could not read the '{field_name}' upload: {type(e).__name__}", field_name) from None

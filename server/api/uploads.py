@@ -1,0 +1,165 @@
+"""From what clients send (multipart uploads, OpenAI content parts) to a chat of turns and attachments."""
+
+import base64
+import binascii
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from server.api.schemas import ChatCompletionRequest
+from server.errors import InputError
+from server.modalities import MODALITIES
+
+# a field that alone makes an attachment (image, video, audio, point, fmri, imu) ...
+SINGLE_FIELDS = {m.fields[0]: m.name for m in MODALITIES.values() if len(m.fields) == 1}
+# ... and one that turns an attachment of its partner field into another modality (depth: image -> rgbd)
+PAIRING_FIELDS = {m.fields[-1]: m for m in MODALITIES.values() if len(m.fields) > 1}
+UPLOAD_FIELDS = tuple(SINGLE_FIELDS) + tuple(PAIRING_FIELDS)
+
+
+@dataclass
+class Attachment:
+    modality: str
+    files: dict[str, bytes]  # upload field -> bytes
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Turn:
+    role: str  # "user" or "assistant"
+    text: str
+    attachments: list[Attachment] = field(default_factory=list)
+
+
+@dataclass
+class Chat:
+    turns: list[Turn]
+    system: str | None = None  # None: the model's own system prompt
+
+
+def group_uploads(uploads: list[tuple[str, bytes]], options: dict, param: str) -> list[Attachment]:
+    """[(field, bytes), ...] in upload order -> attachments; a depth/normal map joins the first unpaired image."""
+    attachments = [Attachment(SINGLE_FIELDS[f], {f: data}, options) for f, data in uploads if f in SINGLE_FIELDS]
+    for name, data in uploads:
+        if name in SINGLE_FIELDS:
+            continue
+        if name not in PAIRING_FIELDS:
+            raise InputError(400, f"unknown upload field '{name}'; accepted: {', '.join(UPLOAD_FIELDS)}", name)
+        modality = PAIRING_FIELDS[name]
+        partner = next((a for a in attachments if a.modality == SINGLE_FIELDS.get(modality.fields[0])), None)
+        if partner is None:
+            raise InputError(400, f"'{name}' needs an '{modality.fields[0]}' in the same message "
+                                  f"(together they make a '{modality.name}' input)", param or name)
+        partner.modality = modality.name
+        partner.files[name] = data
+    return attachments
+
+
+def check_turns(turns: list[Turn]) -> None:
+    if not turns or turns[-1].role != "user":
+        raise InputError(400, "the last message must be from the user", "messages")
+    if not turns[-1].text.strip() and not turns[-1].attachments:
+        raise InputError(400, "the last message is empty: send a prompt or an attachment", "messages")
+
+
+def decode_base64(data: object, param: str) -> bytes:
+    if not isinstance(data, str):
+        raise InputError(400, "expected a base64 string", param)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(400, "not valid base64", param) from None
+
+
+Fetch = Callable[[str, str], Awaitable[bytes]]
+
+
+async def url_bytes(url: object, param: str, fetch: Fetch | None) -> bytes:
+    """A `data:` URL's bytes, or a remote URL's through `fetch` when remote URLs are allowed at all."""
+    if not isinstance(url, str):
+        raise InputError(400, "expected a URL string", param)
+    if url.startswith("data:"):
+        header, sep, payload = url.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise InputError(400, "expected a base64 data URL: data:<type>;base64,<data>", param)
+        return decode_base64(payload, param)
+    if urlsplit(url).scheme in ("http", "https"):
+        if fetch is None:
+            raise InputError(400, "remote URLs are not accepted by this server; send the file as a data: URL", param)
+        return await fetch(url, param)
+    raise InputError(400, "unsupported URL scheme; send a data: URL", param)
+
+
+async def parts_to_turn(role: str, content, index: int, options: dict, fetch: Fetch | None) -> Turn:
+    if content is None or isinstance(content, str):
+        return Turn(role, content or "")
+    texts, uploads = [], []
+    for j, part in enumerate(content):
+        where = f"messages[{index}].content[{j}]"
+        kind = part.get("type")
+        body = part.get(kind) if isinstance(kind, str) else None
+        if kind == "text":
+            texts.append(str(part.get("text", "")))
+        elif kind == "image_url" and isinstance(body, dict):
+            uploads.append(("image", await url_bytes(body.get("url"), f"{where}.image_url.url", fetch)))
+        elif kind == "video_url" and isinstance(body, dict):
+            uploads.append(("video", await url_bytes(body.get("url"), f"{where}.video_url.url", fetch)))
+        elif kind == "input_audio" and isinstance(body, dict):
+            uploads.append(("audio", decode_base64(body.get("data"), f"{where}.input_audio.data")))
+        elif isinstance(kind, str) and kind.startswith("input_") and kind[6:] in UPLOAD_FIELDS and isinstance(body, dict):
+            uploads.append((kind[6:], decode_base64(body.get("data"), f"{where}.{kind}.data")))
+            if "sample_rate" in body:
+                options = {**options, "imu_sample_rate": _positive(body["sample_rate"], f"{where}.{kind}.sample_rate")}
+        else:
+            raise InputError(400, f"unsupported content part type {kind!r}", f"{where}.type")
+    if uploads and role != "user":
+        raise InputError(400, "only user messages may carry attachments", f"messages[{index}].content")
+    return Turn(role, "\n".join(texts), group_uploads(uploads, options, f"messages[{index}].content"))
+
+
+def _positive(value, param: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 10000:
+        raise InputError(400, "expected a number in (0, 10000]", param)
+    return float(value)
+
+
+async def chat_from_openai(request: ChatCompletionRequest, fetch: Fetch | None) -> Chat:
+    system, turns = None, []
+    options = {"imu_sample_rate": request.imu_sample_rate}
+    for i, message in enumerate(request.messages):
+        turn = await parts_to_turn(message.role, message.content, i, options, fetch)
+        if message.role == "system":
+            system = turn.text
+        else:
+            turns.append(turn)
+    check_turns(turns)
+    return Chat(turns, system)
+
+
+def chat_from_form(prompt: str | None, messages: str | None, uploads: list[tuple[str, bytes]], options: dict) -> Chat:
+    """`/v1/chat`: the files of the form belong to the last user turn, in upload order."""
+    if messages is None and prompt is None:
+        raise InputError(400, "send 'prompt' (text) or 'messages' (a JSON list of {role, content})", "prompt")
+    system, turns = None, []
+    if messages is not None:
+        try:
+            history = json.loads(messages)
+        except json.JSONDecodeError as e:
+            raise InputError(400, f"'messages' is not valid JSON: {e.msg}", "messages") from None
+        if not isinstance(history, list):
+            raise InputError(400, "'messages' must be a JSON list of {role, content}", "messages")
+        for i, m in enumerate(history):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                raise InputError(400, "each message needs a role (system, user, assistant) and text content", f"messages[{i}]")
+            if m["role"] == "system":
+                system = m["content"]
+            else:
+                turns.append(Turn(m["role"], m["content"]))
+    if prompt is not None:
+        turns.append(Turn("user", prompt))
+    if not turns or turns[-1].role != "user":
+        raise InputError(400, "the last message must be from the user", "messages")
+    turns[-1].attachments = group_uploads(uploads, options, "")
+    check_turns(turns)
+    return Chat(turns, system)

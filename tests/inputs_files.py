@@ -1,0 +1,99 @@
+"""Real files, encoded in memory with the same libraries people's tools use, for test_inputs."""
+
+import io
+import struct
+import zlib
+
+import av
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+
+def image_bytes(img: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def png_with_declared_size(width: int, height: int) -> bytes:
+    """A small valid-looking PNG whose header claims `width`×`height` (a decompression bomb
+    in form: the IHDR is rewritten with a correct CRC, the pixel data is a 1×1 image's)."""
+    data = bytearray(image_bytes(Image.new("RGB", (1, 1)), "PNG"))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def video_bytes(frames: list[np.ndarray], fmt: str = "mp4", codec: str = "h264", fps=10,
+                gop: int | None = None) -> bytes:
+    """Encode RGB uint8 frames [H,W,3] (even sizes) as a video file."""
+    height, width = frames[0].shape[:2]
+    out = io.BytesIO()
+    with av.open(out, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return out.getvalue()
+
+
+def level_frames(levels: list[int], width: int = 64, height: int = 48) -> list[np.ndarray]:
+    """Flat grey frames, one grey level each: which frame was picked can be read back."""
+    return [np.full((height, width, 3), level, np.uint8) for level in levels]
+
+
+def halves_frame(width: int, height: int) -> np.ndarray:
+    """Red in the first half of the long side, blue in the second."""
+    frame = np.zeros((height, width, 3), np.uint8)
+    if width >= height:
+        frame[:, : width // 2, 0] = 255
+        frame[:, width // 2:, 2] = 255
+    else:
+        frame[: height // 2, :, 0] = 255
+        frame[height // 2:, :, 2] = 255
+    return frame
+
+
+def audio_only_mp4(seconds: float = 1.0, rate: int = 16000, fmt: str = "mp4") -> bytes:
+    out = io.BytesIO()
+    samples = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate))
+    with av.open(out, "w", format=fmt) as container:
+        stream = container.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        frame_size = 1024
+        for start in range(0, len(samples), frame_size):
+            chunk = samples[start:start + frame_size].astype(np.float32)[None]
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+            frame.sample_rate = rate
+            frame.pts = start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return out.getvalue()
+
+
+def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
+    return amplitude * np.sin(2 * np.pi * freq * np.arange(int(round(seconds * rate))) / rate)
+
+
+def sound_bytes(channels: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None = None) -> bytes:
+    """`channels` is [T] or [T,C] float in [-1,1]."""
+    out = io.BytesIO()
+    sf.write(out, channels, rate, format=fmt, subtype=subtype)
+    return out.getvalue()
+
+
+def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=allow_pickle)
+    return out.getvalue()
+
+
+def csv_bytes(array: np.ndarray, header: str | None = None, delimiter: str = ",") -> bytes:
+    lines = [header] if header else []
+    lines += [delimiter.join(repr(float(v)) for v in np.atleast_1d(row)) for row in array]
+    return ("\n".join(lines) + "\n").encode()

@@ -176,8 +176,10 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         raise ConvertError(f"checkpoint {path} not found")
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except PermissionError as error:
+        raise ConvertError(f"cannot read checkpoint {path}: {error.strerror}") from error
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        reason = str(error).strip().split(". ")[0] or type(error).__name__  # torch's messages run on
         raise ConvertError(f"checkpoint {path} is truncated or corrupt, or not a PyTorch checkpoint ({reason})") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConvertError(f"checkpoint {path} is not a OneLLM checkpoint: expected a flat state dict of tensors")

@@ -112,7 +112,7 @@ def test_refuses_non_llama_sentencepiece(tmp_path):
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(["a unigram model is not what LLaMA uses"] * 20), model_writer=model,
-        model_type="unigram", vocab_size=30, minloglevel=2,
+        model_type="unigram", vocab_size=30, hard_vocab_limit=False, minloglevel=2,
     )
     path = tmp_path / "unigram.model"
     path.write_bytes(model.getvalue())

@@ -1,0 +1,130 @@
+"""The synchronous client and its multi-turn session."""
+
+import os
+from collections.abc import Sequence
+
+import httpx
+
+from onellm_client import __version__
+from onellm_client._wire import ChatResult, FileInput, build_request, result_from_completion
+from onellm_client.errors import error_from_response, transport_errors
+from onellm_client.streams import ChatStream
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+# CPU decoding of a long answer can take minutes; connecting should not
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+
+
+def client_settings(base_url: str | None, api_key: str | None) -> tuple[str, dict]:
+    """(base URL, headers), from the arguments or the ONELLM_URL / ONELLM_API_KEY environment."""
+    base_url = base_url or os.environ.get("ONELLM_URL") or DEFAULT_URL
+    api_key = api_key or os.environ.get("ONELLM_API_KEY")
+    headers = {"User-Agent": f"onellm-client/{__version__}"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return base_url.rstrip("/"), headers
+
+
+class Client:
+    """`Client("http://127.0.0.1:8080")`; `for delta in client.chat("Describe it", image="cat.jpg"): ...`"""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None,
+                 timeout: float | httpx.Timeout = DEFAULT_TIMEOUT):
+        self.base_url, headers = client_settings(base_url, api_key)
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def chat(self, prompt: str, *, image: FileInput | None = None, video: FileInput | None = None,
+             audio: FileInput | None = None, point: FileInput | None = None, depth: FileInput | None = None,
+             normal: FileInput | None = None, fmri: FileInput | None = None, imu: FileInput | None = None,
+             imu_sample_rate: float | None = None, history: Sequence[dict] | None = None,
+             max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+             stop: str | Sequence[str] | None = None, seed: int | None = None, model: str | None = None,
+             stream: bool = True) -> ChatStream | ChatResult:
+        """One turn. Files are paths, bytes or open binary files; `depth`/`normal` go with `image`.
+        `history` holds earlier turns as [{"role", "content"}] (text only).
+
+        Streaming returns a ChatStream yielding text deltas; otherwise a ChatResult.
+        Errors, including one the server reports mid-stream, raise a OneLLMError subclass."""
+        uploads = {"image": image, "video": video, "audio": audio, "point": point, "depth": depth,
+                   "normal": normal, "fmri": fmri, "imu": imu}
+        request = build_request(prompt, history, uploads, stream, imu_sample_rate, max_tokens, temperature,
+                                top_p, stop, seed, model)
+        response = self._send("POST", "/v1/chat", stream, data=request.data, files=request.files)
+        if stream:
+            return ChatStream(response)
+        return result_from_completion(response.json())
+
+    def session(self, system: str | None = None) -> "Session":
+        return Session(self, system)
+
+    def models(self) -> list[dict]:
+        """The served models: id, modalities, and `random_weights` (True: answers are meaningless)."""
+        return self._send("GET", "/v1/models").json()["data"]
+
+    def health(self) -> bool:
+        """Whether the server process answers."""
+        return self._probe("/health")
+
+    def ready(self) -> bool:
+        """Whether the model is loaded and the LLM engine answers."""
+        return self._probe("/ready")
+
+    def _probe(self, path: str) -> bool:
+        try:
+            return self._http.get(path).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _send(self, method: str, path: str, stream: bool = False, **kwargs) -> httpx.Response:
+        with transport_errors(self.base_url):
+            response = self._http.send(self._http.build_request(method, path, **kwargs), stream=stream)
+            if response.status_code >= 400:
+                response.read()
+                response.close()
+                raise error_from_response(response)
+        return response
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Conversation:
+    """History kept by Session and AsyncSession.
+
+    A turn is remembered once its answer is complete, so a failed or abandoned turn can be retried.
+    Files belong to their turn: later turns carry the text of earlier ones, not their files."""
+
+    def __init__(self, client, system: str | None = None):
+        self.client = client
+        self.system = system
+        self.history: list[dict] = []
+
+    def clear(self) -> None:
+        self.history.clear()
+
+    def _messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def _track(self, prompt: str, answer):
+        def remember(result: ChatResult) -> None:
+            self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": result.text}]
+
+        if isinstance(answer, ChatResult):
+            remember(answer)
+        else:
+            answer.on_done = remember
+        return answer
+
+
+class Session(Conversation):
+    """A conversation with a Client: each `chat` sends the earlier turns' text as history."""
+
+    def chat(self, prompt: str, *, stream: bool = True, **options) -> ChatStream | ChatResult:
+        """As `Client.chat`, with this session's history."""
+        return self._track(prompt, self.client.chat(prompt, history=self._messages(), stream=stream, **options))

@@ -27,13 +27,15 @@ def png_with_declared_size(width: int, height: int) -> bytes:
 
 
 def video_bytes(frames: list[np.ndarray], fmt: str = "mp4", codec: str = "h264", fps=10,
-                gop: int | None = None) -> bytes:
+                gop: int | None = None, rotation: int = 0) -> bytes:
     """Encode RGB uint8 frames [H,W,3] (even sizes) as a video file."""
     height, width = frames[0].shape[:2]
     out = io.BytesIO()
     with av.open(out, "w", format=fmt) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)  # counter-clockwise, as phones tag portrait video
         if gop is not None:
             stream.codec_context.gop_size = gop
         for frame in frames:

@@ -198,6 +198,15 @@ def test_three_crops_run_along_the_long_side(width, height):
     assert torch.equal(data[3:6], data[0:3])  # still frames: every clip alike
 
 
+@pytest.mark.parametrize("rotation,first,last", [(90, BLUE, RED), (-90, RED, BLUE), (180, BLUE, RED)])
+def test_display_rotation_is_applied(rotation, first, last):
+    # stored landscape, red left / blue right; turned for display
+    data = video_tensor(video_bytes([halves_frame(96, 48)] * 5, rotation=rotation))
+    inner = (slice(None), slice(8, -8), slice(8, -8))
+    assert torch.allclose(data[0][inner].mean((1, 2)), first, atol=0.05)
+    assert torch.allclose(data[2][inner].mean((1, 2)), last, atol=0.05)
+
+
 def test_video_field_errors():
     error = error_of(video_tensor, b"this is a text file, not a video", "clip")
     assert (error.status, error.param) == (415, "clip")
@@ -418,6 +427,15 @@ def test_face_colours():
     assert torch.allclose(data[:, 3:], torch.tensor([0, 1.0, 0]).expand(8192, 3))
 
 
+def test_texture_colours_are_looked_up():
+    box = trimesh.creation.box()
+    texture = Image.new("RGB", (8, 8), (255, 128, 0))
+    uv = np.random.default_rng(0).random((len(box.vertices), 2))
+    box.visual = trimesh.visual.TextureVisuals(uv=uv, image=texture)
+    data = point_tensor(box.export(file_type="glb"))
+    assert torch.allclose(data[:, 3:], torch.tensor([1.0, 128 / 255, 0]).expand(8192, 3), atol=0.01)
+
+
 def test_point_cloud_ply_keeps_its_points_and_colours():
     points = cloud(4096)
     colours = np.concatenate([np.tile([0, 0, 255], (4096, 1)), np.full((4096, 1), 255)], axis=1)
@@ -499,7 +517,9 @@ def test_short_imu_is_zero_padded_after_its_duration():
 
 def test_imu_errors():
     assert error_of(imu_tensor, npy_bytes(np.zeros((50, 5)))).status == 422
-    assert error_of(imu_tensor, npy_bytes(np.zeros((50, 6))), sample_rate=0).status == 422
+    for rate in (0, -5, float("nan"), "fast"):
+        assert error_of(imu_tensor, npy_bytes(np.zeros((50, 6))), sample_rate=rate).status == 422
+    assert imu_tensor(npy_bytes(np.ones((50, 6))), sample_rate="100").shape == (6, 400)
     assert error_of(imu_tensor, npy_bytes(np.zeros((0, 6)))).status == 422
     assert error_of(imu_tensor, b"a,b,c\n1,2,oops\n").status == 422
     assert error_of(imu_tensor, b"1,2,3,4,5,6\n1,2,3\n").status == 422

@@ -48,7 +48,11 @@ def imu_tensor(data: bytes, sample_rate: float = IMU_RATE, param: str = "imu") -
 
     Accepts [T,6] or [6,T]; a [6,6] array is read as [T,6] (one row per time step, as
     CSV files are written)."""
-    if not (isinstance(sample_rate, (int, float)) and math.isfinite(sample_rate) and sample_rate > 0):
+    try:
+        rate = float(sample_rate)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
         raise InputError(422, f"IMU sample rate must be a positive number of Hz, got {sample_rate!r}",
                          param)
     array = load_array(data, param)
@@ -61,7 +65,7 @@ def imu_tensor(data: bytes, sample_rate: float = IMU_RATE, param: str = "imu") -
                               f"[T,{IMU_CHANNELS}] or [{IMU_CHANNELS},T]", param)
     if series.shape[1] == 0:
         raise InputError(422, f"field '{param}' has no samples", param)
-    series = _resample_linear(series, sample_rate, IMU_RATE)[:, :IMU_SAMPLES]
+    series = _resample_linear(series, rate, IMU_RATE)[:, :IMU_SAMPLES]
     out = np.zeros((IMU_CHANNELS, IMU_SAMPLES))
     out[:, : series.shape[1]] = series
     return _tensor(out)

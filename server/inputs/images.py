@@ -1,7 +1,6 @@
 """Images (and the depth / normal maps of rgbd / rgbn) → CLIP-normalised tensors (ONELLM.md §4)."""
 
 import io
-import warnings
 
 import numpy as np
 import torch
@@ -77,32 +76,29 @@ def _open(data: bytes, param: str, max_pixels: int) -> Image.Image:
     """Open, check the size from the header, then decode: a tiny file can declare a huge
     image, so the pixel count is checked before any pixel is decompressed."""
     kind = check_kind(data, param, {"image"}, "an image")
-    with warnings.catch_warnings():
-        # Pillow warns (and past 2× its own limit refuses) on big images; we have our own limit.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as error:
-            raise InputError(413, f"field '{param}' image is too large ({error})", param) from None
-        except UnidentifiedImageError as error:
-            # Pillow did not recognise it at all: not an image format we read.
-            what = f"holds {kind.describe()}, a format we cannot read" if kind else \
-                "is not an image in a format we can read"
-            raise InputError(415, f"field '{param}' {what}", param) from error
-        except Exception as error:  # Pillow plugins raise many types on bad headers
-            raise undecodable(param, kind, "an image", error) from error
-        width, height = img.size
-        if width * height > max_pixels:
-            raise InputError(413, f"field '{param}' image has {width}x{height} pixels, "
-                                  f"more than the limit of {max_pixels}", param)
-        if width == 0 or height == 0:
-            raise InputError(422, f"field '{param}' image is empty ({width}x{height})", param)
-        try:
-            img.load()
-        except Exception as error:  # truncated or corrupt pixel data
-            what = kind.describe() if kind else f"an image ({img.format})"
-            raise InputError(422, f"field '{param}' holds {what} that could not be decoded "
-                                  f"({error})", param) from error
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # past twice Pillow's own limit
+        raise InputError(413, f"field '{param}' image is too large ({error})", param) from None
+    except UnidentifiedImageError as error:
+        # Pillow did not recognise it at all: not an image format we read.
+        what = f"holds {kind.describe()}, a format we cannot read" if kind else \
+            "is not an image in a format we can read"
+        raise InputError(415, f"field '{param}' {what}", param) from error
+    except Exception as error:  # Pillow plugins raise many types on bad headers
+        raise undecodable(param, kind, "an image", error) from error
+    width, height = img.size
+    if width * height > max_pixels:
+        raise InputError(413, f"field '{param}' image has {width}x{height} pixels, "
+                              f"more than the limit of {max_pixels}", param)
+    if width == 0 or height == 0:
+        raise InputError(422, f"field '{param}' image is empty ({width}x{height})", param)
+    try:
+        img.load()
+    except Exception as error:  # truncated or corrupt pixel data
+        what = kind.describe() if kind else f"an image ({img.format})"
+        raise InputError(422, f"field '{param}' holds {what} that could not be decoded "
+                              f"({error})", param) from error
     try:
         return ImageOps.exif_transpose(img)
     except Exception:  # a malformed EXIF block should not cost the picture its upload

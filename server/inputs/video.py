@@ -5,7 +5,8 @@ after the stream's start); the first frame at or after each clip's start; short 
 224 (bilinear, as pytorchvideo's ShortSideScale: long side floor(long/short·224), no
 antialiasing); /255; CLIP normalise; 3 square crops per frame at the start, centre
 (offset ceil((long−224)/2)) and end of the long side. Rows are frame-major:
-f0c0, f0c1, f0c2, f1c0, …
+f0c0, f0c1, f0c2, f1c0, …  Frames are first turned upright by the container's display
+rotation, as players show them (the authors' decoder ignored it; their clips had none).
 
 Frames are found by seeking to the keyframe at or before each clip start and decoding
 forward, so a long video costs five short decodes, not a full one. When a container's
@@ -76,7 +77,15 @@ def _pick_frames(data: bytes, param: str, max_duration_s: float, max_frame_pixel
             frames = None
     if frames is None:
         frames = _scan_frames(data, targets, start, budget)
-    return [frame.to_ndarray(format="rgb24") for frame in frames]
+    return [_upright_rgb(frame) for frame in frames]
+
+
+def _upright_rgb(frame) -> np.ndarray:
+    """[H,W,3] uint8 as the video is shown: phones store portrait video as landscape frames
+    plus a display rotation (counter-clockwise degrees), which players apply."""
+    rgb = frame.to_ndarray(format="rgb24")
+    quarter_turns = round((frame.rotation or 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
 
 
 def _timing(container, stream) -> tuple[float, float]:

@@ -102,6 +102,13 @@ def test_pixel_limit_is_checked_from_the_header():
     assert decode_image(small, max_pixels=10_000).size == (100, 100)
 
 
+def test_extreme_aspect_ratio_is_refused_before_the_resize():
+    strip = image_bytes(Image.new("RGB", (5100, 100)), "PNG")
+    assert error_of(decode_image, strip).status == 422
+    assert decode_image(image_bytes(Image.new("RGB", (4900, 100)), "PNG")).size == (4900, 100)
+    assert error_of(video_tensor, video_bytes([np.zeros((2, 200, 3), np.uint8)] * 3)).status == 422
+
+
 def test_image_field_errors():
     error = error_of(decode_image, wav(), "photo")
     assert (error.status, error.param) == (415, "photo")

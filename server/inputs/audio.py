@@ -27,6 +27,7 @@ PREEMPHASIS = 0.97
 FBANK_MEAN = -4.2677393
 FBANK_STD = 4.5689974
 MAX_DURATION_S = 600.0
+_SOUNDFILE_FORMATS = {"WAV", "FLAC", "OGG", "MP3", "AIFF"}  # the rest go to PyAV
 
 
 def audio_tensor(data: bytes, param: str = "audio", *,
@@ -56,8 +57,10 @@ def decode_audio(data: bytes, param: str = "audio", *,
             samples, rate = _read_pyav(data, max_duration_s, param, kind)
         except InputError:
             raise
-        except Exception:
-            raise undecodable(param, kind, "audio", sf_error) from sf_error
+        except Exception as av_error:
+            # Report the failure of the decoder that was meant to read this format.
+            error = sf_error if kind is not None and kind.name in _SOUNDFILE_FORMATS else av_error
+            raise undecodable(param, kind, "audio", error) from error
     if samples.size == 0:
         raise InputError(422, f"field '{param}' holds audio with no samples", param)
     if not np.isfinite(samples).all():

@@ -13,14 +13,30 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIZE = 224
 MAX_PIXELS = 50_000_000
+# The short side is scaled to 224 before cropping: a 1×1,000,000 image would become
+# 224×224,000,000. Panoramas stay well inside this.
+MAX_ASPECT = 50.0
 
 # Pillow modes with more than 8 bits per sample: `convert("RGB")` clips them at 255.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
-def decode_image(data: bytes, param: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode an uploaded image to RGB (first frame of animations, EXIF rotation applied)."""
-    return _open(data, param, max_pixels).convert("RGB")
+def decode_image(data: bytes, param: str = "image", max_pixels: int = MAX_PIXELS, *,
+                 max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """Decode an uploaded image to RGB (first frame of animations, EXIF rotation applied).
+
+    413 past `max_pixels` (checked from the header, before decoding); 422 when the long
+    side is more than `max_aspect` times the short one."""
+    img = _open(data, param, max_pixels).convert("RGB")
+    check_aspect(img.size, param, max_aspect)
+    return img
+
+
+def check_aspect(size: tuple[int, int], param: str, max_aspect: float = MAX_ASPECT) -> None:
+    long_side, short_side = max(size), min(size)
+    if long_side > max_aspect * short_side:
+        raise InputError(422, f"field '{param}' is {size[0]}x{size[1]}: sides more than "
+                              f"{max_aspect:g} times apart cannot be scaled to 224", param)
 
 
 def image_tensor(img: Image.Image) -> torch.Tensor:

@@ -90,9 +90,9 @@ def _by_magic(head: bytes) -> Kind | None:
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return Kind("pickle", "pickle")
     if head.startswith(b"PK\x03\x04"):
-        return Kind("archive", "ZIP archive (or .npz)")
+        return Kind("archive", "ZIP (or .npz)")
     if head.startswith(b"\x1f\x8b"):
-        return Kind("archive", "gzip archive")
+        return Kind("archive", "gzip")
     if head.startswith(b"%PDF"):
         return Kind("document", "PDF")
     return None

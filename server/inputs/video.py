@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from server.errors import InputError
-from server.inputs.images import SIZE, normalize
+from server.inputs.images import SIZE, check_aspect, normalize
 from server.inputs.sniff import check_kind, undecodable
 
 CLIPS = 5
@@ -63,6 +63,8 @@ def _pick_frames(data: bytes, param: str, max_duration_s: float, max_frame_pixel
         if width * height > max_frame_pixels:
             raise InputError(413, f"field '{param}' video frames are {width}x{height}, more than "
                                   f"the limit of {max_frame_pixels} pixels", param)
+        if width and height:  # some containers only know the size once a frame is decoded
+            check_aspect((width, height), param)
         start, duration = _timing(container, stream)
         if not duration > 0:
             raise InputError(422, f"field '{param}' holds a video of zero duration", param)

@@ -386,6 +386,11 @@ def test_csv_points():
     assert_normalised(data)
 
 
+def exported(geometry, file_type: str) -> bytes:
+    data = geometry.export(file_type=file_type)
+    return data.encode() if isinstance(data, str) else data  # text formats come back as str
+
+
 def coloured_box() -> trimesh.Trimesh:
     box = trimesh.creation.box()
     box.visual.vertex_colors = np.tile([255, 0, 0, 255], (len(box.vertices), 1))
@@ -394,21 +399,20 @@ def coloured_box() -> trimesh.Trimesh:
 
 @pytest.mark.parametrize("file_type", ["ply", "obj", "glb"])
 def test_meshes_are_sampled_on_their_surface_with_vertex_colours(file_type):
-    exported = coloured_box().export(file_type=file_type)
-    data = point_tensor(exported.encode() if isinstance(exported, str) else exported)
+    mesh_file = exported(coloured_box(), file_type)
+    data = point_tensor(mesh_file)
     assert_normalised(data)
     assert torch.allclose(data[:, 3:], torch.tensor([1.0, 0, 0]).expand(8192, 3))
     # every point lies on a face of the box: its largest |coordinate| is the half-side
     # (up to the centring by the sample mean, which is close to the box centre)
     extent = data[:, :3].abs().max(dim=1).values
     assert (extent.max() - extent.min()).item() < 0.02
-    assert torch.equal(point_tensor(exported.encode() if isinstance(exported, str) else exported), data)
+    assert torch.equal(point_tensor(mesh_file), data)  # the same file, the same points
 
 
 @pytest.mark.parametrize("file_type", ["off", "stl"])
 def test_colourless_meshes(file_type):
-    exported = trimesh.creation.icosphere(subdivisions=1).export(file_type=file_type)
-    data = point_tensor(exported.encode() if isinstance(exported, str) else exported)
+    data = point_tensor(exported(trimesh.creation.icosphere(subdivisions=1), file_type))
     assert_normalised(data)
     assert torch.all(data[:, 3:] == 0)
 
@@ -446,8 +450,7 @@ def test_texture_colours_are_looked_up():
 def test_point_cloud_ply_keeps_its_points_and_colours():
     points = cloud(4096)
     colours = np.concatenate([np.tile([0, 0, 255], (4096, 1)), np.full((4096, 1), 255)], axis=1)
-    exported = trimesh.PointCloud(points[:, :3], colors=colours).export(file_type="ply")
-    data = point_tensor(exported)
+    data = point_tensor(exported(trimesh.PointCloud(points[:, :3], colors=colours), "ply"))
     assert_normalised(data)
     assert torch.equal(data[:4096], data[4096:])
     assert torch.allclose(data[:, 3:], torch.tensor([0, 0, 1.0]).expand(8192, 3))

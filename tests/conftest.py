@@ -27,3 +27,13 @@ def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     assert main(["make-tiny", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def fixture_model(fixture_dir, tmp_path_factory) -> Path:
+    """The reference fixture converted once into a model folder (float32, its 2 CLIP heads)."""
+    from server.convert import convert
+
+    return convert(checkpoint=fixture_dir / "consolidated.00-of-01.pth", params=fixture_dir / "params.json",
+                   tokenizer=fixture_dir / "tokenizer.model", out=tmp_path_factory.mktemp("models") / "fixture",
+                   clip_heads=2, dtype="float32", name="fixture")

@@ -1,0 +1,38 @@
+# The two quick-start commands are `make serve` and `make test`; everything they need
+# installs on first use. uv itself comes from PyPI when it is missing.
+SHELL := /bin/bash
+UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
+MODEL ?= model_repo/tiny
+PORT ?= 8080
+
+.PHONY: serve test install tiny vllm-env vllm-start vllm-stop browser
+
+$(UV):
+	python3 -m pip install --user --quiet uv
+
+install: $(UV)
+	$(UV) sync --frozen
+
+$(MODEL)/model.json: | install
+	$(UV) run onellm make-tiny --out $(MODEL)
+
+tiny: $(MODEL)/model.json
+
+serve: install tiny
+	$(UV) run onellm serve --model $(MODEL) --port $(PORT)
+
+vllm-env:
+	scripts/vllm-env.sh
+
+vllm-start: vllm-env
+	scripts/vllm-serve.sh start $(MODEL) $(or $(VLLM_PORT),8000)
+
+vllm-stop:
+	scripts/vllm-serve.sh stop $(or $(VLLM_PORT),8000)
+
+# Debian's Chromium for the page tests (Playwright's own browser download is not used)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: install vllm-env browser
+	$(UV) run pytest

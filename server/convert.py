@@ -94,19 +94,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def download(repo: str, tokenizer: Path | None) -> tuple[Path, Path]:
+    """The checkpoint (and tokenizer.model unless given) from a Hub repo, with the Hub's progress bars."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
 
-    try:
-        checkpoint = Path(hf_hub_download(repo, CHECKPOINT_FILE))
-    except Exception as error:  # network, auth and missing-repo errors are all reported the same way
-        raise ConvertError(f"could not download {CHECKPOINT_FILE} from {repo}: {error}") from error
-    if tokenizer is None:
+    def fetch(filename: str, hint: str = "") -> Path:
         try:
-            tokenizer = Path(hf_hub_download(repo, "tokenizer.model"))
-        except EntryNotFoundError as error:
-            raise ConvertError(f"{repo} has no tokenizer.model: pass LLaMA-2's with --tokenizer") from error
-    return checkpoint, tokenizer
+            return Path(hf_hub_download(repo, filename))
+        except Exception as error:  # network, auth, missing repo or file: all reported alike
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConvertError(f"could not download {filename} from {repo} ({reason}){hint}") from error
+
+    checkpoint = fetch(CHECKPOINT_FILE)
+    return checkpoint, tokenizer or fetch("tokenizer.model", ": pass LLaMA-2's tokenizer.model with --tokenizer")
 
 
 def convert(

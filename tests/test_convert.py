@@ -224,3 +224,34 @@ def test_existing_output_needs_force(tmp_path, capsys, fixture_dir):
     code, err = convert_cli(capsys, *args, "--force")
     assert code == 0 and (tmp_path / "out" / "model.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial folder left behind
+
+
+def test_from_hub_downloads_checkpoint_and_tokenizer(tmp_path, fixture_dir, monkeypatch):
+    import huggingface_hub
+
+    requested = []
+
+    def fake_download(repo, filename):
+        requested.append((repo, filename))
+        return str(fixture_dir / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    args = ["convert", "--from-hub", "csuhan/OneLLM-7B", "--params", str(fixture_dir / "params.json"),
+            "--clip-heads", "2", "--out", str(tmp_path / "hub")]
+    assert main(args) == 0
+    assert requested == [("csuhan/OneLLM-7B", "consolidated.00-of-01.pth"), ("csuhan/OneLLM-7B", "tokenizer.model")]
+    assert json.loads((tmp_path / "hub" / "model.json").read_text())["source"] == "csuhan/OneLLM-7B"
+
+
+def test_from_hub_without_tokenizer_says_what_to_pass(tmp_path, fixture_dir, monkeypatch, capsys):
+    import huggingface_hub
+
+    def fake_download(repo, filename):
+        if filename == "tokenizer.model":
+            raise FileNotFoundError(f"{filename} is not in {repo}")
+        return str(fixture_dir / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert main(["convert", "--from-hub", "csuhan/OneLLM-7B", "--out", str(tmp_path / "hub")]) != 0
+    err = capsys.readouterr().err
+    assert "could not download tokenizer.model from csuhan/OneLLM-7B" in err and "--tokenizer" in err

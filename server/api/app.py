@@ -11,7 +11,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -37,13 +37,13 @@ class ChatForm(BaseModel):
     prompt: str | None = None
     messages: str | None = None
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | None = None
     seed: int | None = None
     stream: bool = True
-    imu_sample_rate: float = 200.0
+    imu_sample_rate: float = Field(default=200.0, gt=0.0, le=10000.0)
 
 
 def build_engine(settings: Settings, model: OneLLM) -> Engine:

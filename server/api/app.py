@@ -92,6 +92,9 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0]
+        if first["type"] == "json_invalid":  # its loc is the character offset, not a field
+            return error_response(InputError(
+                400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})"))
         loc = [str(p) for p in first["loc"] if p != "body"]
         return error_response(InputError(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", ".".join(loc) or None))
 

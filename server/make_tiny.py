@@ -116,16 +116,17 @@ class RandomStateDict(dict):
         self[f"llma.{key}.ffn_norm.weight"] = torch.ones(width)
 
 
-def random_checkpoint(vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """A OneLLM-format checkpoint with tiny widths and random weights."""
+def random_checkpoint(vocab_size: int, seed: int, width: int = WIDTH, clip_layers: int = CLIP_LAYERS,
+                      params: dict = PARAMS) -> dict[str, torch.Tensor]:
+    """A OneLLM-format checkpoint with random weights: tiny widths unless told otherwise."""
     sd = RandomStateDict(seed)
-    W, D = WIDTH, PARAMS["dim"]
-    add_llm(sd, vocab_size, D)
-    add_clip(sd, W)
+    W, D = width, params["dim"]
+    add_llm(sd, vocab_size, params)
+    add_clip(sd, W, clip_layers)
     add_modality_inputs(sd, W)
     for expert in range(UPM_EXPERTS):
         for block in range(UPM_BLOCKS):
-            sd.llama_block(f"resample_layers.{expert}.{block}", W, ffn_hidden(W, PARAMS["multiple_of"]))
+            sd.llama_block(f"resample_layers.{expert}.{block}", W, ffn_hidden(W, params["multiple_of"]))
     for m in MODALITIES:
         sd.normal(f"resample_tokens.{m}", 1, PREFIX_TOKENS, W)
         sd.linear(f"clip_proj1.{m}.0", W, W)
@@ -139,21 +140,22 @@ def random_checkpoint(vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def add_llm(sd: RandomStateDict, vocab_size: int, dim: int) -> None:
+def add_llm(sd: RandomStateDict, vocab_size: int, params: dict) -> None:
+    dim = params["dim"]
     sd.normal("tok_embeddings.weight", vocab_size, dim)
-    for i in range(PARAMS["n_layers"]):
-        sd.llama_block(f"layers.{i}", dim, ffn_hidden(dim, PARAMS["multiple_of"]))
+    for i in range(params["n_layers"]):
+        sd.llama_block(f"layers.{i}", dim, ffn_hidden(dim, params["multiple_of"]))
     sd["llma.norm.weight"] = torch.ones(dim)
     sd.normal("output.weight", vocab_size, dim)
 
 
-def add_clip(sd: RandomStateDict, width: int) -> None:
+def add_clip(sd: RandomStateDict, width: int, layers: int) -> None:
     grid = IMAGE_SIZE // PATCH
     sd.normal("clip.visual.class_embedding", width)
     sd.normal("clip.visual.positional_embedding", grid * grid + 1, width)
     sd.normal("clip.visual.conv1.weight", width, 3, PATCH, PATCH)
     sd.layer_norm("clip.visual.ln_pre", width)
-    for i in range(CLIP_LAYERS):
+    for i in range(layers):
         block = f"clip.visual.transformer.resblocks.{i}"
         sd.layer_norm(f"{block}.ln_1", width)
         sd.normal(f"{block}.attn.in_proj_weight", 3 * width, width)

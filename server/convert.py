@@ -47,9 +47,12 @@ CLIP_KEYS = ["class_embedding", "positional_embedding", "conv1.weight", "ln_pre.
 CLIP_BLOCK_KEYS = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
                    "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
                    "mlp.c_proj.weight", "mlp.c_proj.bias"]
-MODALITY_KEYS = ["resample_tokens.{m}", "start_tag.{m}", "end_tag.{m}"] + [
-    f"{module}.{{m}}.{layer}.{p}" for module in ("clip_proj1", "clip_proj2") for layer in (0, 1) for p in ("weight", "bias")
-] + [f"routers.{{m}}.{fc}.{p}" for fc in ("fc1", "fc2") for p in ("weight", "bias")]
+# per modality m: format with m=...
+MODALITY_KEYS = [
+    "resample_tokens.{m}", "start_tag.{m}", "end_tag.{m}",
+    *(f"{proj}.{{m}}.{i}.{p}" for proj in ("clip_proj1", "clip_proj2") for i in (0, 1) for p in ("weight", "bias")),
+    *(f"routers.{{m}}.{fc}.{p}" for fc in ("fc1", "fc2") for p in ("weight", "bias")),
+]
 # The modality tokenizers that are not CLIP's conv1
 INPUT_KEYS = {
     "audio": ["conv1.audio.weight", "conv1.audio.bias", "positional_embedding.audio"],
@@ -66,12 +69,13 @@ class ConvertError(Exception):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help=f"a OneLLM {CHECKPOINT_FILE}")
-    source.add_argument("--from-hub", metavar="REPO", help="download the checkpoint from the Hub, e.g. csuhan/OneLLM-7B")
+    source.add_argument("--from-hub", metavar="REPO", help="download the checkpoint from the Hub (csuhan/OneLLM-7B)")
     parser.add_argument("--params", type=Path, help="LLaMA params.json (default: LLaMA-2-7B's)")
-    parser.add_argument("--tokenizer", type=Path, help="LLaMA-2 tokenizer.model (optional with --from-hub if the repo has one)")
-    parser.add_argument("--clip-heads", type=int, default=16, help="CLIP attention heads, which no tensor shows (default 16)")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="LLaMA-2 tokenizer.model (with --from-hub: default the repo's, if it has one)")
+    parser.add_argument("--clip-heads", type=int, default=16, help="CLIP attention heads: no tensor shows them")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write, e.g. model_repo/onellm-7b")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights (default float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
     parser.add_argument("--name", help="model name (default: the folder's name)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -127,6 +131,8 @@ def convert(
     """
     checkpoint, tokenizer, out = Path(checkpoint), Path(tokenizer), Path(out)
     params = load_params(params)
+    if dtype not in DTYPES:
+        raise ConvertError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
     if out.exists() and not force:
         raise ConvertError(f"{out} already exists (pass --force to replace it)")
     if not tokenizer.is_file():
@@ -145,6 +151,8 @@ def convert(
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)
+    except OSError as error:  # a full disk, mostly: the real model writes ~30 GB in float32
+        raise ConvertError(f"writing {out} failed: {error}") from error
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out
@@ -162,11 +170,16 @@ def load_params(params: Mapping | str | Path | None) -> dict:
     if params is None:
         return dict(DEFAULT_PARAMS)
     if isinstance(params, Mapping):
-        return dict(params)
-    try:
-        return json.loads(Path(params).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConvertError(f"cannot read params {params}: {error}") from error
+        loaded = dict(params)
+    else:
+        try:
+            loaded = json.loads(Path(params).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConvertError(f"cannot read params {params}: {error}") from error
+    missing = [key for key in ("dim", "n_layers", "n_heads", "norm_eps") if key not in loaded]
+    if missing:
+        raise ConvertError(f"params {params} lack {', '.join(missing)}")
+    return loaded
 
 
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -179,7 +192,9 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         raise ConvertError(f"cannot read checkpoint {path}: {error.strerror}") from error
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile) as error:
         reason = str(error).strip().split(". ")[0] or type(error).__name__  # torch's messages run on
-        raise ConvertError(f"checkpoint {path} is truncated or corrupt, or not a PyTorch checkpoint ({reason})") from error
+        raise ConvertError(
+            f"checkpoint {path} is truncated or corrupt, or not a PyTorch checkpoint ({reason})"
+        ) from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConvertError(f"checkpoint {path} is not a OneLLM checkpoint: expected a flat state dict of tensors")
     return {key.removeprefix("llma."): value for key, value in state.items() if key.startswith("llma.")}
@@ -187,7 +202,8 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 def count_indexed(weights: Mapping[str, torch.Tensor], prefix: str) -> int:
     """How many `{prefix}{i}.` groups there are (max index + 1; gaps surface as missing keys)."""
-    indices = {int(key[len(prefix):].split(".")[0]) for key in weights if key.startswith(prefix)}
+    parts = (key[len(prefix):].split(".")[0] for key in weights if key.startswith(prefix))
+    indices = {int(part) for part in parts if part.isdigit()}
     return max(indices) + 1 if indices else 0
 
 

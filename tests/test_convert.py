@@ -36,12 +36,14 @@ def meta_llama_logits(weights: dict, tokens: list[int], n_heads: int, eps: float
         w = {k.removeprefix(f"layers.{i}."): v for k, v in weights.items() if k.startswith(f"layers.{i}.")}
         h = rms_norm(x, w["attention_norm.weight"])
         q, k, v = (h @ w[f"attention.{n}.weight"].T for n in ("wq", "wk", "wv"))
-        q, k, v = rope(q.view(length, n_heads, head_dim)), rope(k.view(length, n_heads, head_dim)), v.view(length, n_heads, head_dim)
+        q, k, v = (t.view(length, n_heads, head_dim) for t in (q, k, v))
+        q, k = rope(q), rope(k)
         scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(head_dim) + mask
         attended = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(length, dim)
         x = x + attended @ w["attention.wo.weight"].T
         h = rms_norm(x, w["ffn_norm.weight"])
-        x = x + (F.silu(h @ w["feed_forward.w1.weight"].T) * (h @ w["feed_forward.w3.weight"].T)) @ w["feed_forward.w2.weight"].T
+        gate, up = F.silu(h @ w["feed_forward.w1.weight"].T), h @ w["feed_forward.w3.weight"].T
+        x = x + (gate * up) @ w["feed_forward.w2.weight"].T
     return rms_norm(x, weights["norm.weight"]) @ weights["output.weight"].T
 
 
@@ -56,10 +58,7 @@ def random_llama(dim=64, n_layers=2, n_heads=4, ffn=96, vocab=50, seed=0) -> dic
                    f"layers.{i}.ffn_norm.weight": (dim,)}
     # large enough that attention is far from uniform, so a wrong rotation shows
     weights = {k: torch.randn(shape, generator=generator) * 0.3 for k, shape in shapes.items()}
-    for k in weights:
-        if k.endswith("norm.weight"):
-            weights[k] = 1 + 0.1 * weights[k]
-    return weights
+    return {k: 1 + 0.3 * w if k.endswith("norm.weight") else w for k, w in weights.items()}
 
 
 def write_llm(llm_dir, weights, n_heads, shard_bytes=llm_folder.SHARD_BYTES):
@@ -143,7 +142,8 @@ def test_encoder_holds_everything_but_the_decoder_and_text_tower(converted, fixt
     assert not decoder and not text_tower
     assert "tok_embeddings.weight" in keys and "routers.image.fc1.weight" in keys
     expected = {k.removeprefix("llma.") for k in checkpoint}
-    expected = {k for k in expected if not k.startswith(("layers.", "norm.", "output.", "clip.")) or k.startswith("clip.visual.")}
+    expected = {k for k in expected
+                if not k.startswith(("layers.", "norm.", "output.", "clip.")) or k.startswith("clip.visual.")}
     assert keys == expected
 
 
@@ -164,8 +164,8 @@ def test_llm_folder_loads_and_matches_metas_decoder(converted, fixture_dir):
 
 
 def test_half_precision(fixture_dir, tmp_path):
-    out = convert(fixture_dir / "consolidated.00-of-01.pth", fixture_dir / "params.json", fixture_dir / "tokenizer.model",
-                  tmp_path / "half", clip_heads=2, dtype="float16")
+    out = convert(fixture_dir / "consolidated.00-of-01.pth", fixture_dir / "params.json",
+                  fixture_dir / "tokenizer.model", tmp_path / "half", clip_heads=2, dtype="float16")
     with safe_open(out / "encoder.safetensors", "pt") as f:
         assert f.get_tensor("clip.visual.conv1.weight").dtype == torch.float16
     assert json.loads((out / "llm" / "config.json").read_text())["torch_dtype"] == "float16"

@@ -5,6 +5,7 @@ Checked on the fixture's LLaMA-2 tokenizer (32000 pieces) and on make-tiny's.
 """
 
 import random
+
 import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.api.batcher import EncoderBatcher
 from server.api.metrics import Metrics
 from server.api.prefix_cache import PrefixCache, prefix_key
 from server.api.uploads import Attachment, Chat
@@ -41,7 +42,7 @@ class Generation:
 
 class ChatService:
     def __init__(self, model: OneLLM, engine: Engine, metrics: Metrics, preprocess_workers: int,
-                 prefix_cache_bytes: int, default_max_tokens: int):
+                 prefix_cache_bytes: int, default_max_tokens: int, max_batch: int = 8, max_wait_ms: float = 5.0):
         self.model = model
         self.engine = engine
         self.metrics = metrics
@@ -53,6 +54,7 @@ class ChatService:
         # the encoder has one thread of its own: torch already uses every core for one batch
         self._preprocess = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")
+        self.batcher = EncoderBatcher(model, self._encoder, max_batch, max_wait_ms / 1000)
 
     def close(self) -> None:
         self._preprocess.shutdown(wait=False, cancel_futures=True)
@@ -68,8 +70,12 @@ class ChatService:
             self.metrics.prefix_cache_hits.labels(m).inc()
             return cached
         loop = asyncio.get_running_loop()
-        inputs = await loop.run_in_executor(self._preprocess, _preprocess, attachment)
-        prefix = (await loop.run_in_executor(self._encoder, self.model.encode, m, inputs.unsqueeze(0)))[0]
+        try:
+            inputs = await loop.run_in_executor(self._preprocess, _preprocess, attachment)
+        except InputError as e:  # name the content part the bytes came in, not the internal field
+            e.param = attachment.params.get(e.param, e.param)
+            raise
+        prefix = await self.batcher.encode(m, inputs)
         self.metrics.encoder_runs.labels(m).inc()
         self.cache.put(key, prefix)
         return prefix

@@ -23,6 +23,7 @@ class Attachment:
     modality: str
     files: dict[str, bytes]  # upload field -> bytes
     options: dict = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)  # upload field -> where the client sent it, when not the field
 
 
 @dataclass
@@ -38,10 +39,15 @@ class Chat:
     system: str | None = None  # None: the model's own system prompt
 
 
-def group_uploads(uploads: list[tuple[str, bytes]], options: dict, param: str) -> list[Attachment]:
-    """[(field, bytes), ...] in upload order -> attachments; a depth/normal map joins the first unpaired image."""
-    attachments = [Attachment(SINGLE_FIELDS[f], {f: data}, options) for f, data in uploads if f in SINGLE_FIELDS]
-    for name, data in uploads:
+def group_uploads(uploads: list[tuple[str, bytes]], options: dict, param: str,
+                  where: list[str] | None = None) -> list[Attachment]:
+    """[(field, bytes), ...] in upload order -> attachments; a depth/normal map joins the first unpaired image.
+
+    `where[i]` names upload i in the request (an OpenAI content part) for errors about its bytes."""
+    where = where or [None] * len(uploads)
+    attachments = [Attachment(SINGLE_FIELDS[f], {f: data}, options, {f: w} if w else {})
+                   for (f, data), w in zip(uploads, where) if f in SINGLE_FIELDS]
+    for (name, data), w in zip(uploads, where):
         if name in SINGLE_FIELDS:
             continue
         if name not in PAIRING_FIELDS:
@@ -53,6 +59,8 @@ def group_uploads(uploads: list[tuple[str, bytes]], options: dict, param: str) -
                                   f"(together they make a '{modality.name}' input)", param or name)
         partner.modality = modality.name
         partner.files[name] = data
+        if w:
+            partner.params[name] = w
     return attachments
 
 
@@ -94,7 +102,7 @@ async def url_bytes(url: object, param: str, fetch: Fetch | None) -> bytes:
 async def parts_to_turn(role: str, content, index: int, options: dict, fetch: Fetch | None) -> Turn:
     if content is None or isinstance(content, str):
         return Turn(role, content or "")
-    texts, uploads = [], []
+    texts, uploads, wheres = [], [], []
     for j, part in enumerate(content):
         where = f"messages[{index}].content[{j}]"
         kind = part.get("type")
@@ -103,19 +111,23 @@ async def parts_to_turn(role: str, content, index: int, options: dict, fetch: Fe
             texts.append(str(part.get("text", "")))
         elif kind == "image_url" and isinstance(body, dict):
             uploads.append(("image", await url_bytes(body.get("url"), f"{where}.image_url.url", fetch)))
+            wheres.append(f"{where}.image_url.url")
         elif kind == "video_url" and isinstance(body, dict):
             uploads.append(("video", await url_bytes(body.get("url"), f"{where}.video_url.url", fetch)))
+            wheres.append(f"{where}.video_url.url")
         elif kind == "input_audio" and isinstance(body, dict):
             uploads.append(("audio", decode_base64(body.get("data"), f"{where}.input_audio.data")))
+            wheres.append(f"{where}.input_audio.data")
         elif isinstance(kind, str) and kind.startswith("input_") and kind[6:] in UPLOAD_FIELDS and isinstance(body, dict):
             uploads.append((kind[6:], decode_base64(body.get("data"), f"{where}.{kind}.data")))
+            wheres.append(f"{where}.{kind}.data")
             if "sample_rate" in body:
                 options = {**options, "imu_sample_rate": _positive(body["sample_rate"], f"{where}.{kind}.sample_rate")}
         else:
             raise InputError(400, f"unsupported content part type {kind!r}", f"{where}.type")
     if uploads and role != "user":
         raise InputError(400, "only user messages may carry attachments", f"messages[{index}].content")
-    return Turn(role, "\n".join(texts), group_uploads(uploads, options, f"messages[{index}].content"))
+    return Turn(role, "\n".join(texts), group_uploads(uploads, options, f"messages[{index}].content", wheres))
 
 
 def _positive(value, param: str) -> float:

@@ -19,10 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import ALLOWED_HOST
+
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 240  # importing torch + transformers takes half a minute on a busy 2-core machine
 STOP_TIMEOUT = 30
-ALLOWED_HOST = "127.0.0.1"
 
 
 def free_port() -> int:

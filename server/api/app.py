@@ -70,7 +70,8 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         if model.config.get("random_weights"):
             log.warning("model '%s' has random weights: its answers are meaningless", model.name)
         app.state.service = ChatService(model, engine, app.state.metrics, settings.preprocess_workers,
-                                        int(settings.prefix_cache_mb * (1 << 20)), settings.default_max_tokens)
+                                        int(settings.prefix_cache_mb * (1 << 20)), settings.default_max_tokens,
+                                        settings.encoder_max_batch, settings.encoder_max_wait_ms)
         log.info("serving model '%s' on the %s engine", model.name, engine.name)
         yield
         app.state.service.close()

@@ -20,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed-url-hosts", type=lambda v: tuple(h for h in v.split(",") if h),
                         help="comma-separated hosts whose http(s) attachment URLs may be fetched "
                         "(env ONELLM_ALLOWED_URL_HOSTS; default none)")
+    parser.add_argument("--encoder-max-batch", type=int, help="requests of one modality encoded as one batch "
+                        "(env ONELLM_ENCODER_MAX_BATCH; default 8)")
+    parser.add_argument("--encoder-max-wait-ms", type=float, help="longest wait for a batch to fill "
+                        "(env ONELLM_ENCODER_MAX_WAIT_MS; default 5)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="env ONELLM_LOG_LEVEL")
 
 

@@ -1,0 +1,68 @@
+"""The encoder's dynamic batcher: concurrent requests of one modality share a batch, results are their own."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from server.api.batcher import EncoderBatcher
+from server.model.repo import load_model
+
+
+@pytest.fixture(scope="module")
+def model(fixture_model):
+    return load_model(fixture_model)
+
+
+def images(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(3, 224, 224, generator=g) for _ in range(n)]
+
+
+def run_concurrently(batcher, items, modality="image"):
+    async def main():
+        return await asyncio.gather(*(batcher.encode(modality, x) for x in items))
+
+    return asyncio.run(main())
+
+
+def test_concurrent_requests_run_as_one_batch_with_their_own_rows(model):
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+    inputs = images(5)
+    prefixes = run_concurrently(batcher, inputs)
+    assert batcher.batch_sizes == [5]
+    for x, prefix in zip(inputs, prefixes):
+        torch.testing.assert_close(prefix, model.encode("image", x[None])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_full_batch_runs_without_waiting_and_the_rest_follows(model):
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=2, max_wait_s=60)  # the timer never fires
+    prefixes = run_concurrently(batcher, images(4))
+    assert batcher.batch_sizes == [2, 2]
+    assert len(prefixes) == 4
+
+
+def test_modalities_batch_separately(model):
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+
+    async def main():
+        return await asyncio.gather(batcher.encode("image", images(1)[0]), batcher.encode("imu", torch.randn(6, 400)),
+                                    batcher.encode("image", images(2)[1]))
+
+    image_a, imu, image_b = asyncio.run(main())
+    assert sorted(batcher.batch_sizes) == [1, 2]
+    assert imu.shape == image_a.shape == image_b.shape
+
+
+def test_a_cancelled_request_leaves_the_batch_before_it_runs(model):
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+
+    async def main():
+        a, b, c = (asyncio.ensure_future(batcher.encode("image", x)) for x in images(3))
+        await asyncio.sleep(0)
+        b.cancel()
+        return await asyncio.gather(a, c)
+
+    assert len(asyncio.run(main())) == 2
+    assert batcher.batch_sizes == [2]

@@ -41,7 +41,7 @@ class ChatForm(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = True
     imu_sample_rate: float = Field(default=200.0, gt=0.0, le=10000.0)
 

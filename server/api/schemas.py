@@ -40,7 +40,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what torch (and vLLM) take
     stream: bool = False
     stream_options: StreamOptions | None = None
     imu_sample_rate: float = Field(default=200.0, gt=0.0, le=10000.0)

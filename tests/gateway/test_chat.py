@@ -274,3 +274,46 @@ def test_client_disconnect_mid_stream_leaves_the_server_healthy(client, base_url
     assert client.get("/health").status_code == 200
     assert client.get("/ready").status_code == 200
     text, _ = parse_sse(client.post("/v1/chat", data={"prompt": "Still there?", "max_tokens": "2"}))
+
+
+# --- sampling parameters ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat", "/v1/chat/completions"])
+def test_a_stop_string_ends_the_answer_before_it(client, endpoint):
+    def ask(**extra):
+        if endpoint == "/v1/chat":
+            fields = {"prompt": "Count slowly.", "max_tokens": "12", "stream": "false"}
+            fields.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+            response = client.post(endpoint, data=fields)
+        else:
+            response = client.post(endpoint, json={"messages": [{"role": "user", "content": "Count slowly."}],
+                                                   "max_tokens": 12, **extra})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]
+
+    free = ask()["message"]["content"]
+    stop = free.strip()[len(free.strip()) // 2:][:2]  # two characters from the middle of the greedy answer
+    assert len(stop) == 2, f"the greedy answer {free!r} is too short for this test"
+    stopped = ask(stop=[stop, "never-appears"])
+    assert stopped["message"]["content"] == free[: free.index(stop)]
+    assert stopped["finish_reason"] == "stop"
+
+
+def test_the_same_seed_samples_the_same_answer(client):
+    def sample(seed):
+        response = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Say something random."}], "max_tokens": 8,
+            "temperature": 1.0, "top_p": 0.9, "seed": seed})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    assert sample(1234) == sample(1234)
+    assert len({sample(s) for s in range(4)}) > 1  # and sampling does sample
+
+
+def test_output_tokens_and_time_to_first_token_are_measured(client):
+    tokens = metric(client, "onellm_output_tokens_total")
+    ttft = metric(client, "onellm_time_to_first_token_seconds_count")
+    body = completion(client, max_tokens=3, messages=[{"role": "user", "content": "One more."}])
+    assert metric(client, "onellm_output_tokens_total") == tokens + body["usage"]["completion_tokens"]
+    assert metric(client, "onellm_time_to_first_token_seconds_count") == ttft + 1

@@ -37,6 +37,14 @@ def pickled_npy() -> bytes:
     return out.getvalue()
 
 
+def silent_flac(seconds: int, rate: int = 8000) -> bytes:
+    """Minutes of silence compress to a few kilobytes in FLAC."""
+    import soundfile as sf
+    out = io.BytesIO()
+    sf.write(out, np.zeros(seconds * rate, np.int16), rate, format="FLAC")
+    return out.getvalue()
+
+
 # --- POST /v1/chat (multipart) ------------------------------------------------------------------
 
 def form(client, files=(), **fields):
@@ -76,6 +84,8 @@ MULTIPART = [
     ("top-p-0", lambda c: form(c, top_p="0"), 400, "top_p"),
     ("imu-sample-rate-0", lambda c: form(c, [upload("imu", media.imu("csv"), "imu.csv")], imu_sample_rate="0"),
      400, "imu_sample_rate"),
+    ("seed-beyond-64-bits", lambda c: form(c, seed=str(2**70), temperature="1"), 400, "seed"),
+    ("audio-too-long", lambda c: form(c, [upload("audio", silent_flac(601), "long.flac")]), 413, "audio"),
     ("stream-not-a-boolean", lambda c: form(c, stream="maybe"), 400, "stream"),
     ("stop-bad-json-list", lambda c: form(c, stop="[1,"), 400, "stop"),
     ("messages-not-json", lambda c: form(c, messages="[{role: user}", prompt=None), 400, "messages"),
@@ -140,6 +150,8 @@ JSON = [
     ("max-tokens-0", lambda c: chat_json(c, max_tokens=0), 400, "max_tokens"),
     ("temperature-too-high", lambda c: chat_json(c, temperature=3.5), 400, "temperature"),
     ("top-p-above-1", lambda c: chat_json(c, top_p=1.5), 400, "top_p"),
+    ("seed-beyond-64-bits", lambda c: chat_json(c, seed=2**70, temperature=1), 400, "seed"),
+    ("seed-beyond-64-bits-streaming", lambda c: chat_json(c, seed=-(2**64), temperature=1, stream=True), 400, "seed"),
     ("five-stop-strings", lambda c: chat_json(c, stop=["a", "b", "c", "d", "e"]), 400, "stop"),
 ]
 
@@ -202,3 +214,4 @@ def test_decoding_failures_are_counted_and_nothing_was_a_500(client):
     statuses = {dict(labels)["status"] for (name, labels), value in metrics(client).items()
                 if name == "onellm_requests_total" and value > 0}
     assert "500" not in statuses
+    assert metric(client, "onellm_queue_depth") == 0  # failed requests left the queue

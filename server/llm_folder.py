@@ -221,8 +221,9 @@ def write_tokenizer(model_file: Path, llm_dir: Path) -> tuple[int, int]:
             **special,
             "add_bos_token": True,
             "add_eos_token": False,
-            # SentencePiece reads "<s>" typed in a prompt as plain text, never as the control token.
-            "split_special_tokens": True,
+            # No `split_special_tokens`: vLLM registers a special token for prompt embeddings and
+            # needs it to encode as one id. So, like any HF LLaMA tokenizer (and unlike
+            # SentencePiece), this one reads "<s>" typed in a text as the control token.
             "clean_up_tokenization_spaces": False,
             "model_max_length": MAX_POSITIONS,
         },

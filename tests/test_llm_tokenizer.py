@@ -39,7 +39,6 @@ STRINGS = [
     "emoji 😀🎉👍🏽 and a flag 🇫🇷",
     "zero\u200bwidth and no\u00a0break and ideographic\u3000space",
     "▁ a literal metaspace ▁▁",
-    "<s> </s> <unk> typed as text",
     "<0x41> looks like a byte piece",
     "tricky punctuation: (a) [b] {c} <d> 'e' \"f\" `g` ~!@#$%^&*_+-=|\\/?,.;:",
     "x" * 300,
@@ -90,6 +89,15 @@ def test_encodes_like_sentencepiece(tokenizer_pair, text):
     assert hf.encode(text, add_special_tokens=False) == ids
     assert hf.decode(ids) == sp.decode(ids)
     assert hf.decode([sp.bos_id()] + ids, skip_special_tokens=True) == sp.decode(ids)
+
+
+def test_special_token_text(tokenizer_pair):
+    """Typed "<s>" is the control token to HF (vLLM needs its added tokens matched), plain text to
+    SentencePiece; `split_special_tokens=True` gives SentencePiece's reading."""
+    sp, hf = tokenizer_pair
+    text = "<s> </s> <unk> typed as text"
+    assert hf.encode(text, add_special_tokens=False, split_special_tokens=True) == sp.encode(text)
+    assert hf.encode("a<s>b", add_special_tokens=False)[1] == sp.bos_id()
 
 
 def test_random_strings_encode_and_decode_alike(tokenizer_pair):

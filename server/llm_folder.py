@@ -134,7 +134,7 @@ def write_weights(
         save_file(tensors, llm_dir / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         advance(len(names))
-        del tensors
+        del tensors  # before the next shard is built, or two would be in memory at once
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         write_json(llm_dir / "model.safetensors.index.json", index)

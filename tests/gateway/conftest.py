@@ -115,10 +115,12 @@ class FileServer:
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
-        files = self.files
+        self.requested: list[str] = []  # paths asked for, in order
+        files, requested = self.files, self.requested
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
+                requested.append(self.path)
                 data = files.get(self.path)
                 if data is None:
                     self.send_error(404)

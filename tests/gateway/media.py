@@ -35,6 +35,17 @@ def image(fmt: str, seed: int = 0, width: int = 64, height: int = 48) -> bytes:
     return out.getvalue()
 
 
+def solid_png(colour: tuple[int, int, int], tag: str = "", width: int = 64, height: int = 48) -> bytes:
+    """One flat colour as PNG; `tag` goes into a text chunk, so the same pixels can come in different bytes
+    (a different prefix-cache key). Flat colours are far apart for a random-weight encoder."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("Comment", tag)
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
 def depth_map(seed: int = 0, width: int = 64, height: int = 48) -> bytes:
     """A 16-bit greyscale PNG in millimetres, as depth cameras write them."""
     rng = _rng(seed)

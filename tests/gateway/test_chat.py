@@ -221,6 +221,7 @@ def test_remote_url_from_an_allowed_host_is_fetched(client, file_server):
         *prompt, {"type": "image_url", "image_url": {"url": data_url(data, "image/png")}}]}])
     assert remote["choices"][0]["message"]["content"] == inline["choices"][0]["message"]["content"]
     assert remote["usage"] == inline["usage"]
+    assert file_server.requested.count("/pictures/cat.png") == 1
 
 
 def test_remote_url_that_is_missing_is_a_422(client, file_server):
@@ -317,3 +318,29 @@ def test_output_tokens_and_time_to_first_token_are_measured(client):
     body = completion(client, max_tokens=3, messages=[{"role": "user", "content": "One more."}])
     assert metric(client, "onellm_output_tokens_total") == tokens + body["usage"]["completion_tokens"]
     assert metric(client, "onellm_time_to_first_token_seconds_count") == ttft + 1
+
+
+# --- concurrency ----------------------------------------------------------------------------------
+
+def test_concurrent_requests_get_the_answers_they_would_get_alone(base_url):
+    """Requests arriving together share the encoder (its batches) and the engine; each must still get
+    exactly its own greedy answer. Solo and concurrent requests send the same pixels in different
+    bytes, so the prefix cache cannot hand the concurrent ones the solo ones' prefixes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    colours = [(255, 0, 0), (0, 0, 255), (0, 0, 0), (255, 255, 255), (0, 255, 0)]
+
+    def ask(colour, tag: str, stream: bool) -> str:
+        with httpx.Client(base_url=base_url, timeout=120) as own:
+            response = own.post("/v1/chat", files=[("image", ("a.png", media.solid_png(colour, tag), "image/png"))],
+                                data={"prompt": "What is it?", "max_tokens": "6", "stream": str(stream).lower()})
+            if stream:
+                return parse_sse(response)[0]
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["message"]["content"]
+
+    alone = [ask(colour, "alone", stream=False) for colour in colours]
+    assert len(set(alone)) > 1, "every picture gave the same answer: this comparison would prove nothing"
+    with ThreadPoolExecutor(len(colours)) as pool:
+        together = list(pool.map(lambda i: ask(colours[i], "together", stream=i % 2 == 0), range(len(colours))))
+    assert together == alone

@@ -176,6 +176,7 @@ def test_remote_url_from_a_host_not_allowed_is_refused(client, file_server):
     assert "localhost" != ALLOWED_HOST
     error = assert_error(chat_json(client, image_url(url)), 400, "messages[0].content[1].image_url.url")
     assert "localhost" in error["message"]
+    assert "/refused.png" not in file_server.requested  # refused before any request went out
 
 
 @pytest.mark.parametrize("url", ["https://example.com/cat.png", "http://169.254.169.254/latest/meta-data/",

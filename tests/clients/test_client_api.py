@@ -1,0 +1,191 @@
+"""The Python client against a live gateway: every modality, streamed and not, sessions, typed errors."""
+
+import asyncio
+import socket
+
+import httpx
+import numpy as np
+import pytest
+
+from onellm_client import (APIConnectionError, AsyncChatStream, AsyncClient, BadRequestError, ChatResult, ChatStream,
+                           Client, NotFoundError, OneLLMError, ServiceUnavailableError, UnprocessableError,
+                           UnsupportedMediaError)
+
+# the upload fields of each modality; depth and normal maps travel with an image
+MODALITIES = {"image": ["image"], "video": ["video"], "audio": ["audio"], "point": ["point"], "fmri": ["fmri"],
+              "imu": ["imu"], "rgbd": ["image", "depth"], "rgbn": ["image", "normal"]}
+MAX_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    with Client(gateway) as client:
+        yield client
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_every_modality_streams_and_matches_the_whole_answer(client, media, modality):
+    files = {field: media[field] for field in MODALITIES[modality]}
+    with client.chat("What is this?", max_tokens=MAX_TOKENS, **files) as stream:
+        assert isinstance(stream, ChatStream)
+        deltas = list(stream)
+    assert deltas and all(isinstance(d, str) and d for d in deltas)
+    assert stream.text == "".join(deltas)
+    assert stream.finish_reason in ("stop", "length")
+
+    result = client.chat("What is this?", max_tokens=MAX_TOKENS, stream=False, **files)
+    assert isinstance(result, ChatResult)
+    assert result.text == stream.text  # greedy: the same answer either way
+    assert result.finish_reason == stream.finish_reason
+    usage = result.usage
+    assert usage["prompt_tokens"] > 32  # the attachment's block: start tag, 30 prefix rows, end tag
+    assert 1 <= usage["completion_tokens"] <= MAX_TOKENS
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert result.raw["object"] == "chat.completion"
+
+
+def test_files_as_bytes_and_open_files(client, media):
+    by_path = client.chat("Describe it.", image=media["image"], max_tokens=MAX_TOKENS, stream=False)
+    by_bytes = client.chat("Describe it.", image=media["image"].read_bytes(), max_tokens=MAX_TOKENS, stream=False)
+    with open(media["image"], "rb") as f:
+        by_file = client.chat("Describe it.", image=f, max_tokens=MAX_TOKENS, stream=False)
+    assert by_path.text == by_bytes.text == by_file.text
+
+
+def test_imu_sample_rate_reaches_the_server(client, media):
+    assert client.chat("Motion?", imu=media["imu"], imu_sample_rate=50, max_tokens=2, stream=False).text
+    with pytest.raises((BadRequestError, UnprocessableError)) as error:  # refused by the form or the decoder
+        client.chat("Motion?", imu=media["imu"], imu_sample_rate=-1, stream=False)
+    assert error.value.param in ("imu_sample_rate", "imu")
+
+
+def test_sampling_options_reach_the_server(client):
+    short = client.chat("Tell me a story.", max_tokens=2, stream=False)
+    assert short.usage["completion_tokens"] <= 2 and short.finish_reason == "length"
+    seeded = [client.chat("Tell me a story.", temperature=1.0, top_p=0.9, seed=7, max_tokens=6, stream=False).text
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    with pytest.raises(BadRequestError) as error:
+        client.chat("x", stop=[""], stream=False)
+    assert error.value.param == "stop"
+
+
+def test_session_second_turn_carries_the_first(client, media):
+    session = client.session()
+    first = session.chat("What is in this image?", image=media["image"], max_tokens=MAX_TOKENS)
+    first_text = first.result().text
+    assert session.history == [{"role": "user", "content": "What is in this image?"},
+                               {"role": "assistant", "content": first_text}]
+    second = session.chat("What colour is it?", max_tokens=MAX_TOKENS, stream=False)
+
+    # the same turn sent with that history by hand gives the same prompt and the same greedy answer
+    by_hand = client.chat("What colour is it?", history=session.history[:2], max_tokens=MAX_TOKENS, stream=False)
+    alone = client.chat("What colour is it?", max_tokens=MAX_TOKENS, stream=False)
+    assert second.text == by_hand.text
+    assert second.usage["prompt_tokens"] == by_hand.usage["prompt_tokens"] > alone.usage["prompt_tokens"]
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+
+    session.clear()
+    assert client.chat("What colour is it?", max_tokens=MAX_TOKENS, stream=False).text == alone.text
+
+
+def test_a_failed_turn_is_not_remembered(client, media):
+    session = client.session(system="You answer briefly.")
+    session.chat("Hello", max_tokens=2, stream=False)
+    with pytest.raises(UnsupportedMediaError):
+        session.chat("Listen", audio=media["image"])
+    assert len(session.history) == 2
+
+
+def test_png_sent_as_audio_is_415(client, media):
+    with pytest.raises(UnsupportedMediaError) as caught:
+        client.chat("What do you hear?", audio=media["image"])
+    error = caught.value
+    assert (error.status, error.type, error.param) == (415, "unsupported_media_type", "audio")
+    assert "image" in error.message
+    assert error.body == {"error": {"type": error.type, "message": error.message, "param": "audio"}}
+    assert str(error) == f"{error.message} (param: audio)"
+
+
+def test_depth_without_image_is_400(client, media):
+    with pytest.raises(BadRequestError) as caught:
+        client.chat("How far?", depth=media["depth"], stream=False)
+    assert (caught.value.status, caught.value.param) == (400, "depth")
+    assert "image" in caught.value.message
+
+
+def test_unreadable_content_and_unknown_model(client, tmp_path):
+    wrong_shape = tmp_path / "short_fmri.npy"
+    np.save(wrong_shape, np.zeros(10, np.float32))
+    with pytest.raises(UnprocessableError) as caught:
+        client.chat("Brain?", fmri=wrong_shape)
+    assert (caught.value.status, caught.value.param) == (422, "fmri")
+    with pytest.raises(NotFoundError) as caught:
+        client.chat("Hi", model="no-such-model")
+    assert (caught.value.status, caught.value.param) == (404, "model")
+
+
+def test_models_health_ready(client):
+    [model] = client.models()
+    assert model["random_weights"] is True
+    assert set(model["modalities"]) == set(MODALITIES)
+    assert client.health() and client.ready()
+
+
+def test_unreachable_server():
+    with socket.socket() as sock:  # a port nothing listens on: bound, never listening
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with Client(url, timeout=5) as client:
+            assert not client.health() and not client.ready()
+            with pytest.raises(APIConnectionError) as caught:
+                client.chat("Hi")
+    assert caught.value.status is None and isinstance(caught.value, OneLLMError)
+
+
+def test_error_event_mid_stream_raises_after_the_text_before_it():
+    # the live tiny model never fails mid-answer, so this is the gateway's framing, recorded
+    body = ('data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,'
+            '"delta":{"role":"assistant","content":""}}]}\n\n'
+            'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,'
+            '"delta":{"content":"Hel"}}]}\n\n'
+            'event: error\ndata: {"error": {"type": "service_unavailable", "message": '
+            '"the LLM engine failed mid-answer: gone", "param": null}}\n\n'
+            'data: [DONE]\n\n')
+    stream = ChatStream(httpx.Response(200, content=body.encode(), request=httpx.Request("POST", "http://x/v1/chat")))
+    received = []
+    with pytest.raises(ServiceUnavailableError) as caught:
+        for delta in stream:
+            received.append(delta)
+    assert received == ["Hel"]
+    assert (caught.value.status, caught.value.type) == (503, "service_unavailable")
+    assert "mid-answer" in caught.value.message
+
+
+def test_a_stream_cut_before_done_is_a_connection_error():
+    body = 'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+    stream = ChatStream(httpx.Response(200, content=body.encode(), request=httpx.Request("POST", "http://x/v1/chat")))
+    with pytest.raises(APIConnectionError):
+        stream.result()
+
+
+def test_async_client(gateway, media):
+    async def main():
+        async with AsyncClient(gateway) as client:
+            stream = await client.chat("What is in this image?", image=media["image"], max_tokens=MAX_TOKENS)
+            assert isinstance(stream, AsyncChatStream)
+            deltas = [delta async for delta in stream]
+            whole = await client.chat("What is in this image?", image=media["image"], max_tokens=MAX_TOKENS,
+                                      stream=False)
+            assert "".join(deltas) == whole.text and deltas
+
+            session = client.session()
+            await (await session.chat("What is in this image?", image=media["image"], max_tokens=MAX_TOKENS)).result()
+            second = await session.chat("And its colour?", max_tokens=MAX_TOKENS, stream=False)
+            assert len(session.history) == 4 and session.history[3]["content"] == second.text
+
+            with pytest.raises(UnsupportedMediaError):
+                await client.chat("Hear?", audio=media["image"])
+            assert (await client.models())[0]["random_weights"] and await client.ready()
+
+    asyncio.run(main())

@@ -1,0 +1,136 @@
+"""The web chat page at `/` in headless Chromium (Debian's, driven by Playwright): attach files,
+ask, watch the answer stream in, keep the conversation, show the server's errors."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from client_helpers import REPO
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = REPO / "test-artifacts" / "page.png"
+ANSWER_TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} not found (apt-get install -y chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, gateway):
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    page = context.new_page()
+    page_errors = []
+    page.on("pageerror", lambda error: page_errors.append(error))
+    page.goto(gateway + "/")
+    page.wait_for_selector("#notice:not([hidden])")  # the tiny model has random weights
+    yield page
+    context.close()
+    assert not page_errors, page_errors
+
+
+def ask(page, prompt: str, *files: Path) -> None:
+    if files:
+        page.set_input_files("#file", [str(f) for f in files])
+    page.fill("#prompt", prompt)
+    page.click("#send")
+
+
+def wait_for_answer(page, index: int) -> str:
+    """The text of the index-th answer once it has finished streaming."""
+    answer = page.locator(".message.assistant").nth(index)
+    answer.locator(".text").filter(has_text=re.compile(r"\S")).wait_for(timeout=ANSWER_TIMEOUT_MS)  # text streams in
+    page.wait_for_selector(".message.assistant.streaming", state="detached", timeout=ANSWER_TIMEOUT_MS)  # and ends
+    return answer.locator(".text").text_content()
+
+
+def form_field(body: bytes, name: str) -> str:
+    """One text field of a multipart body."""
+    head = f'name="{name}"\r\n\r\n'.encode()
+    start = body.index(head) + len(head)
+    return body[start:body.index(b"\r\n--", start)].decode()
+
+
+def test_image_question_streams_an_answer_and_the_conversation_continues(page, media):
+    assert "random weights" in page.inner_text("#notice")
+    assert "image" in page.inner_text("#model")  # the model's modalities
+
+    page.set_input_files("#file", str(media["image"]))
+    assert page.locator(".attachment img").count() == 1  # previewed before sending
+    assert page.input_value(".attachment select") == "image"
+    page.click("summary")
+    page.fill("#max-tokens", "12")
+    page.fill("#prompt", "What is in this image?")
+    page.click("#send")
+    first = wait_for_answer(page, 0)
+    assert first.strip()
+    assert page.locator(".message.user img").count() == 1
+    assert page.locator("#attachments .attachment").count() == 0
+
+    with page.expect_request("**/v1/chat") as second_request:
+        ask(page, "What colour is it?")
+    second = wait_for_answer(page, 1)
+    history = json.loads(form_field(second_request.value.post_data_buffer, "messages"))
+    assert history == [{"role": "user", "content": "What is in this image?"}, {"role": "assistant", "content": first}]
+    assert second.strip()
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+
+
+def test_server_errors_are_shown_plainly(page, media):
+    page.set_input_files("#file", str(media["image"]))
+    page.select_option(".attachment select", "audio")
+    ask(page, "What do you hear?")
+    error = page.locator(".message.error")
+    error.wait_for(timeout=ANSWER_TIMEOUT_MS)
+    assert "415" in error.inner_text() and "holds an image" in error.inner_text()
+    assert "param: audio" in error.inner_text()
+    assert page.locator(".message.assistant").count() == 0  # no empty answer left behind
+
+    ask(page, "How far is the wall?", media["depth"])  # a depth map needs an image beside it
+    page.locator(".message.error").nth(1).wait_for(timeout=ANSWER_TIMEOUT_MS)
+    assert "param: depth" in page.locator(".message.error").nth(1).inner_text()
+
+
+def test_every_kind_of_file_is_recognised_and_summarised(page, media):
+    page.set_input_files("#file", [str(media[kind]) for kind in
+                                   ("image", "depth", "video", "audio", "point", "fmri", "imu")])
+    kinds = page.locator(".attachment select").evaluate_all("selects => selects.map((s) => s.value)")
+    assert kinds == ["image", "depth", "video", "audio", "point", "fmri", "imu"]
+    assert page.locator(".attachment video").count() == 1 and page.locator(".attachment audio").count() == 1
+    summaries = page.locator(".attachment .summary").all_inner_texts()
+    assert any(s.startswith("cloud.npy · ") and " KB · " in s for s in summaries)
+    assert any(s.startswith("walk_imu.csv · ") for s in summaries)
+
+    page.click("summary")
+    page.fill("#max-tokens", "3")
+    page.fill("#prompt", "Describe all of these.")
+    page.click("#send")
+    assert wait_for_answer(page, 0).strip()
+
+
+def test_image_with_normal_map(page, media):
+    page.set_input_files("#file", [str(media["image"]), str(media["normal"])])
+    assert page.locator(".attachment select").nth(1).input_value() == "normal"
+    page.fill("#prompt", "Which way do the surfaces face?")
+    page.click("#send")
+    assert wait_for_answer(page, 0).strip()

@@ -102,7 +102,8 @@ def test_interactive_conversation_keeps_history(gateway, media):
 
 
 def test_interactive_errors_do_not_end_the_conversation(gateway, media):
-    done = onellm_chat("--url", gateway, "--max-tokens", "2", stdin=f"/audio {media['image']}\nWhat do you hear?\nHello\n")
+    stdin = f"/audio {media['image']}\nWhat do you hear?\nHello\n"
+    done = onellm_chat("--url", gateway, "--max-tokens", "2", stdin=stdin)
     assert done.returncode == 0
     assert "error: field 'audio' holds an image" in done.stderr
     with Client(gateway) as client:  # the failed turn left no trace in the history

@@ -6,12 +6,12 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 from onellm_client.errors import OneLLMError, error_from_body
 
 # a path, the file's bytes, or an open binary file
-FileInput = Union[str, os.PathLike, bytes, IO[bytes]]
+FileInput = str | os.PathLike | bytes | IO[bytes]
 # the upload fields of `POST /v1/chat`; depth and normal pair with the image of the same turn
 UPLOAD_FIELDS = ("image", "video", "audio", "point", "depth", "normal", "fmri", "imu")
 

@@ -16,13 +16,17 @@ HELP = """commands:
   /clear        forget the conversation and any attachments
   /quit         end (so does Ctrl-D)"""
 
+FILE_HELP = {"image": "JPEG, PNG, WebP, ...", "video": "MP4, WebM, MOV, ...", "audio": "WAV, FLAC, OGG, MP3, ...",
+             "point": "point cloud or mesh (.npy [N,3|6], PLY, OBJ, GLB, ...)",
+             "depth": "depth map image, with --image", "normal": "normal map image, with --image",
+             "fmri": "fMRI voxels (.npy or CSV)", "imu": "IMU accelerometer+gyroscope series (.npy or CSV, [T,6])"}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="the question; without it, chat interactively")
     files = parser.add_argument_group("attachments")
     for name in UPLOAD_FIELDS:
-        pair = " (goes with --image)" if name in ("depth", "normal") else ""
-        files.add_argument(f"--{name}", metavar="PATH", help=f"{name} file{pair}")
+        files.add_argument(f"--{name}", metavar="PATH", help=FILE_HELP[name])
     files.add_argument("--imu-sample-rate", type=float, metavar="HZ", help="sample rate of --imu (default 200)")
     server = parser.add_argument_group("server")
     server.add_argument("--url", help=f"gateway URL (env ONELLM_URL; default {DEFAULT_URL})")

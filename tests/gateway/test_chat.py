@@ -99,6 +99,15 @@ def test_current_turn_alone_over_the_context_is_a_400(client, model_dir, context
     assert_error(response, 400, "messages")
 
 
+def test_a_current_turn_that_nearly_fills_the_context_gets_the_room_left(client, model_dir, context_window):
+    prompt = long_text(model_dir, 2, context_window - 90)
+    expected = expected_prompt_tokens(model_dir, [("user", prompt)], attachments=0)
+    assert 0 < context_window - expected < 50, "adjust the prompt length"
+    body = completion(client, max_tokens=50, messages=[{"role": "user", "content": prompt}])
+    assert body["usage"]["prompt_tokens"] == expected
+    assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] <= context_window
+
+
 # --- the two endpoints agree --------------------------------------------------------------------
 
 def parts_for(name: str, seed: int) -> tuple[list, dict, list, dict]:

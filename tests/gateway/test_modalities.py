@@ -103,7 +103,18 @@ def test_two_attachments_in_one_turn_are_two_blocks(client, model_dir):
     assert wait_metric(client, "onellm_requests_total", before + 1, modality="image+audio", status="200") == before + 1
 
 
-def test_text_only_chat(client, model_dir):
-    response = client.post("/v1/chat", data={"prompt": "Hello there", "max_tokens": "2", "stream": "false"})
-    assert response.status_code == 200, response.text
-    assert response.json()["usage"]["prompt_tokens"] == expected_prompt_tokens(model_dir, [("user", "Hello there")], 0)
+@pytest.mark.parametrize("prompt", ["Hello there", "Qu'est-ce que c'est ? 猫と🐱, naïve café"])
+def test_text_only_chat(client, model_dir, prompt):
+    # curl -F prompt=... with no file: multipart parts without a filename
+    multipart = client.post("/v1/chat", files={"prompt": (None, prompt), "max_tokens": (None, "3"),
+                                               "stream": (None, "false")})
+    urlencoded = client.post("/v1/chat", data={"prompt": prompt, "max_tokens": "3", "stream": "false"})
+    as_json = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}],
+                                                        "max_tokens": 3})
+    expected = expected_prompt_tokens(model_dir, [("user", prompt)], 0)
+    answers = set()
+    for response in (multipart, urlencoded, as_json):
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens"] == expected
+        answers.add(response.json()["choices"][0]["message"]["content"])
+    assert len(answers) == 1

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import ALLOWED_HOST
+from gateway_helpers import ALLOWED_HOST
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 240  # importing torch + transformers takes half a minute on a busy 2-core machine

@@ -118,7 +118,8 @@ def point_cloud(seed: int = 0, n: int = 2000) -> np.ndarray:
     rng = _rng(seed)
     xyz = rng.normal(size=(n, 3))
     xyz /= np.linalg.norm(xyz, axis=1, keepdims=True)
-    return np.concatenate([xyz * 0.5 + 0.01 * rng.normal(size=(n, 3)), rng.uniform(size=(n, 3))], axis=1).astype(np.float32)
+    xyz = xyz * 0.5 + 0.01 * rng.normal(size=(n, 3))
+    return np.concatenate([xyz, rng.uniform(size=(n, 3))], axis=1).astype(np.float32)
 
 
 def mesh(seed: int = 0) -> trimesh.Trimesh:

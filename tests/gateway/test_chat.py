@@ -11,7 +11,8 @@ import openai
 import pytest
 
 import media
-from helpers import assert_error, expected_prompt_tokens, metric, parse_sse, prompt_ids, token_count, wait_metric
+from gateway_helpers import (assert_error, expected_prompt_tokens, metric, parse_sse, prompt_ids, token_count,
+                             wait_metric)
 
 
 def data_url(data: bytes, mime: str) -> str:
@@ -77,7 +78,7 @@ def test_too_long_history_drops_the_oldest_turns(client, model_dir, context_wind
     assert len(prompt_ids(model_dir, full)) + 32 > context_window  # the whole chat does not fit
     # OneLLM's rule, from the spec: drop whole turns from the oldest until prompt + answer fit
     expected = next(n for start in range(0, len(full), 2)
-                    if (n := expected_prompt_tokens(model_dir, full[start:], attachments=1)) + max_tokens <= context_window)
+                    if (n := expected_prompt_tokens(model_dir, full[start:], 1)) + max_tokens <= context_window)
 
     response = client.post("/v1/chat", files=[("audio", ("a.flac", media.audio("flac", seed=53), "audio/flac"))],
                            data={"messages": json.dumps(history), "prompt": prompt, "max_tokens": str(max_tokens),
@@ -206,9 +207,9 @@ def test_sdk_streams_with_an_attachment(sdk, served_model, model_dir, kind):
     assert chunks[-1].usage.prompt_tokens == expected_prompt_tokens(model_dir, [("user", "What is this?")], 1)
     assert 1 <= chunks[-1].usage.completion_tokens <= 4
     # the same request without streaming answers the same text
-    whole = sdk.chat.completions.create(model=served_model, max_tokens=4, temperature=0,
-                                        messages=[{"role": "user", "content": [{"type": "text", "text": "What is this?"},
-                                                                               part]}])
+    whole = sdk.chat.completions.create(
+        model=served_model, max_tokens=4, temperature=0,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}])
     assert whole.choices[0].message.content == text
 
 

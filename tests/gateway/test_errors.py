@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import media
-from helpers import ALLOWED_HOST, assert_error, metric, metrics
+from gateway_helpers import ALLOWED_HOST, assert_error, metric, metrics
 
 PNG = media.image("png", seed=500)
 WAV = media.audio("wav", seed=500)
@@ -93,7 +93,8 @@ MULTIPART = [
     ("messages-end-with-assistant", lambda c: form(c, messages='[{"role": "assistant", "content": "hi"}]', prompt=None),
      400, "messages"),
     ("json-body", lambda c: c.post("/v1/chat", json={"prompt": "hi"}), 415, None),
-    ("text-body", lambda c: c.post("/v1/chat", content=b"prompt=hi", headers={"content-type": "text/plain"}), 415, None),
+    ("text-body", lambda c: c.post("/v1/chat", content=b"prompt=hi", headers={"content-type": "text/plain"}),
+     415, None),
     ("multipart-without-boundary", lambda c: c.post("/v1/chat", content=b"garbage",
                                                     headers={"content-type": "multipart/form-data"}), 400, None),
 ]
@@ -102,12 +103,17 @@ MULTIPART = [
 # --- POST /v1/chat/completions (JSON) -----------------------------------------------------------
 
 def chat_json(client, *parts, **fields):
-    body = {"max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, *parts]}]}
+    content = [{"type": "text", "text": "What is it?"}, *parts]
+    body = {"max_tokens": 1, "messages": [{"role": "user", "content": content}]}
     return client.post("/v1/chat/completions", json={**body, **fields})
 
 
 def image_url(url):
     return {"type": "image_url", "image_url": {"url": url}}
+
+
+def audio_part(data):
+    return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
 
 
 def part(kind, data):
@@ -124,7 +130,7 @@ JSON = [
         "messages": [{"role": "assistant", "content": "hi"}]}), 400, "messages"),
     ("bad-base64-image", lambda c: chat_json(c, image_url("data:image/png;base64,@@not base64@@")),
      400, "messages[0].content[1].image_url.url"),
-    ("bad-base64-audio", lambda c: chat_json(c, {"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}),
+    ("bad-base64-audio", lambda c: chat_json(c, audio_part("%%%")),
      400, "messages[0].content[1].input_audio.data"),
     ("bad-base64-point", lambda c: chat_json(c, part("input_point", "not*base64")),
      400, "messages[0].content[1].input_point.data"),
@@ -137,7 +143,7 @@ JSON = [
         {"role": "assistant", "content": [image_url(f"data:image/png;base64,{b64(PNG)}")]},
         {"role": "user", "content": "and?"}]}), 400, "messages[0].content"),
     ("depth-part-without-image", lambda c: chat_json(c, part("input_depth", b64(PNG))), 400, "messages[0].content"),
-    ("png-as-input-audio", lambda c: chat_json(c, {"type": "input_audio", "input_audio": {"data": b64(PNG), "format": "wav"}}),
+    ("png-as-input-audio", lambda c: chat_json(c, audio_part(b64(PNG))),
      415, "messages[0].content[1].input_audio.data"),
     ("nan-input-fmri", lambda c: chat_json(c, part("input_fmri", b64(media.npy(np.full(15724, np.nan, np.float32))))),
      422, "messages[0].content[1].input_fmri.data"),

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import media
-from helpers import expected_prompt_tokens, metric, parse_sse, wait_metric
+from gateway_helpers import expected_prompt_tokens, metric, parse_sse, wait_metric
 
 PROMPT = "What does this show?"
 MIME = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "mp4": "video/mp4", "webm": "video/webm",

@@ -150,10 +150,11 @@ async def chat_from_openai(request: ChatCompletionRequest, fetch: Fetch | None) 
 
 
 def chat_from_form(prompt: str | None, messages: str | None, uploads: list[tuple[str, bytes]], options: dict) -> Chat:
-    """`/v1/chat`: the files of the form belong to the last user turn, in upload order."""
+    """`/v1/chat`: a history message may name its files (`"attachments": ["image", ...]`); it takes
+    the first remaining uploads of those fields, in order. The other files belong to the last user turn."""
     if messages is None and prompt is None:
         raise InputError(400, "send 'prompt' (text) or 'messages' (a JSON list of {role, content})", "prompt")
-    system, turns = None, []
+    system, turns, remaining = None, [], list(uploads)
     if messages is not None:
         try:
             history = json.loads(messages)
@@ -168,10 +169,27 @@ def chat_from_form(prompt: str | None, messages: str | None, uploads: list[tuple
                 system = m["content"]
             else:
                 turns.append(Turn(m["role"], m["content"]))
+                named = _take_uploads(remaining, m.get("attachments", []), m["role"], f"messages[{i}].attachments")
+                turns[-1].attachments = group_uploads(named, options, f"messages[{i}].attachments")
     if prompt is not None:
         turns.append(Turn("user", prompt))
     if not turns or turns[-1].role != "user":
         raise InputError(400, "the last message must be from the user", "messages")
-    turns[-1].attachments = group_uploads(uploads, options, "")
+    turns[-1].attachments += group_uploads(remaining, options, "")
     check_turns(turns)
     return Chat(turns, system)
+
+
+def _take_uploads(remaining: list[tuple[str, bytes]], names, role: str, param: str) -> list[tuple[str, bytes]]:
+    """Moves the first remaining upload of each named field, in order, out of `remaining`."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError(400, "attachments must be a list of upload field names", param)
+    if names and role != "user":
+        raise InputError(400, "only user messages may carry attachments", param)
+    taken = []
+    for name in names:
+        at = next((j for j, (field_name, _) in enumerate(remaining) if field_name == name), None)
+        if at is None:
+            raise InputError(400, f"names a '{name}' upload that the form does not hold", param)
+        taken.append(remaining.pop(at))
+    return taken

@@ -74,15 +74,20 @@ def test_session_second_turn_carries_the_first(client, media):
     session = client.session()
     first = session.chat("What is in this image?", image=media["image"], max_tokens=MAX_TOKENS)
     first_text = first.result().text
-    assert session.history == [{"role": "user", "content": "What is in this image?"},
+    image = media["image"].read_bytes()
+    assert session.history == [{"role": "user", "content": "What is in this image?", "files": [("image", image)]},
                                {"role": "assistant", "content": first_text}]
     second = session.chat("What colour is it?", max_tokens=MAX_TOKENS, stream=False)
 
     # the same turn sent with that history by hand gives the same prompt and the same greedy answer
     by_hand = client.chat("What colour is it?", history=session.history[:2], max_tokens=MAX_TOKENS, stream=False)
+    text_only = [{k: v for k, v in m.items() if k != "files"} for m in session.history[:2]]
+    without_image = client.chat("What colour is it?", history=text_only, max_tokens=MAX_TOKENS, stream=False)
     alone = client.chat("What colour is it?", max_tokens=MAX_TOKENS, stream=False)
     assert second.text == by_hand.text
-    assert second.usage["prompt_tokens"] == by_hand.usage["prompt_tokens"] > alone.usage["prompt_tokens"]
+    # the first turn's image stays in the prompt: its 32 rows are counted again
+    assert second.usage["prompt_tokens"] == by_hand.usage["prompt_tokens"] == without_image.usage["prompt_tokens"] + 32
+    assert without_image.usage["prompt_tokens"] > alone.usage["prompt_tokens"]
     assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
 
     session.clear()

@@ -41,15 +41,23 @@ def build_request(prompt: str | None, history: Sequence[dict] | None, uploads: d
     data = {"stream": "true" if stream else "false"}
     if prompt is not None:
         data["prompt"] = prompt
+    files = []
     if history:
-        data["messages"] = json.dumps(list(history))
+        # a history turn's files go up again, before this turn's, and the turn names their fields
+        messages = []
+        for message in history:
+            turn_files = [(name, read_file(value, name)) for name, value in message.get("files", [])]
+            files += turn_files
+            messages.append({k: v for k, v in message.items() if k != "files"}
+                            | ({"attachments": [name for name, _ in turn_files]} if turn_files else {}))
+        data["messages"] = json.dumps(messages)
     if stop is not None:
         data["stop"] = stop if isinstance(stop, str) else json.dumps(list(stop))
     for name, value in (("imu_sample_rate", imu_sample_rate), ("max_tokens", max_tokens),
                         ("temperature", temperature), ("top_p", top_p), ("seed", seed), ("model", model)):
         if value is not None:
             data[name] = str(value)
-    files = [(name, read_file(value, name)) for name, value in uploads.items() if value is not None]
+    files += [(name, read_file(value, name)) for name, value in uploads.items() if value is not None]
     return ChatRequest(data, files)
 
 

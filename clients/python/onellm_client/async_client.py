@@ -77,5 +77,6 @@ class AsyncSession(Conversation):
     """As `Session`, for the AsyncClient."""
 
     async def chat(self, prompt: str, *, stream: bool = True, **options) -> AsyncChatStream | ChatResult:
+        files = self._read_uploads(options)
         answer = await self.client.chat(prompt, history=self._messages(), stream=stream, **options)
-        return self._track(prompt, answer)
+        return self._track(prompt, answer, files)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import httpx
 
 from onellm_client import __version__
-from onellm_client._wire import ChatResult, FileInput, build_request, result_from_completion
+from onellm_client._wire import UPLOAD_FIELDS, ChatResult, FileInput, build_request, read_file, result_from_completion
 from onellm_client.errors import error_from_response, transport_errors
 from onellm_client.streams import ChatStream
 
@@ -98,7 +98,8 @@ class Conversation:
     """History kept by Session and AsyncSession.
 
     A turn is remembered once its answer is complete, so a failed or abandoned turn can be retried.
-    Files belong to their turn: later turns carry the text of earlier ones, not their files."""
+    Files belong to their turn and go up again with every later turn, so the model keeps seeing
+    them (the server caches their encodings, so resending costs upload time, not compute)."""
 
     def __init__(self, client, system: str | None = None):
         self.client = client
@@ -111,9 +112,20 @@ class Conversation:
     def _messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 
-    def _track(self, prompt: str, answer):
+    @staticmethod
+    def _read_uploads(options: dict) -> list[tuple[str, bytes]]:
+        """Reads this turn's files once (an open file can be read only once) into `options` and the history."""
+        files = []
+        for name in UPLOAD_FIELDS:
+            if options.get(name) is not None:
+                options[name] = read_file(options[name], name)[1]
+                files.append((name, options[name]))
+        return files
+
+    def _track(self, prompt: str, answer, files: list[tuple[str, bytes]]):
         def remember(result: ChatResult) -> None:
-            self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": result.text}]
+            user = {"role": "user", "content": prompt} | ({"files": files} if files else {})
+            self.history += [user, {"role": "assistant", "content": result.text}]
 
         if isinstance(answer, ChatResult):
             remember(answer)
@@ -127,4 +139,5 @@ class Session(Conversation):
 
     def chat(self, prompt: str, *, stream: bool = True, **options) -> ChatStream | ChatResult:
         """As `Client.chat`, with this session's history."""
-        return self._track(prompt, self.client.chat(prompt, history=self._messages(), stream=stream, **options))
+        files = self._read_uploads(options)
+        return self._track(prompt, self.client.chat(prompt, history=self._messages(), stream=stream, **options), files)

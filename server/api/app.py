@@ -1,5 +1,6 @@
 """The FastAPI gateway: routes, error bodies, SSE framing, and start-up/shutdown in the lifespan."""
 
+import asyncio
 import json
 import logging
 import time
@@ -10,12 +11,16 @@ import httpx
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from server.api import schemas
+from server.api.access import Gate, RequestIds, load_api_keys
+from server.api.admission import Admission, ChatGuard, sse_error
+from server.api.limits import BodyLimit, check_chat, read_form
 from server.api.metrics import Metrics
 from server.api.serving import ChatService, Generation
 from server.api.settings import Settings
@@ -27,6 +32,8 @@ from server.model.repo import OneLLM, load_model
 log = logging.getLogger("onellm.gateway")
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_REMOTE_BYTES = 64 << 20
+# streamed answers (`stream: true`) are Server-Sent Events of chat.completion.chunk JSON
+STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 FORM_FIELDS = {"prompt", "messages", "model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                "imu_sample_rate"}
 
@@ -55,7 +62,24 @@ def build_engine(settings: Settings, model: OneLLM) -> Engine:
 
 
 def error_response(error: InputError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def add_guards(app: FastAPI, settings: Settings) -> None:
+    """The middlewares of issue 6. Each added one wraps the ones before it, so a request meets
+    them bottom to top: request id, CORS, API key and draining, body size, admission."""
+    admission = Admission(settings.max_concurrent, settings.max_queued)
+    app.state.metrics.admission_waiting.set_function(lambda: admission.waiting)
+    app.add_middleware(ChatGuard, admission=admission, timeout_s=settings.request_timeout_s,
+                       metrics=app.state.metrics)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(Gate, keys=load_api_keys(settings.api_keys, settings.api_keys_file),
+                       draining=lambda: app.state.draining)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(RequestIds)
 
 
 def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine | None = None) -> FastAPI:
@@ -71,16 +95,19 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
             log.warning("model '%s' has random weights: its answers are meaningless", model.name)
         app.state.service = ChatService(model, engine, app.state.metrics, settings.preprocess_workers,
                                         int(settings.prefix_cache_mb * (1 << 20)), settings.default_max_tokens,
-                                        settings.encoder_max_batch, settings.encoder_max_wait_ms)
+                                        settings.encoder_max_batch, settings.encoder_max_wait_ms,
+                                        settings.decoder_limits(), settings.stall_timeout_s)
         log.info("serving model '%s' on the %s engine", model.name, engine.name)
         yield
         app.state.service.close()
         await engine.close()
 
-    app = FastAPI(title="OneLLM Serve", version="0.1.0", lifespan=lifespan,
-                  responses={400: {"model": schemas.ErrorResponse}, 503: {"model": schemas.ErrorResponse}})
+    errors = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+    app = FastAPI(title="OneLLM Serve", version="0.1.0", lifespan=lifespan, responses=errors)
     app.state.metrics = Metrics()
     app.state.settings = settings
+    app.state.draining = False  # set by `onellm serve` on SIGTERM
+    add_guards(app, settings)
 
     @app.exception_handler(InputError)
     async def on_input_error(request: Request, e: InputError):
@@ -137,6 +164,9 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         service: ChatService = app.state.service
         metrics = app.state.metrics
         label = "+".join(a.modality for t in chat.turns for a in t.attachments) or "text"
+        if log.isEnabledFor(logging.DEBUG):  # what people send is theirs: it is logged only when asked for
+            log.debug("chat of %d messages, the last %r, attachments %s", len(chat.turns), chat.turns[-1].text[:500],
+                      [(a.modality, sum(map(len, a.files.values()))) for t in chat.turns for a in t.attachments])
         metrics.in_flight.inc()
         try:
             prepared = await service.prepare(chat, sampling_fields.pop("max_tokens"))
@@ -148,12 +178,8 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
             except BaseException:
                 await deltas.aclose()
                 raise
-        except InputError as e:
-            metrics.requests.labels(label, str(e.status)).inc()
-            metrics.in_flight.dec()
-            raise
-        except EngineUnavailable:
-            metrics.requests.labels(label, "503").inc()
+        except BaseException as e:  # cancelled too: the client left or the request timed out
+            metrics.requests.labels(label, _status(e)).inc()
             metrics.in_flight.dec()
             raise
         model_name = service.model.name
@@ -166,6 +192,9 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
             async with aclosing(deltas):
                 async for delta in deltas:
                     text += delta
+        except BaseException as e:
+            metrics.requests.labels(label, _status(e)).inc()
+            raise
         finally:
             metrics.in_flight.dec()
         metrics.requests.labels(label, "200").inc()
@@ -177,20 +206,22 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
                                 total_tokens=prepared.prompt_tokens + usage.completion_tokens),
         ).model_dump(exclude_none=True))
 
-    @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion)
+    @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, responses=STREAM_RESPONSE)
     async def chat_completions(body: schemas.ChatCompletionRequest) -> Response:
         check_model(body.model)
         chat = await chat_from_openai(body, fetch_remote if settings.allowed_url_hosts else None)
-        return await respond(chat, sampling_fields(body.max_completion_tokens or body.max_tokens, body.temperature,
-                                                   body.top_p, body.stop, body.seed), body.stream,
-                             bool(body.stream_options and body.stream_options.include_usage))
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        check_chat(chat, settings, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+        return await respond(chat, sampling_fields(max_tokens, body.temperature, body.top_p, body.stop, body.seed),
+                             body.stream, bool(body.stream_options and body.stream_options.include_usage))
 
-    @app.post("/v1/chat", response_model=schemas.ChatCompletion,
+    @app.post("/v1/chat", response_model=schemas.ChatCompletion, responses=STREAM_RESPONSE,
               openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object"}}}}})
     async def chat(request: Request) -> Response:
         if not request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             raise InputError(415, "POST /v1/chat takes multipart/form-data (curl -F); JSON goes to /v1/chat/completions")
-        async with request.form(max_files=32, max_fields=64) as form:
+        # an image with its depth or normal map is one attachment in two files
+        async with read_form(request, settings.max_file_bytes, 2 * settings.max_attachments, 64) as form:
             texts, uploads = {}, []
             for name, value in form.multi_items():
                 if isinstance(value, UploadFile):
@@ -210,6 +241,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
             raise InputError(400, f"{first['loc'][0]}: {first['msg']}", str(first["loc"][0])) from None
         check_model(fields.model)
         chat = chat_from_form(fields.prompt, fields.messages, uploads, {"imu_sample_rate": fields.imu_sample_rate})
+        check_chat(chat, settings, fields.max_tokens)
         stop = _form_stop(fields.stop)
         return await respond(chat, sampling_fields(fields.max_tokens, fields.temperature, fields.top_p, stop,
                                                    fields.seed), fields.stream, include_usage=False)
@@ -233,7 +265,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
             return error_response(InputError(503, f"not ready: the {engine} engine is not answering"))
         return JSONResponse({"status": "ready", "model": service.model.name, "engine": service.engine.name})
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(app.state.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
@@ -287,8 +319,8 @@ async def sse_events(deltas, first: str | None, generation: Generation, model: s
                     yield _chunk(cid, created, model, schemas.Delta(content=delta))
         except (EngineUnavailable, InputError) as e:
             error = e if isinstance(e, InputError) else InputError(503, f"the LLM engine failed mid-answer: {e}")
-            yield f"event: error\ndata: {json.dumps(error.body())}\n\n"
-            yield "data: [DONE]\n\n"
+            log.warning("stream ended by an error: %s", error.message)
+            yield sse_error(error)
             raise _StreamFailed(error.status) from None
     yield _chunk(cid, created, model, schemas.Delta(), finish=generation.usage.finish_reason)
     if include_usage:
@@ -297,6 +329,17 @@ async def sse_events(deltas, first: str | None, generation: Generation, model: s
         yield _chunk(cid, created, model, schemas.Delta(),
                      usage=schemas.Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done))
     yield "data: [DONE]\n\n"
+
+
+def _status(error: BaseException) -> str:
+    """The status label of a request that ended with `error`."""
+    if isinstance(error, InputError):
+        return str(error.status)
+    if isinstance(error, EngineUnavailable):
+        return "503"
+    if isinstance(error, asyncio.CancelledError):
+        return "499"  # nginx's "client closed request"; a timeout also lands here (and in rejected)
+    return "500"
 
 
 class _StreamFailed(Exception):

@@ -18,6 +18,10 @@ class Metrics:
                                     ["modality"], registry=self.registry)
         self.prefix_cache_hits = Counter("onellm_prefix_cache_hits", "Attachments served from the prefix cache",
                                          ["modality"], registry=self.registry)
+        self.rejected = Counter("onellm_rejected_requests", "Chat requests refused as overload (429) or cut "
+                                "by the request timeout (504)", ["reason"], registry=self.registry)
+        self.admission_waiting = Gauge("onellm_admission_waiting", "Chat requests waiting for a slot",
+                                       registry=self.registry)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,10 +1,12 @@
 """`onellm serve`: run the gateway with uvicorn. Each option also reads `ONELLM_<OPTION>` from the environment."""
 
 import argparse
-import logging
+import signal
+from dataclasses import fields
 
 import uvicorn
 
+from server.api.access import logging_config
 from server.api.settings import Settings
 
 
@@ -17,20 +19,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device of the encoder and local engine (env ONELLM_DEVICE; default cpu)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="encoder dtype (env ONELLM_DTYPE; default: as stored)")
-    parser.add_argument("--allowed-url-hosts", type=lambda v: tuple(h for h in v.split(",") if h),
+    parser.add_argument("--allowed-url-hosts", type=_list,
                         help="comma-separated hosts whose http(s) attachment URLs may be fetched "
                         "(env ONELLM_ALLOWED_URL_HOSTS; default none)")
     parser.add_argument("--encoder-max-batch", type=int, help="requests of one modality encoded as one batch "
                         "(env ONELLM_ENCODER_MAX_BATCH; default 8)")
     parser.add_argument("--encoder-max-wait-ms", type=float, help="longest wait for a batch to fill "
                         "(env ONELLM_ENCODER_MAX_WAIT_MS; default 5)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="env ONELLM_LOG_LEVEL")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="env ONELLM_LOG_LEVEL; only debug logs prompts and upload sizes")
+    parser.add_argument("--api-keys-file", help="file of API keys, one a line; with it or env ONELLM_API_KEYS "
+                        "(comma-separated) every path but /health needs 'Authorization: Bearer <key>'")
+    parser.add_argument("--cors-origins", type=_list, help="comma-separated origins browsers may call from "
+                        "(env ONELLM_CORS_ORIGINS; default none)")
+    limits = parser.add_argument_group("limits and overload")
+    for f in fields(Settings):
+        if "help" in f.metadata:
+            env = f"ONELLM_{f.name.upper()}"
+            limits.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
+                                help=f"{f.metadata['help']} (env {env}; default {f.default})")
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(v for v in value.split(",") if v)
+
+
+class _Server(uvicorn.Server):
+    """On SIGTERM (or Ctrl-C) uvicorn stops listening and waits up to `drain_timeout_s` for
+    in-flight requests; the app is told too, so that any new request reaching it gets 503."""
+
+    def __init__(self, config: uvicorn.Config, app):
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig, frame) -> None:
+        self.app.state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def _drained(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(**vars(args))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.api.app import create_app
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=logging_config(settings.log_level),
+                            timeout_graceful_shutdown=settings.drain_timeout_s)
+    # uvicorn re-raises the signal it stopped on once it has drained; by then stopping was
+    # asked for and done, which is a clean exit, not death by a signal
+    signal.signal(signal.SIGTERM, _drained)
+    signal.signal(signal.SIGINT, _drained)
+    _Server(config, app).run()
     return 0

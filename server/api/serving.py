@@ -4,6 +4,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +13,7 @@ from server.api.batcher import EncoderBatcher
 from server.api.metrics import Metrics
 from server.api.prefix_cache import PrefixCache, prefix_key
 from server.api.uploads import Attachment, Chat
-from server.engines.base import Engine, Sampling, Usage
+from server.engines.base import Engine, EngineUnavailable, Sampling, Usage
 from server.errors import InputError
 from server.model.repo import OneLLM
 from server.modalities import MODALITIES
@@ -42,11 +43,14 @@ class Generation:
 
 class ChatService:
     def __init__(self, model: OneLLM, engine: Engine, metrics: Metrics, preprocess_workers: int,
-                 prefix_cache_bytes: int, default_max_tokens: int, max_batch: int = 8, max_wait_ms: float = 5.0):
+                 prefix_cache_bytes: int, default_max_tokens: int, max_batch: int = 8, max_wait_ms: float = 5.0,
+                 decoder_limits: dict | None = None, stall_timeout_s: float | None = None):
         self.model = model
         self.engine = engine
         self.metrics = metrics
         self.default_max_tokens = default_max_tokens
+        self.decoder_limits = decoder_limits or {}  # passed to every modality's preprocess
+        self.stall_timeout_s = stall_timeout_s
         self.context = model.config["llm"]["max_positions"]
         self.block_rows = model.config["encoder"]["prefix_tokens"] + 2  # start tag, prefix, end tag
         self.cache = PrefixCache(prefix_cache_bytes)
@@ -71,7 +75,7 @@ class ChatService:
             return cached
         loop = asyncio.get_running_loop()
         try:
-            inputs = await loop.run_in_executor(self._preprocess, _preprocess, attachment)
+            inputs = await loop.run_in_executor(self._preprocess, _preprocess, attachment, self.decoder_limits)
         except InputError as e:  # name the content part the bytes came in, not the internal field
             e.param = attachment.params.get(e.param, e.param)
             raise
@@ -107,19 +111,32 @@ class ChatService:
         return Prepared(embeddings, max_tokens, [a.modality for a in attachments], start)
 
     async def generate(self, generation: Generation, sampling: Sampling) -> AsyncIterator[str]:
-        """Text deltas of one answer; fills `generation.usage` and the metrics as it goes."""
-        async for delta in self.engine.stream(generation.prepared.embeddings, sampling, generation.usage):
-            if generation.first_token_at is None:
-                generation.first_token_at = time.monotonic()
-                self.metrics.ttft.observe(generation.first_token_at - generation.started)
-            yield delta
+        """Text deltas of one answer; fills `generation.usage` and the metrics as it goes.
+
+        An engine that sends nothing for `stall_timeout_s` is treated as down: a hung stream
+        would hold its client and its admission slot for good."""
+        deltas = self.engine.stream(generation.prepared.embeddings, sampling, generation.usage)
+        async with aclosing(deltas):
+            while True:
+                try:
+                    async with asyncio.timeout(self.stall_timeout_s):
+                        delta = await anext(deltas)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise EngineUnavailable(f"the {self.engine.name} engine sent nothing for "
+                                            f"{self.stall_timeout_s:g} s (stall_timeout_s)") from None
+                if generation.first_token_at is None:
+                    generation.first_token_at = time.monotonic()
+                    self.metrics.ttft.observe(generation.first_token_at - generation.started)
+                yield delta
         self.metrics.tokens_out.inc(generation.usage.completion_tokens)
 
 
-def _preprocess(attachment: Attachment) -> torch.Tensor:
+def _preprocess(attachment: Attachment, limits: dict) -> torch.Tensor:
     """Decode one attachment; a decoder failing in a way it did not foresee is still the file's fault."""
     try:
-        return MODALITIES[attachment.modality].preprocess(attachment.files, attachment.options)
+        return MODALITIES[attachment.modality].preprocess(attachment.files, {**attachment.options, **limits})
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - untrusted bytes can break a decoder in any way

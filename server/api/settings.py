@@ -1,11 +1,19 @@
 """Gateway settings: every `onellm serve` option can also come from an `ONELLM_*` environment variable."""
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 def _env_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _limit(default, help_text: str):
+    """A setting that `onellm serve` offers as a flag of its own (see serve.add_arguments)."""
+    return field(default=default, metadata={"help": help_text})
+
+
+MiB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,34 @@ class Settings:
     allowed_url_hosts: tuple[str, ...] = ()  # remote attachment URLs are refused unless their host is listed
     log_level: str = "info"
 
+    # Limits: each refusal is a 4xx naming the limit and the field.
+    max_request_bytes: int = _limit(96 * MiB, "bytes of one request body, counted while it arrives")
+    max_file_bytes: int = _limit(64 * MiB, "bytes of one uploaded file (after base64 decoding)")
+    max_image_pixels: int = _limit(50_000_000, "pixels of an image or depth/normal map, read from its header")
+    max_video_seconds: float = _limit(3600.0, "duration of a video")
+    max_video_frame_pixels: int = _limit(40_000_000, "pixels of one video frame")
+    max_video_decoded_frames: int = _limit(30_000, "frames decoded from one video")
+    max_audio_seconds: float = _limit(600.0, "duration of an audio file")
+    max_points: int = _limit(5_000_000, "points of a point cloud")
+    max_imu_samples: int = _limit(1_000_000, "time steps of an IMU series")
+    max_fmri_repeats: int = _limit(256, "repeats (rows) of an fMRI upload")
+    max_text_chars: int = _limit(32_768, "characters of all messages' text together")
+    max_tokens_limit: int = _limit(2048, "largest max_tokens a request may ask for")
+    max_turns: int = _limit(64, "messages in one chat")
+    max_attachments: int = _limit(8, "attachments in one request")
+
+    # Overload
+    max_concurrent: int = _limit(16, "chat requests served at once")
+    max_queued: int = _limit(64, "chat requests waiting for a slot; more get 429")
+    request_timeout_s: float = _limit(600.0, "longest a chat request may take, upload to last token (504)")
+    stall_timeout_s: float = _limit(60.0, "longest wait for the engine's next token (503)")
+    drain_timeout_s: float = _limit(30.0, "on SIGTERM, how long in-flight requests may finish")
+
+    # Access. Keys are never given on the command line, where `ps` would show them.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    api_keys_file: str | None = None
+    cors_origins: tuple[str, ...] = ()
+
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "Settings":
         values = {}
@@ -35,3 +71,11 @@ class Settings:
             values[f.name] = _env_list(raw) if kind is tuple else kind(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def decoder_limits(self) -> dict:
+        """The keyword arguments the modalities pass on to the decoders in server/inputs."""
+        return {"max_pixels": self.max_image_pixels, "max_video_seconds": self.max_video_seconds,
+                "max_frame_pixels": self.max_video_frame_pixels,
+                "max_decoded_frames": self.max_video_decoded_frames,
+                "max_audio_seconds": self.max_audio_seconds, "max_points": self.max_points,
+                "max_imu_samples": self.max_imu_samples, "max_fmri_repeats": self.max_fmri_repeats}

@@ -13,6 +13,8 @@ FMRI_VOXELS = 15724
 IMU_RATE = 200.0
 IMU_SAMPLES = 400  # 2 s at 200 Hz
 IMU_CHANNELS = 6
+MAX_FMRI_REPEATS = 256
+MAX_IMU_SAMPLES = 1_000_000
 
 _EXPECTED = "a .npy or CSV array"
 _DELIMITERS = (",", ";", "\t")
@@ -31,7 +33,8 @@ def load_array(data: bytes, param: str) -> np.ndarray:
     return array
 
 
-def fmri_tensor(data: bytes, param: str = "fmri") -> torch.Tensor:
+def fmri_tensor(data: bytes, param: str = "fmri", *,
+                max_repeats: int = MAX_FMRI_REPEATS) -> torch.Tensor:
     """[1,15724]: the voxel vector, averaged over repeats when given as [R,15724]."""
     array = load_array(data, param)
     if array.ndim == 1:
@@ -39,10 +42,14 @@ def fmri_tensor(data: bytes, param: str = "fmri") -> torch.Tensor:
     if array.ndim != 2 or array.shape[1] != FMRI_VOXELS or array.shape[0] == 0:
         raise InputError(422, f"field '{param}' has shape {list(array.shape)}, expected "
                               f"[{FMRI_VOXELS}] or [R,{FMRI_VOXELS}] with R ≥ 1", param)
+    if array.shape[0] > max_repeats:
+        raise InputError(413, f"field '{param}' has {array.shape[0]} repeats, more than the limit "
+                              f"of {max_repeats}", param)
     return _tensor(array.mean(axis=0, keepdims=True))
 
 
-def imu_tensor(data: bytes, sample_rate: float = IMU_RATE, param: str = "imu") -> torch.Tensor:
+def imu_tensor(data: bytes, sample_rate: float = IMU_RATE, param: str = "imu", *,
+               max_samples: int = MAX_IMU_SAMPLES) -> torch.Tensor:
     """[6,400]: accelerometer xyz + gyroscope xyz resampled (linear) to 200 Hz, the first
     2 s, zero-padded at the end when shorter.
 
@@ -65,6 +72,9 @@ def imu_tensor(data: bytes, sample_rate: float = IMU_RATE, param: str = "imu") -
                               f"[T,{IMU_CHANNELS}] or [{IMU_CHANNELS},T]", param)
     if series.shape[1] == 0:
         raise InputError(422, f"field '{param}' has no samples", param)
+    if series.shape[1] > max_samples:
+        raise InputError(413, f"field '{param}' has {series.shape[1]} samples, more than the limit "
+                              f"of {max_samples}", param)
     series = _resample_linear(series, rate, IMU_RATE)[:, :IMU_SAMPLES]
     out = np.zeros((IMU_CHANNELS, IMU_SAMPLES))
     out[:, : series.shape[1]] = series

@@ -65,11 +65,12 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels - mean) / std).contiguous()
 
 
-def rgbx_tensor(image: bytes, map_bytes: bytes, map_param: str) -> torch.Tensor:
+def rgbx_tensor(image: bytes, map_bytes: bytes, map_param: str, *,
+                max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """[2,3,224,224] for rgbd / rgbn: frame 0 the RGB image, frame 1 the depth/normal map
     converted to RGB and resized (bicubic) to the image's size first."""
-    rgb = decode_image(image, "image")
-    depiction = _map_to_rgb(_open(map_bytes, map_param, MAX_PIXELS))
+    rgb = decode_image(image, "image", max_pixels)
+    depiction = _map_to_rgb(_open(map_bytes, map_param, max_pixels))
     if depiction.size != rgb.size:
         depiction = depiction.resize(rgb.size, Image.Resampling.BICUBIC)
     return torch.stack([image_tensor(rgb), image_tensor(depiction)]).contiguous()

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from server.inputs.audio import audio_tensor
-from server.modalities.base import Modality
+from server.modalities.base import Modality, limits
 
 
 class AudioTokenizer(nn.Conv2d):
@@ -20,6 +20,7 @@ class AudioTokenizer(nn.Conv2d):
 MODALITY = Modality(
     name="audio",
     fields=("audio",),
-    preprocess=lambda files, options: audio_tensor(files["audio"], "audio"),  # [1, 128, 1024]
+    preprocess=lambda files, options: audio_tensor(  # [1, 128, 1024]
+        files["audio"], "audio", **limits(options, max_duration_s="max_audio_seconds")),
     tokenizer=AudioTokenizer.from_weights,
 )

@@ -10,6 +10,12 @@ from torch import nn
 Preprocess = Callable[[Mapping[str, bytes], Mapping[str, Any]], torch.Tensor]
 
 
+def limits(options: Mapping[str, Any], **names: str) -> dict[str, Any]:
+    """Decoder keyword arguments from the preprocess options: {argument: options[option]} for
+    each `argument=option` given, when the gateway set that option (else the decoder's default)."""
+    return {argument: options[option] for argument, option in names.items() if option in options}
+
+
 @dataclass(frozen=True)
 class Modality:
     name: str  # as in the checkpoint (`resample_tokens.<name>`, ...)

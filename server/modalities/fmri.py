@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from server.inputs.arrays import fmri_tensor
-from server.modalities.base import Modality
+from server.modalities.base import Modality, limits
 
 
 class FmriTokenizer(nn.Linear):
@@ -21,6 +21,7 @@ class FmriTokenizer(nn.Linear):
 MODALITY = Modality(
     name="fmri",
     fields=("fmri",),
-    preprocess=lambda files, options: fmri_tensor(files["fmri"], "fmri"),  # [1, 15724]
+    preprocess=lambda files, options: fmri_tensor(  # [1, 15724]
+        files["fmri"], "fmri", **limits(options, max_repeats="max_fmri_repeats")),
     tokenizer=FmriTokenizer.from_weights,
 )

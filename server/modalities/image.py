@@ -1,8 +1,9 @@
 from server.inputs.images import decode_image, image_tensor
-from server.modalities.base import Modality
+from server.modalities.base import Modality, limits
 
 MODALITY = Modality(
     name="image",
     fields=("image",),
-    preprocess=lambda files, options: image_tensor(decode_image(files["image"], "image")),  # [3, 224, 224]
+    preprocess=lambda files, options: image_tensor(  # [3, 224, 224]
+        decode_image(files["image"], "image", **limits(options, max_pixels="max_pixels"))),
 )

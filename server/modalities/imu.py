@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from server.inputs.arrays import imu_tensor
-from server.modalities.base import Modality
+from server.modalities.base import Modality, limits
 
 
 class ImuTokenizer(nn.Conv1d):
@@ -18,7 +18,8 @@ class ImuTokenizer(nn.Conv1d):
 
 
 def preprocess(files, options) -> torch.Tensor:
-    return imu_tensor(files["imu"], float(options.get("imu_sample_rate", 200.0)), "imu")  # [6, 400]
+    return imu_tensor(files["imu"], float(options.get("imu_sample_rate", 200.0)), "imu",  # [6, 400]
+                      **limits(options, max_samples="max_imu_samples"))
 
 
 MODALITY = Modality(name="imu", fields=("imu",), preprocess=preprocess, tokenizer=ImuTokenizer.from_weights)

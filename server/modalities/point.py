@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from server.inputs.points import point_tensor
-from server.modalities.base import Modality
+from server.modalities.base import Modality, limits
 
 CENTRES = 1024
 NEIGHBOURS = 32
@@ -61,6 +61,7 @@ class PointTokenizer(nn.Module):
 MODALITY = Modality(
     name="point",
     fields=("point",),
-    preprocess=lambda files, options: point_tensor(files["point"], "point"),  # [8192, 6]
+    preprocess=lambda files, options: point_tensor(  # [8192, 6]
+        files["point"], "point", **limits(options, max_points="max_points")),
     tokenizer=PointTokenizer.from_weights,
 )

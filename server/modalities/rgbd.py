@@ -1,8 +1,9 @@
 from server.inputs.images import rgbx_tensor
-from server.modalities.base import Modality
+from server.modalities.base import Modality, limits
 
 MODALITY = Modality(
     name="rgbd",
     fields=("image", "depth"),
-    preprocess=lambda files, options: rgbx_tensor(files["image"], files["depth"], "depth"),  # [2, 3, 224, 224]
+    preprocess=lambda files, options: rgbx_tensor(  # [2, 3, 224, 224]
+        files["image"], files["depth"], "depth", **limits(options, max_pixels="max_pixels")),
 )

@@ -1,0 +1,133 @@
+"""Who may call and which request a log line belongs to: API keys, request ids, draining.
+
+ASGI middlewares, so that they answer before any route runs and cover every route alike.
+"""
+
+import contextvars
+import hmac
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import InputError
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# a client's own id is kept when it is a plain token; anything else could forge log lines
+_SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+OPEN_PATHS = {"/health"}  # liveness probes carry no credentials
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+async def send_error(send: Send, error: InputError, close: bool = False) -> None:
+    """The JSON error body, sent by a middleware (outside the app's exception handlers)."""
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+def logging_config(level: str) -> dict:
+    """uvicorn's `log_config`: every logger (the access log too) through one handler that
+    stamps each line with the id of the request it was written for."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_id": {"()": RequestIdFilter}},
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                                "formatter": "plain", "filters": ["request_id"]}},
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        # uvicorn's own loggers keep no handlers of their own, so their lines come here too
+        "loggers": {name: {"handlers": [], "propagate": True}
+                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+    }
+
+
+class RequestIds:
+    """Gives every request an id (the client's X-Request-ID when sane, else a new one), puts it
+    in the response's X-Request-ID and, through REQUEST_ID, in every log line of the request."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
+        # each request runs in a task of its own, so the value stays with this request
+        REQUEST_ID.set(request_id)
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # the app's last-resort handler answers further out, where this header is not added
+            if not started:
+                await send_error(send_with_id, InputError(500, "internal server error"))
+            raise
+
+
+def load_api_keys(keys: tuple[str, ...], keys_file: str | None) -> tuple[str, ...]:
+    """The keys from the environment and those of the file (one a line, # comments)."""
+    found = [k for k in keys if k]
+    if keys_file:
+        lines = [line.strip() for line in Path(keys_file).read_text().splitlines()]
+        in_file = [line for line in lines if line and not line.startswith("#")]
+        if not in_file:  # a key file meant to lock the server must not leave it open
+            raise ValueError(f"the API keys file {keys_file} holds no key")
+        found += in_file
+    return tuple(found)
+
+
+class Gate:
+    """With API keys configured, every path but /health needs `Authorization: Bearer <key>`;
+    while the server drains for shutdown, new requests get 503."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], draining: Callable[[], bool]):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.draining = draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        if self.keys and not self._authorized(dict(scope["headers"]).get(b"authorization", b"")):
+            # one message whatever was wrong: no hint whether a key was sent, malformed or unknown
+            return await send_error(send, InputError(401, "a valid API key is required (Authorization: Bearer <key>)",
+                                                     headers={"WWW-Authenticate": "Bearer"}))
+        if self.draining():
+            return await send_error(send, InputError(503, "the server is shutting down; retry on another instance",
+                                                     headers={"Retry-After": "1"}), close=True)
+        await self.app(scope, receive, send)
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        token = token.strip() if scheme.lower() == b"bearer" else b""
+        # compare with every key, without stopping at a match: the time taken tells nothing
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(token, key)
+        return matched

@@ -241,7 +241,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
             raise InputError(400, f"{first['loc'][0]}: {first['msg']}", str(first["loc"][0])) from None
         check_model(fields.model)
         chat = chat_from_form(fields.prompt, fields.messages, uploads, {"imu_sample_rate": fields.imu_sample_rate})
-        check_chat(chat, settings, fields.max_tokens)
+        check_chat(chat, settings, fields.max_tokens, text_param="messages" if fields.messages else "prompt")
         stop = _form_stop(fields.stop)
         return await respond(chat, sampling_fields(fields.max_tokens, fields.temperature, fields.top_p, stop,
                                                    fields.seed), fields.stream, include_usage=False)

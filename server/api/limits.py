@@ -19,7 +19,7 @@ from server.errors import InputError
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n} bytes"
+    return f"{n >> 20} MiB" if n and n % (1 << 20) == 0 else f"{n} bytes"
 
 
 class BodyTooLarge(HTTPException):
@@ -111,8 +111,10 @@ async def read_form(request: Request, max_file_bytes: int, max_files: int, max_f
         await form.close()
 
 
-def check_chat(chat: Chat, limits, max_tokens: int | None, max_tokens_param: str = "max_tokens") -> None:
-    """The limits on a parsed chat; `limits` is the gateway's Settings."""
+def check_chat(chat: Chat, limits, max_tokens: int | None, max_tokens_param: str = "max_tokens",
+               text_param: str = "messages") -> None:
+    """The limits on a parsed chat; `limits` is the gateway's Settings, the params name the
+    request's fields (they differ between the two endpoints)."""
     if max_tokens is not None and max_tokens > limits.max_tokens_limit:
         raise InputError(400, f"{max_tokens_param}={max_tokens} is more than this server's limit of "
                               f"{limits.max_tokens_limit} (max_tokens_limit)", max_tokens_param)
@@ -122,7 +124,7 @@ def check_chat(chat: Chat, limits, max_tokens: int | None, max_tokens_param: str
     chars = sum(len(t.text) for t in chat.turns) + len(chat.system or "")
     if chars > limits.max_text_chars:
         raise InputError(413, f"the messages hold {chars} characters of text, more than the limit of "
-                              f"{limits.max_text_chars} (max_text_chars)", "messages")
+                              f"{limits.max_text_chars} (max_text_chars)", text_param)
     attachments = [a for t in chat.turns for a in t.attachments]
     if len(attachments) > limits.max_attachments:
         raise InputError(400, f"the request carries {len(attachments)} attachments, more than the limit of "

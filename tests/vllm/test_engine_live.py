@@ -1,0 +1,191 @@
+"""VLLMEngine against a real vLLM server serving the LLM converted from the reference fixture."""
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from server.engines.base import EngineUnavailable, Sampling, Usage
+from server.engines.vllm import VLLMEngine
+from server.errors import InputError
+
+MODALITIES = ["image", "video", "audio", "point", "rgbd", "rgbn", "fmri", "imu"]
+
+
+@pytest.fixture(scope="module")
+def reference(fixture_dir):
+    return json.loads((fixture_dir / "reference.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def encoder_weights(vllm_model_dir):
+    """The converted folder's embedding table and modality tags (all the LLM inputs need)."""
+    with safe_open(vllm_model_dir / "encoder.safetensors", "pt") as weights:
+        return {key: weights.get_tensor(key) for key in weights.keys()
+                if key == "tok_embeddings.weight" or "_tag." in key}
+
+
+@pytest.fixture(scope="module")
+def llm(vllm_model_dir):
+    return LlamaForCausalLM.from_pretrained(vllm_model_dir / "llm", dtype=torch.float32).eval()
+
+
+def text_embeddings(weights, ids: list[int]) -> torch.Tensor:
+    return weights["tok_embeddings.weight"][ids]
+
+
+def prompt_embeddings(weights, modality: str, prefix: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """ONELLM.md §3: [E(BOS), start_tag, prefix (30 rows), end_tag, E(ids[1:])]."""
+    table = weights["tok_embeddings.weight"]
+    width = table.shape[1]
+    return torch.cat([table[ids[:1]], weights[f"start_tag.{modality}"].reshape(-1, width), prefix,
+                      weights[f"end_tag.{modality}"].reshape(-1, width), table[ids[1:]]])
+
+
+@torch.inference_mode()
+def transformers_greedy(llm, embeddings: torch.Tensor, count: int) -> list[int]:
+    """Greedy ids, each step recomputed over the whole sequence, stopping at EOS."""
+    sequence = embeddings.unsqueeze(0)
+    ids = []
+    for _ in range(count):
+        token = int(llm(inputs_embeds=sequence).logits[0, -1].argmax())
+        ids.append(token)
+        if token == llm.config.eos_token_id:
+            break
+        sequence = torch.cat([sequence, llm.get_input_embeddings().weight[[token]].unsqueeze(0)], dim=1)
+    return ids
+
+
+def generate(url: str, embeddings: torch.Tensor, sampling: Sampling) -> tuple[str, Usage]:
+    async def run():
+        engine = VLLMEngine(url)
+        usage = Usage()
+        try:
+            text = "".join([delta async for delta in engine.stream(embeddings, sampling, usage)])
+        finally:
+            await engine.close()
+        return text, usage
+    return asyncio.run(run())
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples on vLLM's /metrics matching `labels`."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        match = re.fullmatch(rf"{re.escape(name)}\{{(.*)\}} (\S+)", line)
+        if match and all(f'{key}="{value}"' in match.group(1) for key, value in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def test_text_prompt_matches_transformers(vllm_server, vllm_model_dir, encoder_weights, llm, reference):
+    embeddings = text_embeddings(encoder_weights, reference["image"]["prompt_ids"])
+    expected_ids = transformers_greedy(llm, embeddings, 24)
+
+    text, usage = generate(vllm_server, embeddings, Sampling(max_tokens=24))
+
+    assert usage.token_ids == expected_ids
+    assert usage.completion_tokens == len(expected_ids)
+    assert usage.finish_reason == ("stop" if expected_ids[-1] == llm.config.eos_token_id else "length")
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir / "llm")
+    assert text == tokenizer.decode(expected_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_reference_prefix_gives_reference_greedy_ids(vllm_server, encoder_weights, reference, fixture_dir, modality):
+    """The authors' own UPM output through the converted LLM on vLLM: their greedy ids."""
+    case = reference[modality]
+    with safe_open(fixture_dir / "reference.safetensors", "pt") as tensors:
+        prefix = tensors.get_tensor(f"{modality}.prefix")
+    embeddings = prompt_embeddings(encoder_weights, modality, prefix, case["prompt_ids"])
+
+    _, usage = generate(vllm_server, embeddings,
+                        Sampling(max_tokens=len(case["greedy_ids"]), stop=(), ignore_eos=True))
+
+    assert usage.token_ids == case["greedy_ids"]
+    assert usage.finish_reason == "length"
+
+
+def test_prompt_longer_than_the_context_is_a_400(vllm_server, encoder_weights):
+    embeddings = text_embeddings(encoder_weights, [1] + [319] * 2100)
+    with pytest.raises(InputError) as error:
+        generate(vllm_server, embeddings, Sampling(max_tokens=4))
+    assert error.value.status == 400
+    assert "maximum context length" in error.value.message
+
+
+def test_closing_the_stream_aborts_the_request_in_vllm(vllm_server, encoder_weights, reference):
+    embeddings = text_embeddings(encoder_weights, reference["image"]["prompt_ids"])
+    # as long as the context allows: seconds of decoding
+    sampling = Sampling(max_tokens=2048 - embeddings.shape[0], ignore_eos=True)
+
+    async def two_deltas_then_close():
+        engine = VLLMEngine(vllm_server)
+        stream = engine.stream(embeddings, sampling)
+        deltas = [await anext(stream), await anext(stream)]
+        await stream.aclose()
+        await engine.close()
+        return deltas
+
+    # On a busy CPU vLLM's HTTP front end can relay the first deltas only after its engine
+    # has finished the whole request: then there is nothing left to abort and the attempt
+    # proves nothing, so it is made again. A client close that never reaches vLLM fails
+    # every attempt.
+    for _ in range(3):
+        finished_before = metric(vllm_server, "vllm:request_success_total")
+        generated_before = metric(vllm_server, "vllm:generation_tokens_total")
+        assert len(asyncio.run(two_deltas_then_close())) == 2
+
+        deadline = time.monotonic() + 30
+        while (running := metric(vllm_server, "vllm:num_requests_running")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert running == 0
+        # vLLM counts no finished request for a client's abort
+        if metric(vllm_server, "vllm:request_success_total") == finished_before:
+            break
+    else:
+        pytest.fail("vLLM finished every request instead of aborting it when the client closed the stream")
+    assert metric(vllm_server, "vllm:generation_tokens_total") - generated_before < sampling.max_tokens
+
+
+def test_engine_survives_a_vllm_restart(start_vllm, encoder_weights, reference):
+    """A second server, stopped and started again under one engine: no restart of the engine."""
+    server = start_vllm()
+    embeddings = text_embeddings(encoder_weights, reference["image"]["prompt_ids"])
+    sampling = Sampling(max_tokens=4, stop=(), ignore_eos=True)
+
+    async def ready_and_ids(engine):
+        usage = Usage()
+        async for _ in engine.stream(embeddings, sampling, usage):
+            pass
+        return await engine.ready(), usage.token_ids
+
+    async def while_stopped(engine):
+        ready = await engine.ready()
+        with pytest.raises(EngineUnavailable, match="cannot connect"):
+            async for _ in engine.stream(embeddings, sampling):
+                pass
+        return ready
+
+    async def scenario():
+        engine = VLLMEngine(server.url)
+        try:
+            before = await ready_and_ids(engine)
+            server.stop()
+            ready_while_stopped = await while_stopped(engine)
+            server.start()
+            after = await ready_and_ids(engine)
+        finally:
+            await engine.close()
+        return before, ready_while_stopped, after
+
+    before, ready_while_stopped, after = asyncio.run(scenario())
+    assert before[0] is True and len(before[1]) == 4
+    assert ready_while_stopped is False
+    assert after == before

@@ -1,0 +1,115 @@
+"""API keys, CORS, request ids and what the log may hold, on the main gateway (keys from
+ONELLM_API_KEYS and from --api-keys-file, CORS open to one origin)."""
+
+import re
+
+import httpx
+import pytest
+
+from gateways import ENV_KEYS, FILE_KEY, ORIGIN
+
+WRONG_KEYS = ["env-key-0f3a9", "env-key-0f3a9c0", "ENV-KEY-0F3A9C", "wrong-key-a7e2f1"]
+
+
+def assert_401(response: httpx.Response) -> dict:
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"] == "Bearer"
+    return response.json()
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/ready", "/metrics", "/openapi.json", "/docs"])
+def test_every_path_but_health_needs_a_key(hardened, path):
+    assert_401(httpx.get(hardened.url + path))
+
+
+def test_health_stays_open(hardened):
+    assert httpx.get(f"{hardened.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("key", [*ENV_KEYS, FILE_KEY])
+def test_keys_from_the_environment_and_the_file_are_accepted(hardened, key):
+    response = httpx.post(f"{hardened.url}/v1/chat", data={"prompt": "hi", "max_tokens": "2"},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_every_wrong_credential_gets_the_same_answer(hardened):
+    attempts = [{}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Authorization": "Bearer  x"},
+                {"Authorization": f"Basic {ENV_KEYS[0]}"}, {"Authorization": ENV_KEYS[0]},
+                {"X-API-Key": ENV_KEYS[0]}, *({"Authorization": f"Bearer {k}"} for k in WRONG_KEYS)]
+    bodies = [assert_401(httpx.post(f"{hardened.url}/v1/chat", data={"prompt": "hi"}, headers=h)) for h in attempts]
+    assert all(b == bodies[0] for b in bodies), "the 401 must not tell which part was wrong"
+    assert bodies[0]["error"]["type"] == "authentication_error"
+
+
+def test_keys_are_never_logged(hardened, client):
+    client.get("/v1/models")  # at least one request with a right key has been served
+    log = hardened.log()
+    for key in [*ENV_KEYS, FILE_KEY, *WRONG_KEYS]:
+        assert key not in log
+    assert "Bearer" not in log
+
+
+def test_cors_allows_only_the_configured_origin(hardened):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    allowed = httpx.options(f"{hardened.url}/v1/chat/completions", headers={"Origin": ORIGIN, **preflight})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    other = httpx.options(f"{hardened.url}/v1/chat/completions",
+                          headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    # a refused key still carries CORS headers, so the page can read why
+    denied = httpx.get(f"{hardened.url}/v1/models", headers={"Origin": ORIGIN})
+    assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ORIGIN
+
+
+def test_cors_is_closed_by_default(tiny_model):
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+    from server.api.settings import Settings
+
+    with TestClient(create_app(Settings(model=str(tiny_model)))) as app:
+        response = app.options("/v1/chat/completions", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in response.headers
+        assert "access-control-allow-origin" not in app.get("/health", headers={"Origin": ORIGIN}).headers
+
+
+# --- request ids ------------------------------------------------------------------------------
+
+def test_a_sane_request_id_is_kept_and_logged(hardened, client):
+    response = client.get("/v1/models", headers={"X-Request-ID": "trace-4f1e.77:a"})
+    assert response.headers["x-request-id"] == "trace-4f1e.77:a"
+    lines = [line for line in hardened.log().splitlines() if "trace-4f1e.77:a" in line]
+    assert lines and all("[trace-4f1e.77:a]" in line for line in lines)
+
+
+@pytest.mark.parametrize("given", ["has spaces in it", "x" * 129, "quote\"d", "per%cent", "ünïcode"])
+def test_an_insane_request_id_is_replaced(client, given):
+    response = client.get("/v1/models", headers={"X-Request-ID": given.encode("utf-8")})
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
+
+
+def test_every_response_has_a_request_id(hardened, client):
+    ids = {httpx.get(f"{hardened.url}/health").headers["x-request-id"],  # open path
+           httpx.get(f"{hardened.url}/v1/models").headers["x-request-id"],  # 401
+           client.post("/v1/chat", data={"prompt": "hi", "max_tokens": "999"}).headers["x-request-id"],  # 400
+           client.post("/v1/chat", data={"prompt": "hi", "max_tokens": "2"}).headers["x-request-id"]}  # 200 stream
+    assert len(ids) == 4
+
+
+def test_every_log_line_of_a_request_carries_its_id(hardened, client):
+    text = hardened.log()
+    for line in text.splitlines():
+        if "uvicorn.access" in line:  # the access line is written while the request is served
+            assert not re.search(r"\[-\]", line), line
+
+
+def test_prompts_and_uploads_stay_out_of_the_log_below_debug(hardened, client):
+    secret = "my-secret-diagnosis-84c1"
+    upload = b"\x89PNG\r\n\x1a\n" + secret.encode() * 10
+    client.post("/v1/chat", files=[("image", ("scan.png", upload))], data={"prompt": f"is it {secret}?"})
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": secret}], "max_tokens": 2})
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 7}], "max_tokens": 2})
+    assert secret not in hardened.log()
+    assert "scan.png" not in hardened.log()

@@ -1,0 +1,150 @@
+"""Overload, deadlines and shutdown on a gateway of its own: 2 requests run at once, 2 more
+may wait, each may take 4 s; it logs at debug level. The last test stops it with SIGTERM.
+
+The local engine runs the tiny model at a few hundred tokens a second on this machine, so
+max_tokens sets how long an answer takes: 100 tokens are quick, 2000 outlast the deadline.
+"""
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateways import GatewayProcess, flags
+
+ADMISSION = {"max_concurrent": 2, "max_queued": 2}
+TIMEOUT_S = 4
+
+
+@pytest.fixture(scope="module")
+def busy(tiny_model, tmp_path_factory):
+    server = GatewayProcess(tiny_model, tmp_path_factory.mktemp("overload"),
+                            [*flags(ADMISSION), "--request-timeout-s", str(TIMEOUT_S), "--log-level", "debug"])
+    server.start()
+    yield server
+    server.stop()
+    assert "Traceback" not in server.log(), server.log()[-5000:]
+
+
+def metric(url: str, name: str, **labels) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def sse_events(text: str) -> list[str]:
+    return [event for event in text.split("\n\n") if event.strip()]
+
+
+def test_past_the_queue_requests_get_429_and_admitted_ones_complete(busy):
+    limit = ADMISSION["max_concurrent"] + ADMISSION["max_queued"]
+    count = 4 * limit
+    start = threading.Barrier(count)
+    responses: list[httpx.Response] = [None] * count
+
+    def ask(i: int) -> None:
+        with httpx.Client(base_url=busy.url, timeout=60) as client:
+            client.get("/health")  # connected before the barrier, so all requests arrive together
+            start.wait()
+            responses[i] = client.post("/v1/chat", data={"prompt": f"Tell me story {i}.", "max_tokens": "100",
+                                                         "stream": "false"})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    served = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(served) + len(refused) == count, [r.status_code for r in responses]
+    assert len(served) >= limit and len(refused) >= count - 2 * limit, [r.status_code for r in responses]
+    for response in served:
+        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    for response in refused:
+        assert int(response.headers["retry-after"]) >= 1
+        error = response.json()["error"]
+        assert error["type"] == "rate_limit_exceeded" and "max_concurrent" in error["message"]
+    assert metric(busy.url, "onellm_rejected_requests_total", reason="overloaded") == len(refused)
+    assert metric(busy.url, "onellm_queue_depth") == 0
+    assert metric(busy.url, "onellm_admission_waiting") == 0
+
+
+def test_a_request_past_its_deadline_gets_504_or_an_error_event(busy):
+    results = {}
+
+    def ask(stream: bool) -> None:
+        results[stream] = httpx.post(f"{busy.url}/v1/chat", timeout=60, data={
+            "prompt": "Write a very long story.", "max_tokens": "2000", "stream": str(stream).lower()})
+
+    threads = [threading.Thread(target=ask, args=(stream,)) for stream in (True, False)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert time.monotonic() - started < TIMEOUT_S + 5
+    plain = results[False]
+    assert plain.status_code == 504 and "request_timeout_s" in plain.json()["error"]["message"]
+    streamed = results[True]
+    assert streamed.status_code == 200
+    events = sse_events(streamed.text)
+    assert events[-1] == "data: [DONE]"
+    assert events[-2].startswith("event: error\n")
+    assert json.loads(events[-2].split("data: ", 1)[1])["error"]["type"] == "timeout"
+    assert metric(busy.url, "onellm_rejected_requests_total", reason="timeout") == 2
+    deadline = time.monotonic() + 5
+    while metric(busy.url, "onellm_queue_depth") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(busy.url, "onellm_queue_depth") == 0
+
+
+def test_a_client_leaving_mid_answer_frees_its_slot(busy):
+    started = time.monotonic()
+    for _ in range(ADMISSION["max_concurrent"] + 1):  # more than there are slots: each must come back
+        with httpx.Client(base_url=busy.url, timeout=30) as client:
+            with client.stream("POST", "/v1/chat", data={"prompt": "Go on.", "max_tokens": "2000"}) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                        break  # the answer has started: hang up
+    response = httpx.post(f"{busy.url}/v1/chat", data={"prompt": "Still there?", "max_tokens": "5",
+                                                        "stream": "false"}, timeout=30)
+    assert response.status_code == 200, response.text
+    # had the abandoned answers kept their slots, the last ones would have waited for the deadline
+    assert time.monotonic() - started < TIMEOUT_S
+
+
+def test_debug_logging_shows_prompts_under_the_request_id(busy):
+    httpx.post(f"{busy.url}/v1/chat", data={"prompt": "a debug-visible prompt", "max_tokens": "2"},
+               headers={"X-Request-ID": "debug-7e1"}, timeout=30)
+    lines = [line for line in busy.log().splitlines() if "debug-visible" in line]
+    assert lines and all("[debug-7e1]" in line for line in lines)
+
+
+def test_sigterm_drains_the_answer_in_flight_then_exits_0(busy):
+    with httpx.Client(base_url=busy.url, timeout=30) as client:
+        with client.stream("POST", "/v1/chat", data={"prompt": "A story, please.", "max_tokens": "500"}) as response:
+            lines = response.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    break  # the stream has started
+            busy.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            # a new request is not served: the port is closed, or it is answered 503
+            try:
+                late = httpx.post(f"{busy.url}/v1/chat", data={"prompt": "hi"}, timeout=5)
+                assert late.status_code == 503, late.text
+            except httpx.TransportError:
+                pass
+            rest = list(lines)
+    events = [line for line in rest if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert busy.process.wait(30) == 0
+    assert "Shutting down" in busy.log()

@@ -273,7 +273,7 @@ def test_prompt_too_long_is_the_clients_mistake():
 def test_server_errors_mean_unavailable():
     engine = VLLMEngine("http://vllm:8000", model="m",
                         transport=fake_vllm(lambda request: httpx.Response(500, text="Internal Server Error")))
-    with pytest.raises(EngineUnavailable, match="HTTP 500"):
+    with pytest.raises(EngineUnavailable, match=r"\(500\): Internal Server Error"):
         collect(engine)
 
 
@@ -283,6 +283,14 @@ def test_error_event_mid_stream():
     engine = VLLMEngine("http://vllm:8000", model="m",
                         transport=fake_vllm(lambda request: httpx.Response(200, content=first_event + event)))
     with pytest.raises(EngineUnavailable, match="engine died"):
+        collect(engine)
+
+
+def test_vllm_giving_up_on_the_request_is_unavailable():
+    aborted = RECORDED_STREAM.replace(b'"finish_reason":"length"', b'"finish_reason":"abort"')
+    engine = VLLMEngine("http://vllm:8000", model="m",
+                        transport=fake_vllm(lambda request: httpx.Response(200, content=aborted)))
+    with pytest.raises(EngineUnavailable, match="abort"):
         collect(engine)
 
 

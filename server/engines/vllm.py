@@ -98,7 +98,7 @@ def _raise_for_error(status: int, payload: dict | str) -> None:
     # context window, max_tokens past it): the client's mistake, not an outage.
     if status == 400:
         raise InputError(400, message, "max_tokens" if param == "max_tokens" else "messages")
-    raise EngineUnavailable(f"vLLM answered HTTP {status}: {message}")
+    raise EngineUnavailable(f"vLLM failed the request ({status}): {message}")
 
 
 class VLLMEngine:
@@ -192,11 +192,21 @@ def _apply_event(event: dict, usage: Usage) -> str:
         usage.token_ids.extend(token_ids)
         usage.completion_tokens += len(token_ids)
         if choice.get("finish_reason"):
-            usage.finish_reason = choice["finish_reason"]
+            usage.finish_reason = _finish_reason(choice["finish_reason"])
     # the last chunk carries vLLM's own count (include_usage); it has no choices
     if event.get("usage"):
         usage.completion_tokens = event["usage"]["completion_tokens"]
     return text
+
+
+def _finish_reason(reason: str) -> str:
+    """vLLM's finish reason as Usage knows it: "length", or "stop" for every normal end
+    (EOS, a stop string, vLLM's repetition detection)."""
+    # This client never sees its own aborts (it has closed the stream by then): an abort
+    # or an error here is vLLM giving up on the request, e.g. while it shuts down.
+    if reason in ("abort", "error"):
+        raise EngineUnavailable(f"vLLM ended the request early (finish_reason={reason!r})")
+    return "length" if reason == "length" else "stop"
 
 
 def _json_or_text(text: str) -> dict | str:

@@ -2,6 +2,7 @@
 
 import io
 import math
+import tokenize
 
 import numpy as np
 import torch
@@ -108,7 +109,8 @@ def _load_npy(data: bytes, param: str) -> np.ndarray:
         if read_header is None:
             raise ValueError(f".npy format version {version} is not supported")
         shape, _, dtype = read_header(stream, max_header_size=10_000)
-    except ValueError as error:
+    # a damaged header's dict literal can also fail NumPy's tokenizer or parser
+    except (ValueError, SyntaxError, tokenize.TokenError) as error:
         raise InputError(422, f"field '{param}' holds a .npy file with a bad header ({error})",
                          param) from error
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":

@@ -6,17 +6,21 @@ shape); a video batch sends all B·T frames through the CLIP trunk in one call.
 """
 
 import asyncio
+import time
 from collections import defaultdict
 from concurrent.futures import Executor
 
 import torch
 
+from server.api.metrics import Metrics
 from server.model.repo import OneLLM
 
 
 class EncoderBatcher:
-    def __init__(self, model: OneLLM, executor: Executor, max_batch: int, max_wait_s: float):
+    def __init__(self, model: OneLLM, executor: Executor, max_batch: int, max_wait_s: float,
+                 metrics: Metrics | None = None):
         self.model = model
+        self.metrics = metrics
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -51,7 +55,7 @@ class EncoderBatcher:
     async def _run(self, modality: str, batch: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
         inputs = torch.stack([x for x, _ in batch])
         try:
-            prefixes = await asyncio.get_running_loop().run_in_executor(self.executor, self.model.encode, modality, inputs)
+            prefixes = await asyncio.get_running_loop().run_in_executor(self.executor, self._encode, modality, inputs)
         except Exception as e:  # noqa: BLE001 - every waiting request learns of the failure
             for _, future in batch:
                 if not future.done():
@@ -60,3 +64,11 @@ class EncoderBatcher:
         for (_, future), prefix in zip(batch, prefixes):
             if not future.done():
                 future.set_result(prefix)
+
+    def _encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        prefixes = self.model.encode(modality, inputs)
+        if self.metrics is not None:
+            self.metrics.encoder_seconds.labels(modality).observe(time.perf_counter() - started)
+            self.metrics.encoder_batch_size.labels(modality).observe(len(inputs))
+        return prefixes

@@ -3,6 +3,8 @@
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
@@ -18,6 +20,14 @@ class Metrics:
                                     ["modality"], registry=self.registry)
         self.prefix_cache_hits = Counter("onellm_prefix_cache_hits", "Attachments served from the prefix cache",
                                          ["modality"], registry=self.registry)
+        # where the time before the first token goes: with TTFT they split it into decoding, the
+        # encoder, and the rest (queues, prompt assembly, the engine)
+        self.preprocess_seconds = Histogram("onellm_preprocess_seconds", "Decoding one attachment into model input",
+                                            ["modality"], buckets=STAGE_BUCKETS, registry=self.registry)
+        self.encoder_seconds = Histogram("onellm_encoder_batch_seconds", "One encoder batch, on the encoder thread",
+                                         ["modality"], buckets=STAGE_BUCKETS, registry=self.registry)
+        self.encoder_batch_size = Histogram("onellm_encoder_batch_size", "Attachments per encoder batch",
+                                            ["modality"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.rejected = Counter("onellm_rejected_requests", "Chat requests refused as overload (429) or cut "
                                 "by the request timeout (504)", ["reason"], registry=self.registry)
         self.admission_waiting = Gauge("onellm_admission_waiting", "Chat requests waiting for a slot",

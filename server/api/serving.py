@@ -58,7 +58,7 @@ class ChatService:
         # the encoder has one thread of its own: torch already uses every core for one batch
         self._preprocess = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")
-        self.batcher = EncoderBatcher(model, self._encoder, max_batch, max_wait_ms / 1000)
+        self.batcher = EncoderBatcher(model, self._encoder, max_batch, max_wait_ms / 1000, metrics)
 
     def close(self) -> None:
         self._preprocess.shutdown(wait=False, cancel_futures=True)
@@ -75,7 +75,8 @@ class ChatService:
             return cached
         loop = asyncio.get_running_loop()
         try:
-            inputs = await loop.run_in_executor(self._preprocess, _preprocess, attachment, self.decoder_limits)
+            inputs = await loop.run_in_executor(self._preprocess, _preprocess, attachment, self.decoder_limits,
+                                                self.metrics.preprocess_seconds.labels(m))
         except InputError as e:  # name the content part the bytes came in, not the internal field
             e.param = attachment.params.get(e.param, e.param)
             raise
@@ -133,10 +134,12 @@ class ChatService:
         self.metrics.tokens_out.inc(generation.usage.completion_tokens)
 
 
-def _preprocess(attachment: Attachment, limits: dict) -> torch.Tensor:
-    """Decode one attachment; a decoder failing in a way it did not foresee is still the file's fault."""
+def _preprocess(attachment: Attachment, limits: dict, timer) -> torch.Tensor:
+    """Decode one attachment, timed by `timer` (a histogram); a decoder failing in a way it did not
+    foresee is still the file's fault."""
     try:
-        return MODALITIES[attachment.modality].preprocess(attachment.files, {**attachment.options, **limits})
+        with timer.time():
+            return MODALITIES[attachment.modality].preprocess(attachment.files, {**attachment.options, **limits})
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - untrusted bytes can break a decoder in any way

@@ -1,4 +1,4 @@
-"""Real files of every accepted upload format, made in memory for the tests (Pillow, PyAV, soundfile, trimesh, NumPy)."""
+"""Real files of every format the gateway accepts, encoded in memory with the libraries people's
 tools use (Pillow, PyAV, soundfile, trimesh, NumPy). Each helper takes a `seed` so a test can
 make bytes no other test sent (the prefix cache keys on the bytes)."""
 

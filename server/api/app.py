@@ -115,6 +115,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
 
     @app.exception_handler(EngineUnavailable)
     async def on_engine_down(request: Request, e: EngineUnavailable):
+        log.warning("the LLM engine is unavailable: %s", e)
         return error_response(InputError(503, f"the LLM engine is unavailable: {e}"))
 
     @app.exception_handler(RequestValidationError)

@@ -1,5 +1,6 @@
-"""The hardening tier (issue 6): real `onellm serve` processes (gateways.py) on loopback ports, each with the
-limits, keys and admission settings its tests need, its own TMPDIR and its own log file.
+"""The hardening tier (issue 6): real `onellm serve` processes (tests/gateway_process.py) on
+loopback ports, each with the limits, keys and admission settings its tests need, its own
+TMPDIR and its own log file.
 
 `hardened` is the session's main gateway: small limits (so that tests send kilobytes, not the
 default megabytes), API keys from both the environment and a file, one CORS origin. The
@@ -9,7 +10,8 @@ overload tests start a gateway of their own, which they also shut down with SIGT
 import httpx
 import pytest
 
-from gateways import ENV_KEYS, FILE_KEY, LIMITS, ORIGIN, GatewayProcess, flags
+from gateway_process import GatewayProcess, flags
+from gateways import ENV_KEYS, FILE_KEY, LIMITS, ORIGIN
 
 
 @pytest.fixture(scope="session")

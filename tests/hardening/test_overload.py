@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateways import GatewayProcess, flags
+from gateway_process import GatewayProcess, flags
 
 ADMISSION = {"max_concurrent": 2, "max_queued": 2}
 TIMEOUT_S = 4

@@ -1,0 +1,110 @@
+"""The production path, gateway -> live vLLM, on the model converted from the reference fixture."""
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+import pytest
+import torch
+
+import media
+from gateway_process import GatewayProcess
+from server.cli import main
+from server.engines.base import Sampling
+from server.engines.local import LocalEngine
+from server.model.repo import load_model
+from server.modalities import MODALITIES
+
+MAX_TOKENS = 8
+QUESTION = "What is this?"
+UPLOADS = {  # one real file per modality, as clients send them
+    "image": {"image": media.image("png")},
+    "video": {"video": media.video("mp4")},
+    "audio": {"audio": media.audio("wav")},
+    "point": {"point": media.point("ply")},
+    "rgbd": {"image": media.image("jpg"), "depth": media.depth_map()},
+    "rgbn": {"image": media.image("webp"), "normal": media.normal_map()},
+    "fmri": {"fmri": media.fmri("npy")},
+    "imu": {"imu": media.imu("csv", rate=200.0)},
+}
+
+
+def test_parity_through_vllm_matches_the_reference_greedy_ids(fixture_dir, vllm_model_dir, vllm_server, capsys):
+    code = main(["parity", str(fixture_dir), "--model", str(vllm_model_dir), "--vllm-url", vllm_server])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("24/24") == 8, out
+
+
+@pytest.fixture(scope="module")
+def gateway(vllm_model_dir, vllm_server, tmp_path_factory):
+    server = GatewayProcess(vllm_model_dir, tmp_path_factory.mktemp("gateway-vllm"), ["--vllm-url", vllm_server])
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def in_process(vllm_model_dir):
+    """The same model decoded by transformers in this process: what vLLM's greedy answers must equal."""
+    model = load_model(vllm_model_dir)
+    engine = LocalEngine(vllm_model_dir / "llm")
+
+    def answer(modality: str, files: dict[str, bytes]) -> str:
+        prefix = model.encode(modality, MODALITIES[modality].preprocess(files, {})[None])[0]
+        embeddings = model.embeddings(model.prompt_ids([("user", QUESTION)]), [(modality, prefix)])
+
+        async def collect():
+            return "".join([d async for d in engine.stream(embeddings, Sampling(max_tokens=MAX_TOKENS))])
+
+        return asyncio.run(collect())
+
+    return answer
+
+
+def sse_text(body: str) -> str:
+    events = re.findall(r"^data: (.*)$", body, flags=re.M)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+
+
+@pytest.mark.parametrize("modality", list(UPLOADS))
+def test_each_modality_through_the_gateway_streamed_and_not(gateway, in_process, modality):
+    files = [(field, (field, data)) for field, data in UPLOADS[modality].items()]
+    form = {"prompt": QUESTION, "max_tokens": str(MAX_TOKENS)}
+    streamed = httpx.post(f"{gateway}/v1/chat", data=form, files=files, timeout=120)
+    assert streamed.status_code == 200, streamed.text
+    whole = httpx.post(f"{gateway}/v1/chat", data={**form, "stream": "false"}, files=files, timeout=120)
+    assert whole.status_code == 200, whole.text
+    body = whole.json()
+    text = sse_text(streamed.text)
+    assert body["choices"][0]["message"]["content"] == text
+    assert body["usage"]["prompt_tokens"] > 32
+    assert text == in_process(modality, UPLOADS[modality])
+
+
+def vllm_running(vllm_url: str) -> float:
+    metrics = httpx.get(f"{vllm_url}/metrics", timeout=5).text
+    return sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", metrics, flags=re.M))
+
+
+def test_a_client_leaving_mid_stream_ends_the_request_in_vllm(gateway, vllm_server):
+    files = [("image", ("image", media.image("png", seed=5)))]
+    with httpx.stream("POST", f"{gateway}/v1/chat", data={"prompt": QUESTION, "max_tokens": "1500"}, files=files,
+                      timeout=120) as response:
+        assert response.status_code == 200
+        contents = 0
+        for line in response.iter_lines():
+            contents += line.startswith("data: ") and '"content":"' in line and '"content":""' not in line
+            if contents >= 2:
+                break
+    deadline = time.monotonic() + 30
+    while vllm_running(vllm_server) > 0:
+        assert time.monotonic() < deadline, "vLLM still runs the request the client left"
+        time.sleep(0.5)
+    assert httpx.get(f"{gateway}/ready", timeout=5).status_code == 200

@@ -7,29 +7,14 @@ URLs on any other host (`localhost` included, although it is the same machine) a
 """
 
 import http.server
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from gateway_helpers import ALLOWED_HOST
-
-REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 240  # importing torch + transformers takes half a minute on a busy 2-core machine
-STOP_TIMEOUT = 30
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from gateway_process import GatewayProcess
 
 
 @pytest.fixture(scope="session")
@@ -38,60 +23,15 @@ def model_dir(request) -> Path:
     return request.getfixturevalue("tiny_model")
 
 
-class Gateway:
-    def __init__(self, model_dir: Path, log_path: Path):
-        self.model_dir = model_dir
-        self.log_path = log_path
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ONELLM_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve", "--model", str(self.model_dir), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--allowed-url-hosts", ALLOWED_HOST, "--log-level", "info"],
-                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"onellm serve exited with {self.process.returncode} before it was ready:\n"
-                            f"{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"onellm serve was not ready after {START_TIMEOUT} s:\n{self.log_tail()}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture(scope="session")
 def gateway(model_dir, tmp_path_factory):
-    server = Gateway(model_dir, tmp_path_factory.mktemp("gateway") / "serve.log")
+    server = GatewayProcess(model_dir, tmp_path_factory.mktemp("gateway"),
+                            ["--allowed-url-hosts", ALLOWED_HOST, "--log-level", "info"])
     server.start()
     yield server
     server.stop()
     # a traceback in the server log means some request hit a path nobody handled
-    assert "Traceback" not in server.log_path.read_text(errors="replace"), server.log_tail(80)
+    assert "Traceback" not in server.log(), server.log()[-6000:]
 
 
 @pytest.fixture(scope="session")

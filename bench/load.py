@@ -1,0 +1,503 @@
+"""Load benchmark of a running gateway (a benchmark, not a test): throughput and latency under
+N concurrent streaming clients, side by side with the way OneLLM's authors served the model.
+
+    # the full run behind docs/benchmarks.md: sweep, baseline, vLLM direct, follow-up turns
+    uv run python bench/load.py --url http://127.0.0.1:8180 --model model_repo/tiny \\
+        --concurrency 1,2,4,8,16 --baseline --direct http://127.0.0.1:8100 --turns 8 \\
+        --out docs/bench-load.json --chart docs/bench-load.png
+    # gateway memory over 1000 requests
+    uv run python bench/load.py --url http://127.0.0.1:8180 --soak 1000 --pid <gateway pid> \\
+        --out docs/bench-soak.json
+
+Each request is one user turn with one attachment, cycling through all eight modalities (real
+PNG, MP4, WAV, .npy files made here, bytes unique to each request so that the gateway's prefix
+cache never answers), streamed with greedy decoding and `max_tokens` (the API has no
+`ignore_eos`: the actual token counts are reported).
+
+- sweep: for each concurrency c, that many clients send requests back to back.
+- `--baseline`: the same requests as the largest sweep level, served as the authors' demo did:
+  in this process, one at a time, the encoder at batch 1, the LLM in transformers token by
+  token (`LocalEngine`), no HTTP.
+- `--direct URL`: the same prompt embeddings, computed here, sent straight to vLLM's
+  `/v1/completions` (as server/engines/vllm.py does), at every concurrency; and a serial pass
+  that splits each request's TTFT into vLLM, the encoder and what the gateway adds.
+- `--turns K`: K video chats of two turns, the second resending the video: encoder runs and
+  prefix-cache hits from the gateway's /metrics, vLLM's prefix-cache counters, TTFT of each turn.
+"""
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from media import IMU_RATE, MIX, Item, make_item, mixed
+from server.engines.base import Sampling, Usage
+from server.engines.vllm import completion_request
+from server.modalities import MODALITIES
+from server.model.repo import OneLLM, load_model
+
+FOLLOW_UP = "Tell me more."
+# each phase draws its files from its own seed range, so no two phases send the same bytes
+SEEDS = {"warmup": 0, "sweep": 100_000, "overhead": 200_000, "turns": 300_000, "soak": 400_000}
+
+
+@dataclass
+class Result:
+    """One streamed answer, timed on the client."""
+
+    ttft: float = 0.0  # seconds from sending to the first text
+    gaps: list[float] = field(default_factory=list)  # seconds between successive text chunks
+    latency: float = 0.0
+    tokens: int = 0
+    text: str = ""
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- requests
+
+
+def content_parts(item: Item) -> list[dict]:
+    """The item as OpenAI content parts, as the gateway's JSON endpoint takes them."""
+    parts = [{"type": "text", "text": item.text}]
+    for name, data in item.files.items():
+        b64 = base64.b64encode(data).decode("ascii")
+        if name == "image":
+            parts.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}})
+        elif name == "video":
+            parts.append({"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{b64}"}})
+        elif name == "audio":
+            parts.append({"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}})
+        else:
+            parts.append({"type": f"input_{name}", f"input_{name}": {"data": b64}})
+    return parts
+
+
+def chat_body(messages: list[dict], max_tokens: int) -> bytes:
+    return json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}, "imu_sample_rate": IMU_RATE}).encode()
+
+
+async def stream(client: httpx.AsyncClient, url: str, body: bytes) -> Result:
+    """POST a streaming request (gateway chat or vLLM completions) and time its text chunks."""
+    result, stamps = Result(), []
+    start = time.perf_counter()
+    try:
+        async with client.stream("POST", url, content=body, headers={"Content-Type": "application/json"}) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    result.error = str(event["error"])
+                if event.get("usage"):
+                    result.tokens = event["usage"]["completion_tokens"]
+                for choice in event.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") or choice.get("text")
+                    if text:
+                        stamps.append(time.perf_counter())
+                        result.text += text
+    except httpx.HTTPError as e:
+        result.error = repr(e)
+    result.latency = time.perf_counter() - start
+    if stamps:
+        result.ttft = stamps[0] - start
+        result.gaps = list(np.diff(stamps))
+    elif result.error is None:
+        result.error = "no text"
+    return result
+
+
+async def run_level(requests: list[bytes], url: str, concurrency: int) -> tuple[list[Result], float]:
+    """`concurrency` clients send the requests back to back; returns the results and the wall time."""
+    pending = list(enumerate(requests))
+    results: list[Result | None] = [None] * len(requests)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def client_loop():
+            while pending:
+                i, body = pending.pop(0)
+                results[i] = await stream(client, url, body)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return results, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- figures
+
+
+def percentiles(values: list[float], qs: tuple[int, ...], scale: float = 1000.0) -> dict:
+    if not values:
+        return {}
+    return {f"p{q}": round(float(np.percentile(values, q)) * scale, 2) for q in qs}
+
+
+def summarize(results: list[Result], wall: float, concurrency: int | None) -> dict:
+    ok = [r for r in results if r.error is None]
+    tokens = [r.tokens for r in ok]
+    summary = {
+        "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
+        "wall_s": round(wall, 3), "requests_per_s": round(len(ok) / wall, 3),
+        "output_tokens": sum(tokens), "output_tokens_per_s": round(sum(tokens) / wall, 2),
+        "tokens_per_request": {"min": min(tokens, default=0), "mean": round(statistics.fmean(tokens), 2) if tokens else 0,
+                               "max": max(tokens, default=0)},
+        "ttft_ms": percentiles([r.ttft for r in ok], (50, 95, 99)),
+        "itl_ms": percentiles([g for r in ok for g in r.gaps], (50, 95)),
+        # chunks can carry several tokens when the client reads late: per request, the time per
+        # token after the first is the steadier figure
+        "tpot_ms": percentiles([(r.latency - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1], (50, 95)),
+        "latency_ms": percentiles([r.latency for r in ok], (50, 95)),
+    }
+    if len(ok) < len(results):
+        summary["first_error"] = next(r.error for r in results if r.error is not None)
+    return summary
+
+
+def line(name: str, s: dict) -> str:
+    ttft, itl, tpot = s["ttft_ms"], s["itl_ms"], s["tpot_ms"]
+    return (f"{name:>9} c={str(s['concurrency']):>3}  {s['requests_per_s']:6.2f} req/s  {s['output_tokens_per_s']:7.1f} tok/s  "
+            f"TTFT p50/p95/p99 {ttft.get('p50', 0):7.1f}/{ttft.get('p95', 0):7.1f}/{ttft.get('p99', 0):7.1f} ms  "
+            f"ITL p50/p95 {itl.get('p50', 0):5.1f}/{itl.get('p95', 0):5.1f} ms  "
+            f"TPOT p50/p95 {tpot.get('p50', 0):5.1f}/{tpot.get('p95', 0):5.1f} ms  "
+            f"tokens/request {s['tokens_per_request']['mean']}  errors {s['errors']}")
+
+
+# ---------------------------------------------------------------- metrics scraping
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}."""
+    values = {}
+    for row in text.splitlines():
+        if row and not row.startswith("#"):
+            name, _, value = row.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+async def scrape(client: httpx.AsyncClient, base_url: str) -> dict[str, float]:
+    return parse_metrics((await client.get(f"{base_url}/metrics")).text)
+
+
+def total(metrics: dict[str, float], name: str, **labels) -> float:
+    """Sum of the series called `name` whose labels include `labels`."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for key, v in metrics.items()
+               if re.fullmatch(rf"{re.escape(name)}(\{{.*\}})?", key) and all(w in key for w in wanted))
+
+
+# ---------------------------------------------------------------- in-process work
+
+
+def prompt_embeddings(model: OneLLM, item: Item, history: list[tuple[str, str]] = ()) -> tuple[torch.Tensor, float]:
+    """The prompt embeddings the gateway builds for a chat opening with `item` (its text the first
+    user turn, then `history`), and the seconds decoding and the batch-1 encoder took."""
+    start = time.perf_counter()
+    inputs = MODALITIES[item.modality].preprocess(item.files, item.options)
+    prefix = model.encode(item.modality, inputs.unsqueeze(0))[0]
+    seconds = time.perf_counter() - start
+    turns = [("user", item.text), *history]
+    return model.embeddings(model.prompt_ids(turns), [(item.modality, prefix)]), seconds
+
+
+def completions_body(embeddings: torch.Tensor, served: str, max_tokens: int, salt: str) -> bytes:
+    """vLLM's request for these embeddings, as the gateway's engine builds it. `cache_salt` keeps
+    these requests from reusing KV blocks of the gateway's requests for the same embeddings."""
+    body = completion_request(embeddings, Sampling(max_tokens=max_tokens), served, embeddings.dtype)
+    return json.dumps({**body, "cache_salt": salt}).encode()
+
+
+async def baseline(model: OneLLM, items: list[Item], max_tokens: int) -> tuple[list[Result], float]:
+    """The authors' way: one request at a time, batch-1 encoder, transformers token by token."""
+    from server.engines.local import LocalEngine
+    engine = LocalEngine(model.path / "llm", dtype=model.dtype)
+
+    async def serve(item: Item) -> Result:
+        result, stamps, usage = Result(), [], Usage()
+        start = time.perf_counter()
+        embeddings, _ = prompt_embeddings(model, item)
+        async for delta in engine.stream(embeddings, Sampling(max_tokens=max_tokens), usage):
+            stamps.append(time.perf_counter())
+            result.text += delta
+        result.latency = time.perf_counter() - start
+        result.tokens = usage.completion_tokens
+        result.ttft = stamps[0] - start if stamps else result.latency
+        result.gaps = list(np.diff(stamps))
+        return result
+
+    for m in MIX:  # first calls of each modality allocate and pick kernels: not what is measured
+        await serve(make_item(m, SEEDS["warmup"]))
+    start = time.perf_counter()
+    results = [await serve(item) for item in items]
+    wall = time.perf_counter() - start
+    await engine.close()
+    return results, wall
+
+
+# ---------------------------------------------------------------- phases
+
+
+async def served_model(vllm: str) -> str:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"{vllm}/v1/models")).json()["data"][0]["id"]
+
+
+async def overhead(args, model: OneLLM) -> dict:
+    """Serial requests through the gateway, then the same embeddings straight to vLLM: per request,
+    gateway overhead = gateway TTFT - direct TTFT - (decode + encoder time, from the gateway's
+    own histograms, read before and after each request)."""
+    items = mixed(2 * len(MIX), SEEDS["overhead"])
+    served = await served_model(args.direct)
+    rows = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for i, item in enumerate(items):
+            before = await scrape(client, args.url)
+            via_gateway = await stream(client, f"{args.url}/v1/chat/completions",
+                                       chat_body([{"role": "user", "content": content_parts(item)}], args.max_tokens))
+            after = await scrape(client, args.url)
+            stage = sum(total(after, f"{h}_sum") - total(before, f"{h}_sum")
+                        for h in ("onellm_preprocess_seconds", "onellm_encoder_batch_seconds"))
+            embeddings, in_process = prompt_embeddings(model, item)
+            direct = await stream(client, f"{args.direct}/v1/completions",
+                                  completions_body(embeddings, served, args.max_tokens, f"overhead-{i}"))
+            for r in (via_gateway, direct):
+                if r.error:
+                    raise SystemExit(f"overhead pass failed: {r.error}")
+            rows.append({"modality": item.modality, "prompt_tokens": embeddings.shape[0],
+                         "gateway_ttft_ms": via_gateway.ttft * 1e3, "direct_ttft_ms": direct.ttft * 1e3,
+                         "encoder_ms": stage * 1e3, "encoder_in_process_ms": in_process * 1e3,
+                         "overhead_ms": (via_gateway.ttft - direct.ttft - stage) * 1e3})
+    column = lambda name: [r[name] / 1e3 for r in rows]  # noqa: E731 - percentiles() takes seconds
+    return {"requests": rows, **{f"{name}_p50_p95": percentiles(column(name), (50, 95))
+                                 for name in ("gateway_ttft_ms", "direct_ttft_ms", "encoder_ms", "overhead_ms")}}
+
+
+async def turns(args) -> dict:
+    """Video chats of two turns; the second resends the video with the history."""
+    rows = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for k in range(args.turns):
+            item = make_item("video", SEEDS["turns"] + k)
+            first_turn = [{"role": "user", "content": content_parts(item)}]
+            first = await stream(client, f"{args.url}/v1/chat/completions", chat_body(first_turn, args.max_tokens))
+            gateway_before = await scrape(client, args.url)
+            vllm_before = await scrape(client, args.direct) if args.direct else {}
+            history = [*first_turn, {"role": "assistant", "content": first.text},
+                       {"role": "user", "content": FOLLOW_UP}]
+            second = await stream(client, f"{args.url}/v1/chat/completions", chat_body(history, args.max_tokens))
+            gateway_after = await scrape(client, args.url)
+            vllm_after = await scrape(client, args.direct) if args.direct else {}
+            for r in (first, second):
+                if r.error:
+                    raise SystemExit(f"turns pass failed: {r.error}")
+            delta = lambda after, before, name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
+            rows.append({
+                "first_ttft_ms": first.ttft * 1e3, "follow_up_ttft_ms": second.ttft * 1e3,
+                "follow_up_encoder_runs": delta(gateway_after, gateway_before, "onellm_encoder_runs_total", modality="video"),
+                "follow_up_prefix_cache_hits": delta(gateway_after, gateway_before, "onellm_prefix_cache_hits_total",
+                                                     modality="video"),
+                "follow_up_vllm_prefix_queries": delta(vllm_after, vllm_before, "vllm:prefix_cache_queries_total"),
+                "follow_up_vllm_prefix_hits": delta(vllm_after, vllm_before, "vllm:prefix_cache_hits_total"),
+            })
+    first = statistics.median(r["first_ttft_ms"] for r in rows)
+    follow = statistics.median(r["follow_up_ttft_ms"] for r in rows)
+    return {"chats": rows, "first_ttft_ms_p50": round(first, 2), "follow_up_ttft_ms_p50": round(follow, 2),
+            "ratio_p50": round(first / follow, 2),
+            "follow_up_encoder_runs": sum(r["follow_up_encoder_runs"] for r in rows),
+            "follow_up_prefix_cache_hits": sum(r["follow_up_prefix_cache_hits"] for r in rows)}
+
+
+async def vllm_prefix_cache(args, model: OneLLM) -> dict:
+    """Does vLLM's prefix cache serve prompt-embedding requests? The same embeddings sent twice,
+    then a longer prompt that starts with them (a follow-up turn), each read off vLLM's counters."""
+    served = await served_model(args.direct)
+    item = make_item("video", SEEDS["turns"] + 10_000)
+    first, _ = prompt_embeddings(model, item)
+    longer, _ = prompt_embeddings(model, item, [("assistant", "A gradient slides to the right."), ("user", FOLLOW_UP)])
+    shared = int(next((i for i in range(min(len(first), len(longer))) if not torch.equal(first[i], longer[i])),
+                      min(len(first), len(longer))))
+    rows = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for name, embeddings in (("first", first), ("same again", first), ("follow-up", longer)):
+            before = await scrape(client, args.direct)
+            r = await stream(client, f"{args.direct}/v1/completions",
+                             completions_body(embeddings, served, args.max_tokens, "prefix-probe"))
+            after = await scrape(client, args.direct)
+            rows.append({"request": name, "prompt_tokens": embeddings.shape[0], "ttft_ms": round(r.ttft * 1e3, 2),
+                         "queries": total(after, "vllm:prefix_cache_queries_total")
+                         - total(before, "vllm:prefix_cache_queries_total"),
+                         "hits": total(after, "vllm:prefix_cache_hits_total") - total(before, "vllm:prefix_cache_hits_total"),
+                         "error": r.error})
+    return {"shared_prefix_rows": shared, "requests": rows}
+
+
+def rss_kib(pid: int) -> int:
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmRSS:"):
+            return int(row.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def soak(args) -> dict:
+    """`--soak N` requests of unique files, the gateway's RSS read every `--soak-every` of them."""
+    every, samples = args.soak_every, [(0, rss_kib(args.pid))]
+    url = f"{args.url}/v1/chat/completions"
+    for start in range(0, args.soak, every):
+        items = mixed(min(every, args.soak - start), SEEDS["soak"] + start, args.mix)
+        bodies = [chat_body([{"role": "user", "content": content_parts(i)}], args.max_tokens) for i in items]
+        results, _ = await run_level(bodies, url, args.soak_concurrency)
+        if errors := [r.error for r in results if r.error]:
+            raise SystemExit(f"soak: {len(errors)} errors, the first: {errors[0]}")
+        samples.append((start + len(items), rss_kib(args.pid)))
+        print(f"soak {samples[-1][0]:5d} requests  RSS {samples[-1][1] / 1024:7.1f} MiB", flush=True)
+    # the first batch of requests loads what a gateway loads once (kernels, decoders' tables)
+    reference = next(kib for n, kib in samples if n >= args.soak_warmup)
+    after = [kib for n, kib in samples if n >= args.soak_warmup]
+    return {"requests": args.soak, "concurrency": args.soak_concurrency, "pid": args.pid,
+            "samples_kib": samples, "reference_after_requests": args.soak_warmup, "reference_mib": round(reference / 1024, 1),
+            "final_mib": round(samples[-1][1] / 1024, 1), "min_mib": round(min(after) / 1024, 1),
+            "max_mib": round(max(after) / 1024, 1),
+            "max_change_pct": round(100 * max(abs(k - reference) for k in after) / reference, 2)}
+
+
+# ---------------------------------------------------------------- output
+
+
+def machine() -> dict:
+    cpu = next((row.split(":", 1)[1].strip() for row in Path("/proc/cpuinfo").read_text().splitlines()
+                if row.startswith("model name")), platform.processor())
+    mem_kib = int(next(row.split()[1] for row in Path("/proc/meminfo").read_text().splitlines()
+                       if row.startswith("MemTotal")))
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem_kib / (1 << 20), 1),
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def chart(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=90)
+    for name, style in (("gateway", "o-"), ("direct", "s--")):
+        levels = results.get(name) or []
+        c = [s["concurrency"] for s in levels]
+        label = "gateway (encoder + vLLM)" if name == "gateway" else "vLLM direct (embeddings precomputed)"
+        left.plot(c, [s["requests_per_s"] for s in levels], style, label=label)
+        right.plot(c, [s["ttft_ms"]["p50"] for s in levels], style, label=f"{name} p50")
+        right.plot(c, [s["ttft_ms"]["p95"] for s in levels], style, alpha=0.5, label=f"{name} p95")
+    if base := results.get("baseline"):
+        left.axhline(base["requests_per_s"], color="grey", linestyle=":", label="baseline (serial, in-process)")
+        right.axhline(base["ttft_ms"]["p50"], color="grey", linestyle=":", label="baseline p50")
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="requests/s", title="Throughput")
+    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="Time to first token")
+    for ax in (left, right):
+        ax.set_xticks(results["args"]["concurrency"], labels=[str(c) for c in results["args"]["concurrency"]])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
+    parser.add_argument("--model", default="model_repo/tiny", help="model folder, for --baseline and --direct")
+    parser.add_argument("--concurrency", default="1,2,4,8,16", type=lambda s: [int(c) for c in s.split(",")])
+    parser.add_argument("--requests", type=int, default=32, help="requests per level (at least 3 per client)")
+    parser.add_argument("--mix", default=",".join(MIX), type=lambda s: tuple(s.split(",")),
+                        help="modalities the requests cycle through (default all eight)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="shifts every file's seed: a second run against the "
+                        "same gateway needs another, or its prefix cache answers")
+    parser.add_argument("--baseline", action="store_true", help="also serve the largest level's requests serially in-process")
+    parser.add_argument("--direct", metavar="URL", help="vLLM server the gateway uses, to measure the gateway's share")
+    parser.add_argument("--turns", type=int, default=0, help="video chats of two turns to run")
+    parser.add_argument("--soak", type=int, default=0, help="requests to send while watching the gateway's RSS")
+    parser.add_argument("--pid", type=int, help="the gateway's process id, for --soak")
+    parser.add_argument("--soak-concurrency", type=int, default=8)
+    parser.add_argument("--soak-every", type=int, default=50, help="requests between RSS readings")
+    parser.add_argument("--soak-warmup", type=int, default=100, help="requests before the reference RSS reading")
+    parser.add_argument("--out", help="JSON results file")
+    parser.add_argument("--chart", help="PNG chart of throughput and TTFT against concurrency")
+    args = parser.parse_args()
+    for phase in SEEDS:
+        SEEDS[phase] += args.seed
+
+    results = {"machine": machine(), "load_average_start": os.getloadavg(),
+               "args": {k: v for k, v in vars(args).items() if k not in ("out", "chart")}}
+    if args.soak:
+        if not args.pid:
+            parser.error("--soak needs --pid, the gateway's process id")
+        results["soak"] = await soak(args)
+        print(json.dumps({k: v for k, v in results["soak"].items() if k != "samples_kib"}))
+    else:
+        chat_url = f"{args.url}/v1/chat/completions"
+        warm = [chat_body([{"role": "user", "content": content_parts(i)}], args.max_tokens)
+                for i in mixed(2 * len(MIX), SEEDS["warmup"])]
+        if errors := [r.error for r in (await run_level(warm, chat_url, len(MIX)))[0] if r.error]:
+            raise SystemExit(f"warm-up failed: {errors[0]}")
+
+        levels = {}
+        for n, c in enumerate(args.concurrency):
+            levels[c] = mixed(max(args.requests, 3 * c), SEEDS["sweep"] + 10_000 * n, args.mix)
+        results["gateway"] = []
+        async with httpx.AsyncClient() as client:
+            for c, items in levels.items():
+                bodies = [chat_body([{"role": "user", "content": content_parts(i)}], args.max_tokens) for i in items]
+                before = await scrape(client, args.url)
+                summary = summarize(*await run_level(bodies, chat_url, c), c)
+                after = await scrape(client, args.url)
+                batches = total(after, "onellm_encoder_batch_size_count") - total(before, "onellm_encoder_batch_size_count")
+                attachments = total(after, "onellm_encoder_batch_size_sum") - total(before, "onellm_encoder_batch_size_sum")
+                summary["mean_encoder_batch"] = round(attachments / batches, 2) if batches else None
+                results["gateway"].append(summary)
+                print(line("gateway", summary), f"encoder batch {summary['mean_encoder_batch']}", flush=True)
+
+        model = load_model(args.model) if args.baseline or args.direct else None
+        if args.direct:
+            served = await served_model(args.direct)
+            results["direct"] = []
+            for c, items in levels.items():
+                bodies = [completions_body(prompt_embeddings(model, i)[0], served, args.max_tokens, f"direct-{c}")
+                          for i in items]
+                results["direct"].append(summarize(*await run_level(bodies, f"{args.direct}/v1/completions", c), c))
+                print(line("direct", results["direct"][-1]), flush=True)
+            results["overhead"] = await overhead(args, model)
+            print("overhead (ms, p50/p95):", {k: v for k, v in results["overhead"].items() if k != "requests"}, flush=True)
+            results["vllm_prefix_cache"] = await vllm_prefix_cache(args, model)
+            print("vLLM prefix cache:", results["vllm_prefix_cache"], flush=True)
+        if args.turns:
+            results["turns"] = await turns(args)
+            print("turns:", {k: v for k, v in results["turns"].items() if k != "chats"}, flush=True)
+        if args.baseline:
+            largest = max(levels)
+            results["baseline"] = summarize(*await baseline(model, levels[largest], args.max_tokens), None)
+            results["baseline"]["same_requests_as_concurrency"] = largest
+            print(line("baseline", results["baseline"]), flush=True)
+            top = next(s for s in results["gateway"] if s["concurrency"] == largest)
+            results["speedup_at_largest_concurrency"] = round(top["requests_per_s"] / results["baseline"]["requests_per_s"], 2)
+            print(f"gateway at c={largest} / baseline: {results['speedup_at_largest_concurrency']}x requests/s")
+    results["load_average_end"] = os.getloadavg()
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    if args.chart and "gateway" in results:
+        chart(results, args.chart)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -31,7 +31,6 @@ from server.model.repo import OneLLM, load_model
 
 log = logging.getLogger("onellm.gateway")
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_REMOTE_BYTES = 64 << 20
 # streamed answers (`stream: true`) are Server-Sent Events of chat.completion.chunk JSON
 STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 FORM_FIELDS = {"prompt", "messages", "model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
@@ -149,8 +148,9 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
                     data = bytearray()
                     async for chunk in response.aiter_bytes():
                         data += chunk
-                        if len(data) > MAX_REMOTE_BYTES:
-                            raise InputError(413, f"the remote file is larger than {MAX_REMOTE_BYTES} bytes", param)
+                        if len(data) > settings.max_file_bytes:  # counted as it arrives, like uploads
+                            raise InputError(413, f"the remote file is larger than the limit of {settings.max_file_bytes} "
+                                                  "bytes (max_file_bytes)", param)
                     return bytes(data)
         except httpx.HTTPError as e:
             raise InputError(422, f"could not fetch the URL: {type(e).__name__}", param) from None

@@ -149,8 +149,8 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
                     async for chunk in response.aiter_bytes():
                         data += chunk
                         if len(data) > settings.max_file_bytes:  # counted as it arrives, like uploads
-                            raise InputError(413, f"the remote file is larger than the limit of {settings.max_file_bytes} "
-                                                  "bytes (max_file_bytes)", param)
+                            raise InputError(413, "the remote file is larger than the limit of "
+                                                  f"{settings.max_file_bytes} bytes (max_file_bytes)", param)
                     return bytes(data)
         except httpx.HTTPError as e:
             raise InputError(422, f"could not fetch the URL: {type(e).__name__}", param) from None

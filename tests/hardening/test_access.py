@@ -70,7 +70,8 @@ def test_cors_is_closed_by_default(tiny_model):
     from server.api.settings import Settings
 
     with TestClient(create_app(Settings(model=str(tiny_model)))) as app:
-        response = app.options("/v1/chat/completions", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
+        response = app.options("/v1/chat/completions",
+                               headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in response.headers
         assert "access-control-allow-origin" not in app.get("/health", headers={"Origin": ORIGIN}).headers
 

@@ -96,7 +96,8 @@ def test_a_file_over_the_file_limit_is_refused_while_it_uploads(hardened):
 def test_a_base64_part_over_the_file_limit_names_its_content_part(client):
     data = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(LIMITS["max_file_bytes"])).decode()
     response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}]}]})
+        {"type": "text", "text": "hi"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}]}]})
     assert_refused(response, 413, "messages[0].content[1].image_url.url", "max_file_bytes")
 
 
@@ -196,7 +197,8 @@ def test_too_many_attachments(client):
 
 def test_requests_within_every_limit_are_served(client):
     # a 2.1 MB image: bigger than Starlette keeps in memory, so it is spooled to a temp file
-    response = client.post("/v1/chat", files=[("image", ("a.png", noise_png(700, 1000))),
-                                              ("audio", ("a.wav", files.sound_bytes(files.tone(440, 4, 16000), 16000)))],
-                           data={"prompt": ("the cat sat on the mat. " * 100)[:1500], "max_tokens": str(LIMITS["max_tokens_limit"]), "stream": "false"})
+    wav = files.sound_bytes(files.tone(440, 4, 16000), 16000)
+    response = client.post("/v1/chat", files=[("image", ("a.png", noise_png(700, 1000))), ("audio", ("a.wav", wav))],
+                           data={"prompt": ("the cat sat on the mat. " * 100)[:1500],
+                                 "max_tokens": str(LIMITS["max_tokens_limit"]), "stream": "false"})
     assert response.status_code == 200, response.text

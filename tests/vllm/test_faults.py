@@ -3,9 +3,10 @@
 The gateway decodes on a vLLM started for this module alone (the session's shared server is
 never touched), on a port of its own. With K answers asked for at once through the gateway,
 that vLLM is frozen (SIGSTOP of its process group: the slow engine) as soon as one streams,
-later killed (SIGKILL: the dying one) likewise, then started again on the same port. Every answer ends complete or with an `error`
-event and `[DONE]`, none hangs; the gateway answers 503 while vLLM is gone and serves again
-once it is back, without a restart; it leaks no descriptors, threads or temp files.
+later killed (SIGKILL: the dying one) likewise, then started again on the same port. Every
+answer ends complete, with an `error` event and `[DONE]`, or (not started yet) with a clean
+503; none hangs; the gateway answers 503 while vLLM is gone and serves again once it is back,
+without a restart; it leaks no descriptors, threads or temp files.
 """
 
 import json
@@ -177,5 +178,6 @@ def test_vllm_frozen_killed_and_restarted_under_streaming_load(gateway, own_vllm
     assert fds <= baseline[0], gateway.open_fds()
     assert threads <= baseline[1]
     assert temp == baseline[2]
-    print(f"\nfreeze: {frozen}; kill: {outcomes} ended {ended_s:.2f} s after SIGKILL; vLLM ready again after {restart_s:.0f} s; "
+    print(f"\nfreeze: {frozen}; kill: {outcomes} ended {ended_s:.2f} s after SIGKILL; "
+          f"vLLM ready again after {restart_s:.0f} s; "
           f"gateway fds {baseline[0]} -> {fds}, threads {baseline[1]} -> {threads}")

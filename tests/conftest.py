@@ -37,3 +37,24 @@ def fixture_model(fixture_dir, tmp_path_factory) -> Path:
     return convert(checkpoint=fixture_dir / "consolidated.00-of-01.pth", params=fixture_dir / "params.json",
                    tokenizer=fixture_dir / "tokenizer.model", out=tmp_path_factory.mktemp("models") / "fixture",
                    clip_heads=2, dtype="float32", name="fixture")
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's: Playwright's own browser download does not work here
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Playwright; missing it is a failure in CI, a skip elsewhere."""
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} not found (apt-get install -y chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

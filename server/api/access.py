@@ -19,7 +19,7 @@ from server.errors import InputError
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # a client's own id is kept when it is a plain token; anything else could forge log lines
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-OPEN_PATHS = {"/health"}  # liveness probes carry no credentials
+OPEN_PATHS = {"/health", "/"}  # liveness probes carry no credentials; the page holds no data and asks for a key
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
@@ -103,7 +103,7 @@ def load_api_keys(keys: tuple[str, ...], keys_file: str | None) -> tuple[str, ..
 
 
 class Gate:
-    """With API keys configured, every path but /health needs `Authorization: Bearer <key>`;
+    """With API keys configured, every path but /health and the page needs `Authorization: Bearer <key>`;
     while the server drains for shutdown, new requests get 503."""
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], draining: Callable[[], bool]):

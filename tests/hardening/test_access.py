@@ -18,12 +18,33 @@ def assert_401(response: httpx.Response) -> dict:
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/ready", "/metrics", "/openapi.json", "/docs"])
-def test_every_path_but_health_needs_a_key(hardened, path):
+def test_every_path_but_health_and_the_page_needs_a_key(hardened, path):
     assert_401(httpx.get(hardened.url + path))
 
 
-def test_health_stays_open(hardened):
+def test_health_and_the_page_stay_open(hardened):
     assert httpx.get(f"{hardened.url}/health").status_code == 200
+    page = httpx.get(f"{hardened.url}/")
+    assert page.status_code == 200 and 'id="api-key"' in page.text
+
+
+@pytest.mark.browser
+def test_the_page_asks_for_the_key_and_then_answers(hardened, browser):
+    page = browser.new_page()
+    try:
+        page.goto(hardened.url + "/")
+        page.wait_for_selector("text=a valid API key is required")  # /v1/models refused, shown plainly
+        page.click("summary")
+        page.fill("#api-key", ENV_KEYS[0])
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#model:has-text('image')")
+        page.fill("#max-tokens", "3")
+        page.fill("#prompt", "Hello")
+        page.click("#send")
+        page.locator(".message.assistant .text").filter(has_text=re.compile(r"\S")).wait_for(timeout=60_000)
+        assert ENV_KEYS[0] not in hardened.log()
+    finally:
+        page.close()
 
 
 @pytest.mark.parametrize("key", [*ENV_KEYS, FILE_KEY])

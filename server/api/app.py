@@ -33,6 +33,7 @@ log = logging.getLogger("onellm.gateway")
 STATIC_DIR = Path(__file__).parent / "static"
 # streamed answers (`stream: true`) are Server-Sent Events of chat.completion.chunk JSON
 STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+CHAT_PATHS = ("/v1/chat", "/v1/chat/completions")
 FORM_FIELDS = {"prompt", "messages", "model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                "imu_sample_rate"}
 
@@ -108,9 +109,15 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     app.state.draining = False  # set by `onellm serve` on SIGTERM
     add_guards(app, settings)
 
+    def count_refused(request: Request, error: InputError) -> JSONResponse:
+        """A chat request refused before its chat was read (bad form, unknown model, ...) counts too."""
+        if request.url.path in CHAT_PATHS and not getattr(request.state, "counted", False):
+            app.state.metrics.requests.labels("unread", str(error.status)).inc()
+        return error_response(error)
+
     @app.exception_handler(InputError)
     async def on_input_error(request: Request, e: InputError):
-        return error_response(e)
+        return count_refused(request, e)
 
     @app.exception_handler(EngineUnavailable)
     async def on_engine_down(request: Request, e: EngineUnavailable):
@@ -121,10 +128,10 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     async def on_invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0]
         if first["type"] == "json_invalid":  # its loc is the character offset, not a field
-            return error_response(InputError(
+            return count_refused(request, InputError(
                 400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})"))
         loc = [str(p) for p in first["loc"] if p != "body"]
-        return error_response(InputError(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", ".".join(loc) or None))
+        return count_refused(request, InputError(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", ".".join(loc) or None))
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, e: HTTPException):
@@ -160,8 +167,10 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         if name not in (None, "", served):
             raise InputError(404, f"model '{name}' is not served here; this server serves '{served}'", "model")
 
-    async def respond(chat: Chat, sampling_fields: dict, stream: bool, include_usage: bool) -> Response:
+    async def respond(request: Request, chat: Chat, sampling_fields: dict, stream: bool,
+                      include_usage: bool) -> Response:
         started = time.monotonic()
+        request.state.counted = True  # from here on every ending is counted under the chat's modalities
         service: ChatService = app.state.service
         metrics = app.state.metrics
         label = "+".join(a.modality for t in chat.turns for a in t.attachments) or "text"
@@ -208,12 +217,12 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         ).model_dump(exclude_none=True))
 
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, responses=STREAM_RESPONSE)
-    async def chat_completions(body: schemas.ChatCompletionRequest) -> Response:
+    async def chat_completions(request: Request, body: schemas.ChatCompletionRequest) -> Response:
         check_model(body.model)
         chat = await chat_from_openai(body, fetch_remote if settings.allowed_url_hosts else None)
         max_tokens = body.max_completion_tokens or body.max_tokens
         check_chat(chat, settings, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-        return await respond(chat, sampling_fields(max_tokens, body.temperature, body.top_p, body.stop, body.seed),
+        return await respond(request, chat, sampling_fields(max_tokens, body.temperature, body.top_p, body.stop, body.seed),
                              body.stream, bool(body.stream_options and body.stream_options.include_usage))
 
     @app.post("/v1/chat", response_model=schemas.ChatCompletion, responses=STREAM_RESPONSE,
@@ -244,7 +253,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         chat = chat_from_form(fields.prompt, fields.messages, uploads, {"imu_sample_rate": fields.imu_sample_rate})
         check_chat(chat, settings, fields.max_tokens, text_param="messages" if fields.messages else "prompt")
         stop = _form_stop(fields.stop)
-        return await respond(chat, sampling_fields(fields.max_tokens, fields.temperature, fields.top_p, stop,
+        return await respond(request, chat, sampling_fields(fields.max_tokens, fields.temperature, fields.top_p, stop,
                                                    fields.seed), fields.stream, include_usage=False)
 
     @app.get("/v1/models", response_model=schemas.ModelList)

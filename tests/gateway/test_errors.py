@@ -214,6 +214,13 @@ def test_unknown_route_and_method_are_json_errors(client):
     assert_error(client.get("/v1/chat"), 405)
 
 
+def test_requests_refused_before_their_chat_is_read_are_counted(client):
+    before = metric(client, "onellm_requests_total", modality="unread", status="400")
+    assert_error(form(client, [upload("sound", PNG, "sound.wav")], prompt="hi"), 400, "sound")
+    assert_error(client.post("/v1/chat/completions", json={"messages": []}), 400, "messages")
+    assert metric(client, "onellm_requests_total", modality="unread", status="400") == before + 2
+
+
 def test_decoding_failures_are_counted_and_nothing_was_a_500(client):
     before = metric(client, "onellm_requests_total", modality="audio", status="415")
     assert_error(form(client, [upload("audio", PNG, "sound.wav")]), 415, "audio")

@@ -56,7 +56,7 @@ class ChatForm(BaseModel):
 def build_engine(settings: Settings, model: OneLLM) -> Engine:
     if settings.vllm_url:
         from server.engines.vllm import VLLMEngine
-        return VLLMEngine(settings.vllm_url)
+        return VLLMEngine(settings.vllm_url, dtype=model.dtype)  # the embeddings travel as they were made
     from server.engines.local import LocalEngine
     return LocalEngine(model.path / "llm", device=settings.device, dtype=model.dtype)
 

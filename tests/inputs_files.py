@@ -1,4 +1,4 @@
-"""Real files, encoded in memory with the same libraries people's tools use, for test_inputs."""
+"""Real files, encoded in memory with the same libraries people's tools use: the encoders every tier shares."""
 
 import io
 import struct

@@ -2,13 +2,11 @@
 tools use (Pillow, PyAV, soundfile, trimesh, NumPy). Each helper takes a `seed` so a test can
 make bytes no other test sent (the prefix cache keys on the bytes)."""
 
-import io
-
-import av
 import numpy as np
-import soundfile as sf
 import trimesh
 from PIL import Image
+
+from inputs_files import csv_bytes as csv, image_bytes, npy_bytes as npy, sound_bytes, video_bytes
 
 FMRI_VOXELS = 15724
 
@@ -30,9 +28,7 @@ def picture(seed: int = 0, width: int = 64, height: int = 48) -> Image.Image:
 
 def image(fmt: str, seed: int = 0, width: int = 64, height: int = 48) -> bytes:
     """JPEG, PNG or WebP bytes."""
-    out = io.BytesIO()
-    picture(seed, width, height).save(out, format={"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt])
-    return out.getvalue()
+    return image_bytes(picture(seed, width, height), {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt])
 
 
 def solid_png(colour: tuple[int, int, int], tag: str = "", width: int = 64, height: int = 48) -> bytes:
@@ -41,18 +37,14 @@ def solid_png(colour: tuple[int, int, int], tag: str = "", width: int = 64, heig
     from PIL.PngImagePlugin import PngInfo
     info = PngInfo()
     info.add_text("Comment", tag)
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), colour).save(out, format="PNG", pnginfo=info)
-    return out.getvalue()
+    return image_bytes(Image.new("RGB", (width, height), colour), "PNG", pnginfo=info)
 
 
 def depth_map(seed: int = 0, width: int = 64, height: int = 48) -> bytes:
     """A 16-bit greyscale PNG in millimetres, as depth cameras write them."""
     rng = _rng(seed)
     depth = (np.linspace(500, 4000, width)[None, :] + rng.normal(0, 30, (height, width))).astype(np.uint16)
-    out = io.BytesIO()
-    Image.fromarray(depth).save(out, format="PNG")  # mode I;16
-    return out.getvalue()
+    return image_bytes(Image.fromarray(depth), "PNG")  # mode I;16
 
 
 def normal_map(seed: int = 0, width: int = 64, height: int = 48) -> bytes:
@@ -60,9 +52,7 @@ def normal_map(seed: int = 0, width: int = 64, height: int = 48) -> bytes:
     rng = _rng(seed)
     n = rng.normal(0, 0.3, (height, width, 3)) + np.array([0, 0, 1.0])
     n /= np.linalg.norm(n, axis=2, keepdims=True)
-    out = io.BytesIO()
-    Image.fromarray(((n + 1) / 2 * 255).astype(np.uint8), "RGB").save(out, format="PNG")
-    return out.getvalue()
+    return image_bytes(Image.fromarray(((n + 1) / 2 * 255).astype(np.uint8), "RGB"), "PNG")
 
 
 # container -> (PyAV format name, codec)
@@ -72,16 +62,9 @@ VIDEO_FORMATS = {"mp4": ("mp4", "libx264"), "webm": ("webm", "libvpx-vp9"), "mov
 def video(fmt: str, seed: int = 0, seconds: float = 2.0, fps: int = 10, width: int = 64, height: int = 48) -> bytes:
     """MP4 (H.264), WebM (VP9) or MOV (H.264): a moving gradient."""
     container_format, codec = VIDEO_FORMATS[fmt]
-    frames = np.asarray(picture(seed, width, height))
-    out = io.BytesIO()
-    with av.open(out, "w", format=container_format) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(int(seconds * fps)):
-            frame = np.roll(frames, shift=3 * i, axis=1)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())
-    return out.getvalue()
+    still = np.asarray(picture(seed, width, height))
+    frames = [np.ascontiguousarray(np.roll(still, shift=3 * i, axis=1)) for i in range(int(seconds * fps))]
+    return video_bytes(frames, container_format, codec, fps)
 
 
 # extension -> (soundfile format, subtype)
@@ -96,21 +79,7 @@ def audio(fmt: str, seed: int = 0, seconds: float = 1.0, rate: int = 22050) -> b
     left = 0.3 * np.sin(2 * np.pi * freq * t) + 0.2 * np.sin(2 * np.pi * 1.5 * freq * t)
     signal = np.stack([left, 0.5 * left], axis=1) + rng.normal(0, 0.01, (len(t), 2))
     file_format, subtype = AUDIO_FORMATS[fmt]
-    out = io.BytesIO()
-    sf.write(out, signal.astype(np.float32), rate, format=file_format, subtype=subtype)
-    return out.getvalue()
-
-
-def npy(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.save(out, array, allow_pickle=False)
-    return out.getvalue()
-
-
-def csv(array: np.ndarray, header: str | None = None) -> bytes:
-    lines = [header] if header else []
-    lines += [",".join(f"{v:.6g}" for v in row) for row in np.atleast_2d(array)]
-    return ("\n".join(lines) + "\n").encode()
+    return sound_bytes(signal.astype(np.float32), rate, file_format, subtype)
 
 
 def point_cloud(seed: int = 0, n: int = 2000) -> np.ndarray:

@@ -3,6 +3,7 @@ what it queued for the decoders never runs and nothing reaches the encoder. In p
 the real ChatService on the tiny model, as ChatGuard cancels the task serving a request."""
 
 import asyncio
+import threading
 
 import numpy as np
 
@@ -31,17 +32,21 @@ def test_a_cancelled_request_runs_none_of_its_queued_decoding_and_nothing_in_the
     videos = [Attachment("video", {"video": video(seed)}) for seed in range(3)]
     chat = Chat([Turn("user", "What happens?", videos)])
 
-    async def cancel_while_decoding():
+    async def cancel_while_queued():
+        # the one decoding worker is held busy, so every video of the request waits in its queue
+        release = threading.Event()
+        service._preprocess.submit(release.wait)
         request = asyncio.ensure_future(service.prepare(chat, None))
-        await asyncio.sleep(0.05)  # the first video is being decoded, the other two wait for the worker
+        await asyncio.sleep(0.05)
         request.cancel()
         await asyncio.gather(request, return_exceptions=True)
         assert request.cancelled()
+        release.set()
         await asyncio.sleep(0.05)
 
-    asyncio.run(cancel_while_decoding())
-    service._preprocess.shutdown(wait=True)  # lets the decode already running finish
-    assert total(metrics, "onellm_preprocess_seconds_count") <= 1, "queued decoding ran for a cancelled request"
+    asyncio.run(cancel_while_queued())
+    service._preprocess.shutdown(wait=True)
+    assert total(metrics, "onellm_preprocess_seconds_count") == 0, "queued decoding ran for a cancelled request"
     assert service.batcher.batch_sizes == []
     assert total(metrics, "onellm_encoder_runs_total") == 0
     service.close()

@@ -44,9 +44,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium driven by Playwright; missing it is a failure in CI, a skip elsewhere."""
+    """Headless Chromium driven by Playwright; missing it is a failure in CI, a skip elsewhere.
+
+    Module-scoped: Playwright's sync API keeps an event loop running while it is open, and
+    `asyncio.run` in any later test would then fail."""
     if not CHROMIUM.exists():
         message = f"{CHROMIUM} not found (apt-get install -y chromium)"
         if os.environ.get("CI"):

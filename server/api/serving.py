@@ -26,7 +26,6 @@ class Prepared:
     embeddings: torch.Tensor  # [L, D]
     max_tokens: int
     modalities: list[str]
-    dropped_turns: int
 
     @property
     def prompt_tokens(self) -> int:
@@ -109,7 +108,7 @@ class ChatService:
         attachments = [a for t in chat.turns[start:] for a in t.attachments]
         prefixes = await asyncio.gather(*(self.prefix(a) for a in attachments))
         embeddings = self.model.embeddings(ids, [(a.modality, p) for a, p in zip(attachments, prefixes)])
-        return Prepared(embeddings, max_tokens, [a.modality for a in attachments], start)
+        return Prepared(embeddings, max_tokens, [a.modality for a in attachments])
 
     async def generate(self, generation: Generation, sampling: Sampling) -> AsyncIterator[str]:
         """Text deltas of one answer; fills `generation.usage` and the metrics as it goes.

@@ -203,15 +203,12 @@ def total(metrics: dict[str, float], name: str, **labels) -> float:
 # ---------------------------------------------------------------- in-process work
 
 
-def prompt_embeddings(model: OneLLM, item: Item, history: list[tuple[str, str]] = ()) -> tuple[torch.Tensor, float]:
+def prompt_embeddings(model: OneLLM, item: Item, history: list[tuple[str, str]] = ()) -> torch.Tensor:
     """The prompt embeddings the gateway builds for a chat opening with `item` (its text the first
-    user turn, then `history`), and the seconds decoding and the batch-1 encoder took."""
-    start = time.perf_counter()
+    user turn, then `history`), with the encoder at batch 1."""
     inputs = MODALITIES[item.modality].preprocess(item.files, item.options)
     prefix = model.encode(item.modality, inputs.unsqueeze(0))[0]
-    seconds = time.perf_counter() - start
-    turns = [("user", item.text), *history]
-    return model.embeddings(model.prompt_ids(turns), [(item.modality, prefix)]), seconds
+    return model.embeddings(model.prompt_ids([("user", item.text), *history]), [(item.modality, prefix)])
 
 
 def completions_body(embeddings: torch.Tensor, served: str, max_tokens: int, salt: str) -> bytes:
@@ -229,7 +226,7 @@ async def baseline(model: OneLLM, items: list[Item], max_tokens: int) -> tuple[l
     async def serve(item: Item) -> Result:
         result, stamps, usage = Result(), [], Usage()
         start = time.perf_counter()
-        embeddings, _ = prompt_embeddings(model, item)
+        embeddings = prompt_embeddings(model, item)
         async for delta in engine.stream(embeddings, Sampling(max_tokens=max_tokens), usage):
             stamps.append(time.perf_counter())
             result.text += delta
@@ -257,30 +254,33 @@ async def served_model(vllm: str) -> str:
 
 
 async def overhead(args, model: OneLLM) -> dict:
-    """Serial requests through the gateway, then the same embeddings straight to vLLM: per request,
-    gateway overhead = gateway TTFT - direct TTFT - (decode + encoder time, from the gateway's
-    own histograms, read before and after each request)."""
+    """Serial requests through the gateway, each followed by the same embeddings straight to vLLM:
+    per request, gateway overhead = gateway TTFT - direct TTFT - (decode + encoder time).
+
+    The decode and encoder time comes from the gateway's own histograms, read before and after
+    each request: timing the encoder here instead would be wrong, as vLLM's CPU worker
+    busy-polls a core for a second after each request and stalls torch's threads in this
+    process (up to 1 s per encode, measured)."""
     items = mixed(2 * len(MIX), SEEDS["overhead"])
     served = await served_model(args.direct)
+    bodies = [completions_body(prompt_embeddings(model, item), served, args.max_tokens, f"overhead-{i}")
+              for i, item in enumerate(items)]
     rows = []
     async with httpx.AsyncClient(timeout=600) as client:
-        for i, item in enumerate(items):
+        for item, body in zip(items, bodies):
             before = await scrape(client, args.url)
             via_gateway = await stream(client, f"{args.url}/v1/chat/completions",
                                        chat_body([{"role": "user", "content": content_parts(item)}], args.max_tokens))
             after = await scrape(client, args.url)
             stage = sum(total(after, f"{h}_sum") - total(before, f"{h}_sum")
                         for h in ("onellm_preprocess_seconds", "onellm_encoder_batch_seconds"))
-            embeddings, in_process = prompt_embeddings(model, item)
-            direct = await stream(client, f"{args.direct}/v1/completions",
-                                  completions_body(embeddings, served, args.max_tokens, f"overhead-{i}"))
+            direct = await stream(client, f"{args.direct}/v1/completions", body)
             for r in (via_gateway, direct):
                 if r.error:
                     raise SystemExit(f"overhead pass failed: {r.error}")
-            rows.append({"modality": item.modality, "prompt_tokens": embeddings.shape[0],
-                         "gateway_ttft_ms": via_gateway.ttft * 1e3, "direct_ttft_ms": direct.ttft * 1e3,
-                         "encoder_ms": stage * 1e3, "encoder_in_process_ms": in_process * 1e3,
-                         "overhead_ms": (via_gateway.ttft - direct.ttft - stage) * 1e3})
+            rows.append({"modality": item.modality, "gateway_ttft_ms": round(via_gateway.ttft * 1e3, 2),
+                         "direct_ttft_ms": round(direct.ttft * 1e3, 2), "encoder_ms": round(stage * 1e3, 2),
+                         "overhead_ms": round((via_gateway.ttft - direct.ttft - stage) * 1e3, 2)})
     column = lambda name: [r[name] / 1e3 for r in rows]  # noqa: E731 - percentiles() takes seconds
     return {"requests": rows, **{f"{name}_p50_p95": percentiles(column(name), (50, 95))
                                  for name in ("gateway_ttft_ms", "direct_ttft_ms", "encoder_ms", "overhead_ms")}}
@@ -326,16 +326,17 @@ async def vllm_prefix_cache(args, model: OneLLM) -> dict:
     then a longer prompt that starts with them (a follow-up turn), each read off vLLM's counters."""
     served = await served_model(args.direct)
     item = make_item("video", SEEDS["turns"] + 10_000)
-    first, _ = prompt_embeddings(model, item)
-    longer, _ = prompt_embeddings(model, item, [("assistant", "A gradient slides to the right."), ("user", FOLLOW_UP)])
+    first = prompt_embeddings(model, item)
+    longer = prompt_embeddings(model, item, [("assistant", "A gradient slides to the right."), ("user", FOLLOW_UP)])
     shared = int(next((i for i in range(min(len(first), len(longer))) if not torch.equal(first[i], longer[i])),
                       min(len(first), len(longer))))
+    salt = f"prefix-probe-{time.time_ns()}"  # blocks cached by an earlier run against this vLLM do not count
     rows = []
     async with httpx.AsyncClient(timeout=600) as client:
         for name, embeddings in (("first", first), ("same again", first), ("follow-up", longer)):
             before = await scrape(client, args.direct)
             r = await stream(client, f"{args.direct}/v1/completions",
-                             completions_body(embeddings, served, args.max_tokens, "prefix-probe"))
+                             completions_body(embeddings, served, args.max_tokens, salt))
             after = await scrape(client, args.direct)
             rows.append({"request": name, "prompt_tokens": embeddings.shape[0], "ttft_ms": round(r.ttft * 1e3, 2),
                          "queries": total(after, "vllm:prefix_cache_queries_total")
@@ -473,7 +474,7 @@ async def main() -> None:
             served = await served_model(args.direct)
             results["direct"] = []
             for c, items in levels.items():
-                bodies = [completions_body(prompt_embeddings(model, i)[0], served, args.max_tokens, f"direct-{c}")
+                bodies = [completions_body(prompt_embeddings(model, i), served, args.max_tokens, f"direct-{c}")
                           for i in items]
                 results["direct"].append(summarize(*await run_level(bodies, f"{args.direct}/v1/completions", c), c))
                 print(line("direct", results["direct"][-1]), flush=True)

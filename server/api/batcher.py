@@ -1,8 +1,11 @@
 """Dynamic batching of the encoder: requests of one modality queue and run as one batch.
 
-A batch runs when `max_batch` requests wait or `max_wait` has passed since the first one came;
-each request gets its own prefix rows back. Modalities batch separately (their inputs differ in
-shape); a video batch sends all B·T frames through the CLIP trunk in one call.
+The encoder runs one batch at a time. When it is free, a modality's queue runs as soon as it
+holds `max_batch` requests or its oldest has waited `max_wait`; of several such queues the one
+with the oldest request goes first. While a batch runs the queues keep filling, so under load
+batches grow to what has arrived in the meantime instead of lining up one request each.
+Each request gets its own prefix rows back. Modalities batch separately (their inputs differ
+in shape); a video batch sends all B·T frames through the CLIP trunk in one call.
 """
 
 import asyncio
@@ -24,46 +27,61 @@ class EncoderBatcher:
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self.waiting: dict[str, list[tuple[torch.Tensor, asyncio.Future]]] = defaultdict(list)
-        self.timers: dict[str, asyncio.TimerHandle] = {}
+        # modality -> [(input, future, arrival time)], oldest first
+        self.waiting: dict[str, list[tuple[torch.Tensor, asyncio.Future, float]]] = defaultdict(list)
+        self.running = False
+        self.timer: asyncio.TimerHandle | None = None
         self.batch_sizes: list[int] = []  # of every batch run, for tests and benchmarks
 
     async def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         """One model input (no batch dim) -> its prefix [30, D]."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        queue = self.waiting[modality]
-        queue.append((inputs, future))
-        if len(queue) >= self.max_batch:
-            self._flush(modality)
-        elif modality not in self.timers:
-            self.timers[modality] = loop.call_later(self.max_wait_s, self._flush, modality)
+        self.waiting[modality].append((inputs, future, loop.time()))
+        self._dispatch()
         return await future  # a cancelled caller's input is dropped before its batch runs
 
-    def _flush(self, modality: str) -> None:
-        if timer := self.timers.pop(modality, None):
-            timer.cancel()
+    def _dispatch(self) -> None:
+        """Start the next batch if the encoder is free and a queue is due; else wake up when one will be."""
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        if self.running:
+            return  # the running batch dispatches again when it ends
+        for queue in self.waiting.values():
+            queue[:] = [entry for entry in queue if not entry[1].cancelled()]
+        heads = {m: queue[0][2] for m, queue in self.waiting.items() if queue}
+        if not heads:
+            return
+        loop = asyncio.get_running_loop()
+        due = [m for m, arrived in heads.items()
+               if len(self.waiting[m]) >= self.max_batch or loop.time() - arrived >= self.max_wait_s]
+        if not due:
+            self.timer = loop.call_at(min(heads.values()) + self.max_wait_s, self._dispatch)
+            return
+        modality = min(due, key=heads.get)
         queue = self.waiting[modality]
-        batch = [(x, f) for x, f in queue[: self.max_batch] if not f.cancelled()]
+        batch = [(x, f) for x, f, _ in queue[: self.max_batch]]
         del queue[: self.max_batch]
-        if queue:  # more than one batch's worth came at once: the rest runs right after
-            self.timers[modality] = asyncio.get_running_loop().call_later(0, self._flush, modality)
-        if batch:
-            self.batch_sizes.append(len(batch))
-            asyncio.ensure_future(self._run(modality, batch))
+        self.running = True
+        self.batch_sizes.append(len(batch))
+        asyncio.ensure_future(self._run(modality, batch))
 
     async def _run(self, modality: str, batch: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
-        inputs = torch.stack([x for x, _ in batch])
         try:
+            inputs = torch.stack([x for x, _ in batch])
             prefixes = await asyncio.get_running_loop().run_in_executor(self.executor, self._encode, modality, inputs)
         except Exception as e:  # noqa: BLE001 - every waiting request learns of the failure
             for _, future in batch:
                 if not future.done():
                     future.set_exception(e)
-            return
-        for (_, future), prefix in zip(batch, prefixes):
-            if not future.done():
-                future.set_result(prefix)
+        else:
+            for (_, future), prefix in zip(batch, prefixes):
+                if not future.done():
+                    future.set_result(prefix)
+        finally:
+            self.running = False
+            self._dispatch()
 
     def _encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()

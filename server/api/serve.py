@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder-max-batch", type=int, help="requests of one modality encoded as one batch "
                         "(env ONELLM_ENCODER_MAX_BATCH; default 8)")
     parser.add_argument("--encoder-max-wait-ms", type=float, help="longest wait for a batch to fill "
-                        "(env ONELLM_ENCODER_MAX_WAIT_MS; default 5)")
+                        "(env ONELLM_ENCODER_MAX_WAIT_MS; default 1)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         help="env ONELLM_LOG_LEVEL; only debug logs prompts and upload sizes")
     parser.add_argument("--api-keys-file", help="file of API keys, one a line; with it or env ONELLM_API_KEYS "

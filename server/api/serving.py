@@ -42,7 +42,7 @@ class Generation:
 
 class ChatService:
     def __init__(self, model: OneLLM, engine: Engine, metrics: Metrics, preprocess_workers: int,
-                 prefix_cache_bytes: int, default_max_tokens: int, max_batch: int = 8, max_wait_ms: float = 5.0,
+                 prefix_cache_bytes: int, default_max_tokens: int, max_batch: int = 8, max_wait_ms: float = 1.0,
                  decoder_limits: dict | None = None, stall_timeout_s: float | None = None):
         self.model = model
         self.engine = engine

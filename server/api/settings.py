@@ -28,7 +28,9 @@ class Settings:
     preprocess_workers: int = max(1, min(8, os.cpu_count() or 1))
     prefix_cache_mb: float = 256.0
     encoder_max_batch: int = 8  # requests of one modality encoded together ...
-    encoder_max_wait_ms: float = 5.0  # ... or fewer, once the first has waited this long
+    # ... or fewer, once the first has waited this long; under load batches fill while the
+    # encoder is busy, so a longer wait only delays a request that comes alone
+    encoder_max_wait_ms: float = 1.0
     allowed_url_hosts: tuple[str, ...] = ()  # remote attachment URLs are refused unless their host is listed
     log_level: str = "info"
 

@@ -9,7 +9,7 @@
 # MODEL is a model folder (model_repo/<name>, whose llm/ is served) or an LLM folder itself.
 # PORT defaults to 8000. Settings by environment: VLLM_HOST (127.0.0.1), VLLM_DTYPE (float32),
 # VLLM_MAX_MODEL_LEN (2048), VLLM_CPU_KVCACHE_SPACE (GiB, 1), VLLM_START_TIMEOUT (s, 300),
-# VLLM_STATE_DIR (where `start` keeps its pid and log files).
+# VLLM_STATE_DIR (where `start` keeps its pid and log files), VLLM_CPU_THREADS (1).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -54,8 +54,17 @@ cmd_run() {
     [ -x "$VENV/bin/python" ] || die "$VENV is missing: run scripts/vllm-env.sh (make vllm-env) first"
     # The `vllm` console script is broken in the vllm-cpu distribution: run the module.
     export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+    # vLLM shares the CPU with the gateway's encoder here. Its default layout pins a worker
+    # process to one core, busy-polls there for a second after every step and runs OpenMP
+    # threads that wait on each other: the gateway's torch threads then stall behind it (on 2
+    # cores, 3.8-4.0 -> 5.1-6.0 gateway requests/s at 16 clients, docs/benchmarks.md). So: the
+    # model runs inside the engine process (uni executor, which the CPU platform allows only
+    # without V1 multiprocessing) on VLLM_CPU_THREADS threads, bound to no core.
+    export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_OMP_THREADS_BIND=nobind
+    export OMP_NUM_THREADS=${VLLM_CPU_THREADS:-1}
     exec "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
         --model "$model" \
+        --distributed-executor-backend uni \
         --enable-prompt-embeds \
         --dtype "${VLLM_DTYPE:-float32}" \
         --max-model-len "${VLLM_MAX_MODEL_LEN:-2048}" \

@@ -1,10 +1,10 @@
 """Load benchmark of a running gateway (a benchmark, not a test): throughput and latency under
 N concurrent streaming clients, side by side with the way OneLLM's authors served the model.
 
-    # the full run behind docs/benchmarks.md: sweep, baseline, vLLM direct, follow-up turns
+    # the full run behind docs/benchmarks.md: sweep, baseline, vLLM direct, follow-up turns, chats
     uv run python bench/load.py --url http://127.0.0.1:8180 --model model_repo/tiny \\
         --concurrency 1,2,4,8,16 --baseline --direct http://127.0.0.1:8100 --turns 8 \\
-        --out docs/bench-load.json --chart docs/bench-load.png
+        --chats 32 --chat-turns 4 --out docs/bench-load.json --chart docs/bench-load.png
     # gateway memory over 1000 requests
     uv run python bench/load.py --url http://127.0.0.1:8180 --soak 1000 --pid <gateway pid> \\
         --out docs/bench-soak.json
@@ -23,6 +23,9 @@ cache never answers), streamed with greedy decoding and `max_tokens` (the API ha
   that splits each request's TTFT into vLLM, the encoder and what the gateway adds.
 - `--turns K`: K video chats of two turns, the second resending the video: encoder runs and
   prefix-cache hits from the gateway's /metrics, vLLM's prefix-cache counters, TTFT of each turn.
+- `--chats N`: N chats of `--chat-turns` turns over the mix, every turn resending the chat with
+  its attachment, held by as many clients as the largest level; with `--baseline` the same chats
+  served the authors' way, which encodes the attachment again at every turn.
 """
 
 import argparse
@@ -49,7 +52,7 @@ from server.model.repo import OneLLM, load_model
 
 FOLLOW_UP = "Tell me more."
 # each phase draws its files from its own seed range, so no two phases send the same bytes
-SEEDS = {"warmup": 0, "sweep": 100_000, "overhead": 200_000, "turns": 300_000, "soak": 400_000}
+SEEDS = {"warmup": 0, "sweep": 100_000, "overhead": 200_000, "turns": 300_000, "soak": 400_000, "chats": 500_000}
 
 
 @dataclass
@@ -119,6 +122,25 @@ async def stream(client: httpx.AsyncClient, url: str, body: bytes) -> Result:
     elif result.error is None:
         result.error = "no text"
     return result
+
+
+async def run_chats(items: list[Item], url: str, concurrency: int, chat_turns: int,
+                    max_tokens: int) -> tuple[list[Result], float]:
+    """`concurrency` clients each hold chats back to back: every turn resends the whole chat, the
+    attachment included, as an OpenAI client does; returns every turn's result and the wall time."""
+    pending, results = list(items), []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def client_loop():
+            while pending:
+                messages = [{"role": "user", "content": content_parts(pending.pop(0))}]
+                for _ in range(chat_turns):
+                    results.append(await stream(client, url, chat_body(messages, max_tokens)))
+                    messages += [{"role": "assistant", "content": results[-1].text}, {"role": "user", "content": FOLLOW_UP}]
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return results, time.perf_counter() - start
 
 
 async def run_level(requests: list[bytes], url: str, concurrency: int) -> tuple[list[Result], float]:
@@ -218,15 +240,17 @@ def completions_body(embeddings: torch.Tensor, served: str, max_tokens: int, sal
     return json.dumps({**body, "cache_salt": salt}).encode()
 
 
-async def baseline(model: OneLLM, items: list[Item], max_tokens: int) -> tuple[list[Result], float]:
-    """The authors' way: one request at a time, batch-1 encoder, transformers token by token."""
+async def baseline(model: OneLLM, items: list[Item], max_tokens: int, chat_turns: int = 1) -> tuple[list[Result], float]:
+    """The authors' way: one request at a time, batch-1 encoder, transformers token by token.
+    With chat_turns > 1 each item opens a chat of that many turns, the attachment encoded anew
+    at every turn (there is no cache)."""
     from server.engines.local import LocalEngine
     engine = LocalEngine(model.path / "llm", dtype=model.dtype)
 
-    async def serve(item: Item) -> Result:
+    async def serve(item: Item, history: list[tuple[str, str]] = ()) -> Result:
         result, stamps, usage = Result(), [], Usage()
         start = time.perf_counter()
-        embeddings = prompt_embeddings(model, item)
+        embeddings = prompt_embeddings(model, item, history)
         async for delta in engine.stream(embeddings, Sampling(max_tokens=max_tokens), usage):
             stamps.append(time.perf_counter())
             result.text += delta
@@ -238,8 +262,12 @@ async def baseline(model: OneLLM, items: list[Item], max_tokens: int) -> tuple[l
 
     for m in MIX:  # first calls of each modality allocate and pick kernels: not what is measured
         await serve(make_item(m, SEEDS["warmup"]))
-    start = time.perf_counter()
-    results = [await serve(item) for item in items]
+    results, start = [], time.perf_counter()
+    for item in items:
+        history = []
+        for _ in range(chat_turns):
+            results.append(await serve(item, history))
+            history += [("assistant", results[-1].text), ("user", FOLLOW_UP)]
     wall = time.perf_counter() - start
     await engine.close()
     return results, wall
@@ -346,6 +374,23 @@ async def vllm_prefix_cache(args, model: OneLLM) -> dict:
     return {"shared_prefix_rows": shared, "requests": rows}
 
 
+async def chats(args, model: OneLLM | None) -> dict:
+    """Chats of --chat-turns turns over the mix, through the gateway at the largest concurrency
+    and, with --baseline, served the authors' way: the workload where reuse across turns counts."""
+    c = max(args.concurrency)
+    items = mixed(args.chats, SEEDS["chats"], args.mix)
+    gateway = summarize(*await run_chats(items, f"{args.url}/v1/chat/completions", c, args.chat_turns,
+                                         args.max_tokens), c)
+    print(line("chats", gateway), flush=True)
+    out = {"chats": args.chats, "turns": args.chat_turns, "gateway": gateway}
+    if args.baseline:
+        out["baseline"] = summarize(*await baseline(model, items, args.max_tokens, args.chat_turns), None)
+        out["speedup"] = round(gateway["requests_per_s"] / out["baseline"]["requests_per_s"], 2)
+        print(line("chats base", out["baseline"]), flush=True)
+        print(f"chats: gateway at c={c} / baseline: {out['speedup']}x turns/s", flush=True)
+    return out
+
+
 def rss_kib(pid: int) -> int:
     for row in Path(f"/proc/{pid}/status").read_text().splitlines():
         if row.startswith("VmRSS:"):
@@ -403,7 +448,12 @@ def chart(results: dict, path: str) -> None:
     if base := results.get("baseline"):
         left.axhline(base["requests_per_s"], color="grey", linestyle=":", label="baseline (serial, in-process)")
         right.axhline(base["ttft_ms"]["p50"], color="grey", linestyle=":", label="baseline p50")
-    left.set(xscale="log", xlabel="concurrent clients", ylabel="requests/s", title="Throughput")
+    if chats := results.get("chats"):
+        c, turns = chats["gateway"]["concurrency"], chats["turns"]
+        left.plot([c], [chats["gateway"]["requests_per_s"]], "*", markersize=10, label=f"gateway, {turns}-turn chats (turns/s)")
+        if base := chats.get("baseline"):
+            left.plot([c], [base["requests_per_s"]], "x", color="grey", label=f"baseline, {turns}-turn chats")
+    left.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="requests/s", title="Throughput")
     right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="Time to first token")
     for ax in (left, right):
         ax.set_xticks(results["args"]["concurrency"], labels=[str(c) for c in results["args"]["concurrency"]])
@@ -428,6 +478,9 @@ async def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="also serve the largest level's requests serially in-process")
     parser.add_argument("--direct", metavar="URL", help="vLLM server the gateway uses, to measure the gateway's share")
     parser.add_argument("--turns", type=int, default=0, help="video chats of two turns to run")
+    parser.add_argument("--chats", type=int, default=0, help="chats of the mix to hold at the largest concurrency "
+                        "(with --baseline, also served the authors' way)")
+    parser.add_argument("--chat-turns", type=int, default=4, help="turns of each of --chats")
     parser.add_argument("--soak", type=int, default=0, help="requests to send while watching the gateway's RSS")
     parser.add_argument("--pid", type=int, help="the gateway's process id, for --soak")
     parser.add_argument("--soak-concurrency", type=int, default=8)
@@ -493,6 +546,8 @@ async def main() -> None:
             top = next(s for s in results["gateway"] if s["concurrency"] == largest)
             results["speedup_at_largest_concurrency"] = round(top["requests_per_s"] / results["baseline"]["requests_per_s"], 2)
             print(f"gateway at c={largest} / baseline: {results['speedup_at_largest_concurrency']}x requests/s")
+        if args.chats:
+            results["chats"] = await chats(args, model)
     results["load_average_end"] = os.getloadavg()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

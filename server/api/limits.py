@@ -41,21 +41,32 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             # the body is left unread: close the connection rather than read it to reuse it
             return await send_error(send, InputError(413, BodyTooLarge(self.limit).detail), close=True)
         received = 0
+        unread = declared not in (b"", b"0") or b"transfer-encoding" in headers  # body bytes still to come
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, unread
             message = await receive()
-            received += len(message.get("body", b""))
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                unread = message.get("more_body", False)
             if received > self.limit:
                 raise BodyTooLarge(self.limit)
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def closing_send(message: Message) -> None:
+            if unread and message["type"] == "http.response.start":
+                # answered before the body's end (a limit, a bad upload): close the connection,
+                # or the server would read and discard whatever the client goes on sending
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, counting_receive, closing_send)
 
 
 class _LimitedParser(MultiPartParser):

@@ -55,8 +55,22 @@ def raw_request(port: int, head: bytes, body_parts, timeout: float = 30) -> byte
             finally:
                 sock.settimeout(timeout)
             if answer:
-                return answer + sock.recv(65536)
+                return answer + rest_until_closed(sock)
         return sock.recv(65536)
+
+
+def rest_until_closed(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection; a hang here fails the test with
+    a timeout, as a server that keeps draining an unwanted upload should."""
+    rest = b""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:  # closed with the client's unread bytes in its buffer
+            return rest
+        if not data:
+            return rest
+        rest += data
 
 
 AUTH = f"Authorization: Bearer {ENV_KEYS[0]}\r\n".encode()
@@ -78,6 +92,7 @@ def test_a_chunked_body_is_cut_off_at_the_request_limit(hardened):
     answer = raw_request(hardened.port, head, parts)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"max_request_bytes" in answer
+    assert b"connection: close" in answer.lower()
 
 
 def test_a_file_over_the_file_limit_is_refused_while_it_uploads(hardened):
@@ -91,6 +106,13 @@ def test_a_file_over_the_file_limit_is_refused_while_it_uploads(hardened):
     answer = raw_request(hardened.port, head, parts)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b'"param":"image"' in answer and b"max_file_bytes" in answer
+    assert b"connection: close" in answer.lower()
+
+
+def test_a_body_read_to_its_end_keeps_the_connection_open(client):
+    response = upload(client, "image", noise_png(32, 32))
+    assert response.status_code == 200, response.text
+    assert response.headers.get("connection", "keep-alive").lower() != "close"
 
 
 def test_a_base64_part_over_the_file_limit_names_its_content_part(client):

@@ -3,10 +3,10 @@
 
     uv run python bench/costs.py --model model_repo/tiny
 
-For each modality of the load benchmark's mix (the same real files), the CPU time of decoding
-the upload, of the encoder at batch 1 and of generating `--max-tokens` tokens in process,
-measured with one torch thread, where CPU time is spent with the least overhead. Every server
-of this model does the decoding and the encoder work of each new attachment, so
+For each modality of the load benchmark's mix (real files made as it makes them), the CPU time
+of decoding the upload, of the encoder at batch 1 and of generating `--max-tokens` tokens in
+process, measured with one torch thread, where CPU time is spent with the least overhead. Every
+server of this model does the decoding and the encoder work of each new attachment, so
 cores / (decode + encoder CPU time per request) bounds its requests/s on CPU, whatever it
 batches, as long as batching does not make the encoder cheaper per row (bench/encoder.py
 measures whether it does).

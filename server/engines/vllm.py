@@ -22,12 +22,14 @@ TURN_SEPARATOR = "###"
 
 def encode_embeddings(embeddings: torch.Tensor, dtype: torch.dtype) -> str:
     """Base64 of a `torch.save`d tensor: the only `prompt_embeds` format vLLM reads."""
-    # clone: torch.save writes a view's whole storage, and prompt embeddings are often a
-    # view (rows of the embedding table, a slice of a batch)
-    tensor = embeddings.detach().to(device="cpu", dtype=dtype).clone(memory_format=torch.contiguous_format)
+    tensor = embeddings.detach().to(device="cpu", dtype=dtype)
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        # torch.save writes a view's whole storage, and prompt embeddings can be a view (rows
+        # of the embedding table, a slice of a batch): copy just these rows
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
     buffer = io.BytesIO()
     torch.save(tensor, buffer)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(buffer.getbuffer()).decode("ascii")
 
 
 def completion_request(embeddings: torch.Tensor, sampling: Sampling, model: str,

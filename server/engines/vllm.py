@@ -58,7 +58,7 @@ def completion_request(embeddings: torch.Tensor, sampling: Sampling, model: str,
 def request_json(body: dict) -> bytes:
     """`body` as JSON bytes. The base64 embeddings (6 MB for 600 rows of OneLLM-7B) go in as
     they are: json.dumps would copy them and scan them for characters to escape, which base64
-    has none of, and that took 16 of the 20 ms of a 600-row request (docs/benchmarks.md)."""
+    has none of, and that took 15 of the 20 ms of a 600-row request (docs/benchmarks.md)."""
     rest = json.dumps({key: value for key, value in body.items() if key != "prompt_embeds"})
     return f'{rest[:-1]}, "prompt_embeds": "{body["prompt_embeds"]}"}}'.encode("ascii")
 

@@ -124,39 +124,43 @@ async def stream(client: httpx.AsyncClient, url: str, body: bytes) -> Result:
     return result
 
 
+async def run_clients(concurrency: int, work) -> float:
+    """`concurrency` clients sharing one connection pool, each running `await work(client)`;
+    returns the wall time."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(work(client) for _ in range(concurrency)))
+        return time.perf_counter() - start
+
+
 async def run_chats(items: list[Item], url: str, concurrency: int, chat_turns: int,
                     max_tokens: int) -> tuple[list[Result], float]:
     """`concurrency` clients each hold chats back to back: every turn resends the whole chat, the
     attachment included, as an OpenAI client does; returns every turn's result and the wall time."""
     pending, results = list(items), []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def client_loop():
-            while pending:
-                messages = [{"role": "user", "content": content_parts(pending.pop(0))}]
-                for _ in range(chat_turns):
-                    results.append(await stream(client, url, chat_body(messages, max_tokens)))
-                    messages += [{"role": "assistant", "content": results[-1].text}, {"role": "user", "content": FOLLOW_UP}]
 
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        return results, time.perf_counter() - start
+    async def hold_chats(client: httpx.AsyncClient) -> None:
+        while pending:
+            messages = [{"role": "user", "content": content_parts(pending.pop(0))}]
+            for _ in range(chat_turns):
+                results.append(await stream(client, url, chat_body(messages, max_tokens)))
+                messages += [{"role": "assistant", "content": results[-1].text}, {"role": "user", "content": FOLLOW_UP}]
+
+    return results, await run_clients(concurrency, hold_chats)
 
 
 async def run_level(requests: list[bytes], url: str, concurrency: int) -> tuple[list[Result], float]:
     """`concurrency` clients send the requests back to back; returns the results and the wall time."""
     pending = list(enumerate(requests))
     results: list[Result | None] = [None] * len(requests)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def client_loop():
-            while pending:
-                i, body = pending.pop(0)
-                results[i] = await stream(client, url, body)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        return results, time.perf_counter() - start
+    async def send_requests(client: httpx.AsyncClient) -> None:
+        while pending:
+            i, body = pending.pop(0)
+            results[i] = await stream(client, url, body)
+
+    return results, await run_clients(concurrency, send_requests)
 
 
 # ---------------------------------------------------------------- figures

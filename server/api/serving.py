@@ -68,12 +68,14 @@ class ChatService:
         m = attachment.modality
         if m not in self.model.encoder.modalities:
             raise InputError(400, f"model '{self.model.name}' does not accept '{m}' inputs", next(iter(attachment.files)))
-        # off the event loop: hashing a 64 MiB upload takes ~30 ms that every stream would wait out
-        key = await asyncio.to_thread(prefix_key, self.model.name, m, attachment.files, attachment.options)
+        # off the event loop: hashing a 64 MiB upload takes ~30 ms that every stream would wait out.
+        # In the decoding pool: one bounded pool for all work on upload bytes, not a second one
+        loop = asyncio.get_running_loop()
+        key = await loop.run_in_executor(self._preprocess, prefix_key, self.model.name, m, attachment.files,
+                                         attachment.options)
         if (cached := self.cache.get(key)) is not None:
             self.metrics.prefix_cache_hits.labels(m).inc()
             return cached
-        loop = asyncio.get_running_loop()
         try:
             inputs = await loop.run_in_executor(self._preprocess, _preprocess, attachment, self.decoder_limits,
                                                 self.metrics.preprocess_seconds.labels(m))

@@ -39,8 +39,11 @@ def own_vllm(start_vllm):
 
 @pytest.fixture(scope="module")
 def gateway(own_vllm, vllm_model_dir, tmp_path_factory):
+    # one decoding thread: a pool of more may still be growing after the warm-up (its threads
+    # start on demand), which the leak check below would take for a leaked thread
     server = GatewayProcess(vllm_model_dir, tmp_path_factory.mktemp("faults"),
-                            ["--vllm-url", own_vllm.url, "--stall-timeout-s", str(STALL_S)])
+                            ["--vllm-url", own_vllm.url, "--stall-timeout-s", str(STALL_S)],
+                            env={"ONELLM_PREPROCESS_WORKERS": "1"})
     server.start()
     yield server
     assert server.stop() == 0

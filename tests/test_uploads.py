@@ -1,10 +1,14 @@
-"""How `/v1/chat` forms become turns: which uploads belong to which message."""
+"""How `/v1/chat` forms become turns (which uploads belong to which message), and how base64
+content parts become bytes."""
 
+import base64
+import binascii
 import json
+import os
 
 import pytest
 
-from server.api.uploads import chat_from_form
+from server.api.uploads import BASE64_PIECE, chat_from_form, decode_base64
 from server.errors import InputError
 
 
@@ -32,3 +36,49 @@ def test_assistant_messages_carry_no_attachments():
     with pytest.raises(InputError) as error:
         chat_from_form("More", json.dumps(history), [("image", b"x")], {})
     assert error.value.param == "messages[1].attachments"
+
+
+# --- base64, decoded a piece at a time ----------------------------------------------------------
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def refused(text: str, start: int = 0) -> bool:
+    try:
+        decode_base64(text, "data", start)
+    except InputError as e:
+        assert (e.status, e.param) == (400, "data")
+        return True
+    return False
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, BASE64_PIECE // 4 * 3, BASE64_PIECE // 4 * 3 + 1, 2 * BASE64_PIECE + 5])
+def test_any_length_decodes_to_its_bytes(size):
+    data = os.urandom(size)
+    assert decode_base64(b64(data), "data") == data
+
+
+def test_a_data_url_payload_is_decoded_from_its_offset():
+    data = os.urandom(3 * BASE64_PIECE)
+    url = f"data:image/png;base64,{b64(data)}"
+    assert decode_base64(url, "data", start=url.index(",") + 1) == data
+
+
+def test_padding_at_the_end_of_a_piece_that_is_not_the_last_is_refused():
+    """Each piece alone would decode: "YQ==" is valid on its own, but not followed by more."""
+    text = "A" * (BASE64_PIECE - 4) + "YQ==" + "AAAA"
+    with pytest.raises(binascii.Error):
+        base64.b64decode(text, validate=True)
+    assert refused(text)
+
+
+@pytest.mark.parametrize("bad", ["*", " ", "\n", "é", "="])
+def test_a_character_outside_the_alphabet_in_any_piece_is_refused(bad):
+    data = b64(os.urandom(2 * BASE64_PIECE))
+    for at in (10, BASE64_PIECE + 10, len(data) - 10):
+        assert refused(data[:at] + bad + data[at + 1:]), (bad, at)
+
+
+def test_a_number_is_not_base64():
+    assert refused(12)  # type: ignore[arg-type]

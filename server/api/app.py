@@ -24,7 +24,8 @@ from server.api.limits import BodyLimit, check_chat, read_form
 from server.api.metrics import Metrics
 from server.api.serving import ChatService, Generation
 from server.api.settings import Settings
-from server.api.uploads import UPLOAD_FIELDS, Chat, chat_from_form, chat_from_openai
+from server.api.uploads import (UPLOAD_FIELDS, Chat, chat_from_form, chat_from_openai, parse_completion_request,
+                                remote_urls)
 from server.engines.base import Engine, EngineUnavailable, Sampling
 from server.errors import InputError
 from server.model.repo import OneLLM, load_model
@@ -63,6 +64,22 @@ def build_engine(settings: Settings, model: OneLLM) -> Engine:
 
 def error_response(error: InputError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def document_models(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Puts the schemas of request bodies that endpoints read themselves (so FastAPI does not
+    know them) into the OpenAPI document's components, where their endpoints refer to them."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            components = generate().setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(schema.pop("$defs", {}), **{model.__name__: schema})
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def add_guards(app: FastAPI, settings: Settings) -> None:
@@ -127,9 +144,6 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0]
-        if first["type"] == "json_invalid":  # its loc is the character offset, not a field
-            return count_refused(request, InputError(
-                400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})"))
         loc = [str(p) for p in first["loc"] if p != "body"]
         return count_refused(request, InputError(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", ".".join(loc) or None))
 
@@ -216,10 +230,20 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
                                 total_tokens=prepared.prompt_tokens + usage.completion_tokens),
         ).model_dump(exclude_none=True))
 
-    @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, responses=STREAM_RESPONSE)
-    async def chat_completions(request: Request, body: schemas.ChatCompletionRequest) -> Response:
+    # the body is read here rather than by FastAPI, which would parse it on the event loop
+    @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, responses=STREAM_RESPONSE,
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}})
+    async def chat_completions(request: Request) -> Response:
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type != "application/json" and not content_type.endswith("+json"):
+            raise InputError(415, "POST /v1/chat/completions takes application/json; multipart goes to /v1/chat")
+        service: ChatService = app.state.service
+        body = await service.off_loop(parse_completion_request, [chunk async for chunk in request.stream()])
         check_model(body.model)
-        chat = await chat_from_openai(body, fetch_remote if settings.allowed_url_hosts else None)
+        fetched = {url: await fetch_remote(url, param) for url, param in remote_urls(body).items()} \
+            if settings.allowed_url_hosts else {}
+        chat = await service.off_loop(chat_from_openai, body, fetched)
         max_tokens = body.max_completion_tokens or body.max_tokens
         check_chat(chat, settings, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         return await respond(request, chat, sampling_fields(max_tokens, body.temperature, body.top_p, body.stop, body.seed),
@@ -278,6 +302,8 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(app.state.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    document_models(app, schemas.ChatCompletionRequest)
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:

@@ -59,6 +59,10 @@ class ChatService:
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")
         self.batcher = EncoderBatcher(model, self._encoder, max_batch, max_wait_ms / 1000, metrics)
 
+    async def off_loop(self, fn, *args):
+        """`fn(*args)` in the decoding pool: the one bounded pool for all work on upload bytes."""
+        return await asyncio.get_running_loop().run_in_executor(self._preprocess, fn, *args)
+
     def close(self) -> None:
         self._preprocess.shutdown(wait=False, cancel_futures=True)
         self._encoder.shutdown(wait=False, cancel_futures=True)
@@ -68,17 +72,14 @@ class ChatService:
         m = attachment.modality
         if m not in self.model.encoder.modalities:
             raise InputError(400, f"model '{self.model.name}' does not accept '{m}' inputs", next(iter(attachment.files)))
-        # off the event loop: hashing a 64 MiB upload takes ~30 ms that every stream would wait out.
-        # In the decoding pool: one bounded pool for all work on upload bytes, not a second one
-        loop = asyncio.get_running_loop()
-        key = await loop.run_in_executor(self._preprocess, prefix_key, self.model.name, m, attachment.files,
-                                         attachment.options)
+        # hashing a 64 MiB upload takes ~30 ms that every stream would wait out on the event loop
+        key = await self.off_loop(prefix_key, self.model.name, m, attachment.files, attachment.options)
         if (cached := self.cache.get(key)) is not None:
             self.metrics.prefix_cache_hits.labels(m).inc()
             return cached
         try:
-            inputs = await loop.run_in_executor(self._preprocess, _preprocess, attachment, self.decoder_limits,
-                                                self.metrics.preprocess_seconds.labels(m))
+            inputs = await self.off_loop(_preprocess, attachment, self.decoder_limits,
+                                         self.metrics.preprocess_seconds.labels(m))
         except InputError as e:  # name the content part the bytes came in, not the internal field
             e.param = attachment.params.get(e.param, e.param)
             raise

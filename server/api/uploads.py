@@ -1,11 +1,13 @@
 """From what clients send (multipart uploads, OpenAI content parts) to a chat of turns and attachments."""
 
-import base64
 import binascii
 import json
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+import pydantic_core
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from server.api.schemas import ChatCompletionRequest
 from server.errors import InputError
@@ -71,35 +73,74 @@ def check_turns(turns: list[Turn]) -> None:
         raise InputError(400, "the last message is empty: send a prompt or an attachment", "messages")
 
 
-def decode_base64(data: object, param: str) -> bytes:
-    if not isinstance(data, str):
+# binascii holds the GIL while it decodes: a piece at a time, the event loop's thread gets it
+# back every ~1.5 ms instead of waiting ~80 ms for a 40 MiB file (a multiple of 4 characters)
+BASE64_PIECE = 1 << 20
+
+
+def decode_base64(text: object, param: str, start: int = 0) -> bytes:
+    """`text[start:]` decoded, strictly: only the alphabet, padding only at the end."""
+    if not isinstance(text, str):
         raise InputError(400, "expected a base64 string", param)
+    pieces = []
     try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
+        for at in range(start, len(text), BASE64_PIECE):
+            piece = text[at:at + BASE64_PIECE]
+            if at + BASE64_PIECE < len(text) and "=" in piece:
+                raise binascii.Error("padding before the end")
+            pieces.append(binascii.a2b_base64(piece, strict_mode=True))
+    except (binascii.Error, ValueError):  # ValueError: characters beyond ASCII
         raise InputError(400, "not valid base64", param) from None
+    return b"".join(pieces)
 
 
-Fetch = Callable[[str, str], Awaitable[bytes]]
+def parse_completion_request(chunks: list[bytes]) -> ChatCompletionRequest:
+    """The JSON body of `/v1/chat/completions`, as it arrived. Parsed, then validated: half the
+    time of pydantic's model_validate_json, and for a 40 MiB data URL that is ~25 ms less that the
+    event loop's thread waits for the GIL."""
+    try:
+        data = pydantic_core.from_json(b"".join(chunks))
+    except ValueError as e:
+        raise InputError(400, f"the request body is not valid JSON ({e})") from None
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:  # reported as FastAPI reports a body it validated
+        raise RequestValidationError(e.errors(include_url=False)) from None
 
 
-async def url_bytes(url: object, param: str, fetch: Fetch | None) -> bytes:
-    """A `data:` URL's bytes, or a remote URL's through `fetch` when remote URLs are allowed at all."""
+def _remote(url: object) -> bool:
+    return isinstance(url, str) and urlsplit(url).scheme in ("http", "https")
+
+
+def remote_urls(request: ChatCompletionRequest) -> dict[str, str]:
+    """The http(s) URLs of the request's image and video parts, each with the param naming it."""
+    urls = {}
+    for i, message in enumerate(request.messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+            kind = part.get("type")
+            body = part.get(kind) if kind in ("image_url", "video_url") else None
+            if isinstance(body, dict) and _remote(url := body.get("url")):
+                urls.setdefault(url, f"messages[{i}].content[{j}].{kind}.url")
+    return urls
+
+
+def url_bytes(url: object, param: str, fetched: dict[str, bytes]) -> bytes:
+    """A `data:` URL's bytes, or a remote URL's from those fetched (none when remote URLs are not allowed)."""
     if not isinstance(url, str):
         raise InputError(400, "expected a URL string", param)
     if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or not header.endswith(";base64"):
+        comma = url.find(",")  # the payload is not copied out of the URL: it can be tens of MiB
+        if comma < 0 or not url[:comma].endswith(";base64"):
             raise InputError(400, "expected a base64 data URL: data:<type>;base64,<data>", param)
-        return decode_base64(payload, param)
-    if urlsplit(url).scheme in ("http", "https"):
-        if fetch is None:
+        return decode_base64(url, param, start=comma + 1)
+    if _remote(url):
+        if url not in fetched:
             raise InputError(400, "remote URLs are not accepted by this server; send the file as a data: URL", param)
-        return await fetch(url, param)
+        return fetched[url]
     raise InputError(400, "unsupported URL scheme; send a data: URL", param)
 
 
-async def parts_to_turn(role: str, content, index: int, options: dict, fetch: Fetch | None) -> Turn:
+def parts_to_turn(role: str, content, index: int, options: dict, fetched: dict[str, bytes]) -> Turn:
     if content is None or isinstance(content, str):
         return Turn(role, content or "")
     texts, uploads, wheres = [], [], []
@@ -110,10 +151,10 @@ async def parts_to_turn(role: str, content, index: int, options: dict, fetch: Fe
         if kind == "text":
             texts.append(str(part.get("text", "")))
         elif kind == "image_url" and isinstance(body, dict):
-            uploads.append(("image", await url_bytes(body.get("url"), f"{where}.image_url.url", fetch)))
+            uploads.append(("image", url_bytes(body.get("url"), f"{where}.image_url.url", fetched)))
             wheres.append(f"{where}.image_url.url")
         elif kind == "video_url" and isinstance(body, dict):
-            uploads.append(("video", await url_bytes(body.get("url"), f"{where}.video_url.url", fetch)))
+            uploads.append(("video", url_bytes(body.get("url"), f"{where}.video_url.url", fetched)))
             wheres.append(f"{where}.video_url.url")
         elif kind == "input_audio" and isinstance(body, dict):
             uploads.append(("audio", decode_base64(body.get("data"), f"{where}.input_audio.data")))
@@ -136,11 +177,13 @@ def _positive(value, param: str) -> float:
     return float(value)
 
 
-async def chat_from_openai(request: ChatCompletionRequest, fetch: Fetch | None) -> Chat:
+def chat_from_openai(request: ChatCompletionRequest, fetched: dict[str, bytes]) -> Chat:
+    """`fetched`: the bytes of the request's remote URLs (see remote_urls), fetched beforehand
+    because this runs in a worker thread: decoding base64 does not belong on the event loop."""
     system, turns = None, []
     options = {"imu_sample_rate": request.imu_sample_rate}
     for i, message in enumerate(request.messages):
-        turn = await parts_to_turn(message.role, message.content, i, options, fetch)
+        turn = parts_to_turn(message.role, message.content, i, options, fetched)
         if message.role == "system":
             system = turn.text
         else:

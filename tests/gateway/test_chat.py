@@ -11,6 +11,7 @@ import openai
 import pytest
 
 import media
+from server.api.uploads import BASE64_PIECE
 from gateway_helpers import (assert_error, expected_prompt_tokens, metric, parse_sse, prompt_ids, token_count,
                              wait_metric)
 
@@ -257,6 +258,21 @@ def test_the_same_image_twice_runs_the_encoder_once(client):
         {"type": "image_url", "image_url": {"url": data_url(data, "image/png")}}]}])
     assert metric(client, "onellm_encoder_runs_total", modality="image") == runs + 1
     assert metric(client, "onellm_prefix_cache_hits_total", modality="image") == hits + 2
+
+
+def test_a_data_url_of_several_mib_carries_exactly_the_uploaded_bytes(client):
+    """A large data URL is decoded a piece at a time; the bytes come out as the multipart upload
+    of the same file, so the second request finds the first one's prefix in the cache."""
+    data = media.image("png", seed=91, width=1200, height=1000)
+    assert len(b64(data)) > 3 * BASE64_PIECE
+    runs = metric(client, "onellm_encoder_runs_total", modality="image")
+    multipart = client.post("/v1/chat", files=[("image", ("big.png", data, "image/png"))],
+                            data={"prompt": "What is it?", "max_tokens": "4", "stream": "false"})
+    assert multipart.status_code == 200, multipart.text
+    openai_style = completion(client, max_tokens=4, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": data_url(data, "image/png")}}]}])
+    assert metric(client, "onellm_encoder_runs_total", modality="image") == runs + 1
+    assert openai_style["choices"][0]["message"]["content"] == multipart.json()["choices"][0]["message"]["content"]
 
 
 # --- a client that hangs up ---------------------------------------------------------------------

@@ -123,6 +123,7 @@ def part(kind, data):
 JSON = [
     ("malformed-json", lambda c: c.post("/v1/chat/completions", content=b'{"messages": [',
                                         headers={"content-type": "application/json"}), 400, None),
+    ("json-endpoint-given-a-form", lambda c: c.post("/v1/chat/completions", data={"prompt": "hi"}), 415, None),
     ("json-not-an-object", lambda c: c.post("/v1/chat/completions", json=[1, 2]), 400, None),
     ("missing-messages", lambda c: c.post("/v1/chat/completions", json={"model": "tiny"}), 400, "messages"),
     ("empty-messages", lambda c: c.post("/v1/chat/completions", json={"messages": []}), 400, "messages"),

@@ -14,6 +14,7 @@ that kind done on the event loop shows up as a gap in the stream. Prints a markd
 import argparse
 import base64
 import json
+import multiprocessing
 import os
 import statistics
 import threading
@@ -56,26 +57,40 @@ def json_body(data: bytes) -> bytes:
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{base64.b64encode(data).decode()}"}}]}]}).encode()
 
 
-def json_upload(client: httpx.Client, url: str, body: bytes) -> httpx.Response:
-    return client.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
-
-
-def multipart_upload(client: httpx.Client, url: str, data: bytes) -> httpx.Response:
-    return client.post(f"{url}/v1/chat", data={"prompt": "What is it?", "max_tokens": "1"},
-                       files={"image": ("big.png", data, "image/png")})
-
-
-def measure(streamer: Streamer, send, uploads: int) -> tuple[list[float], list[float], set[int]]:
-    """Gaps recorded while `uploads` requests are sent one after another, their latencies and statuses."""
-    streamer.gaps.clear()
-    streamer.recording = True
-    latencies, statuses = [], set()
+def send_uploads(url: str, kind: str, mib: float, uploads: int, results: multiprocessing.Queue) -> None:
+    """In a process of its own, so that building and sending the bodies never holds the
+    streamer's GIL: puts "ready", then (status, seconds) for each upload, then None."""
+    data = os.urandom(int(mib * 2**20))
+    body = json_body(data) if kind == "json" else data
+    results.put("ready")
     with httpx.Client(timeout=120) as client:
         for _ in range(uploads):
             start = time.perf_counter()
-            statuses.add(send(client).status_code)
-            latencies.append(time.perf_counter() - start)
+            if kind == "json":
+                response = client.post(f"{url}/v1/chat/completions", content=body,
+                                       headers={"content-type": "application/json"})
+            else:
+                response = client.post(f"{url}/v1/chat", data={"prompt": "What is it?", "max_tokens": "1"},
+                                       files={"image": ("big.png", body, "image/png")})
+            results.put((response.status_code, time.perf_counter() - start))
+    results.put(None)
+
+
+def measure(streamer: Streamer, url: str, kind: str, mib: float, uploads: int) -> tuple[list[float], list[float], set[int]]:
+    """Gaps recorded while `uploads` requests are sent one after another, their latencies and statuses."""
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    sender = spawn.Process(target=send_uploads, args=(url, kind, mib, uploads, results))
+    sender.start()
+    assert results.get(timeout=120) == "ready"
+    streamer.gaps.clear()
+    streamer.recording = True
+    latencies, statuses = [], set()
+    while (result := results.get(timeout=600)) is not None:
+        statuses.add(result[0])
+        latencies.append(result[1])
     streamer.recording = False
+    sender.join()
     return list(streamer.gaps), latencies, statuses
 
 
@@ -102,15 +117,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=1000, help="length of each streamed answer")
     args = parser.parse_args()
 
-    raw = os.urandom(int(args.mib * 2**20))
-    body = json_body(raw)  # built before the streamer starts: this process's own work must not stall it
     streamer = Streamer(args.url, args.max_tokens)
     streamer.start()
     time.sleep(3)  # the first answer is streaming
     rows = [row("no upload", quiet(streamer, 5), None, None)]
-    for name, send in [("JSON data URL", lambda c: json_upload(c, args.url, body)),
-                       ("multipart file", lambda c: multipart_upload(c, args.url, raw))]:
-        rows.append(row(name, *measure(streamer, send, args.uploads)))
+    for name, kind in [("JSON data URL", "json"), ("multipart file", "multipart")]:
+        rows.append(row(name, *measure(streamer, args.url, kind, args.mib, args.uploads)))
     streamer.stop.set()
     print(f"{args.uploads} uploads of {args.mib:g} MiB per endpoint, one after another, against {args.url}\n")
     print("| while | chunks | gap p50 ms | gap p99 ms | gap max ms | upload p50 ms | statuses |")

@@ -57,7 +57,7 @@ cmd_run() {
     # vLLM shares the CPU with the gateway's encoder here. Its default layout pins a worker
     # process to one core, busy-polls there for a second after every step and runs OpenMP
     # threads that wait on each other: the gateway's torch threads then stall behind it (on 2
-    # cores, 3.8-4.0 -> 5.1-6.0 gateway requests/s at 16 clients, docs/benchmarks.md). So: the
+    # cores, 3.97 -> 5.1-6.0 gateway requests/s at 16 clients, docs/benchmarks.md). So: the
     # model runs inside the engine process (uni executor, which the CPU platform allows only
     # without V1 multiprocessing) on VLLM_CPU_THREADS threads, bound to no core.
     export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_OMP_THREADS_BIND=nobind

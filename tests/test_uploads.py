@@ -44,9 +44,9 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def refused(text: str, start: int = 0) -> bool:
+def refused(text: str) -> bool:
     try:
-        decode_base64(text, "data", start)
+        decode_base64(text, "data")
     except InputError as e:
         assert (e.status, e.param) == (400, "data")
         return True

@@ -11,9 +11,9 @@ import openai
 import pytest
 
 import media
-from server.api.uploads import BASE64_PIECE
 from gateway_helpers import (assert_error, expected_prompt_tokens, metric, parse_sse, prompt_ids, token_count,
                              wait_metric)
+from server.api.uploads import BASE64_PIECE
 
 
 def data_url(data: bytes, mime: str) -> str:

@@ -7,7 +7,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 import media
 from gateway_process import GatewayProcess

@@ -1,5 +1,6 @@
-"""Overload, deadlines and shutdown on a gateway of its own: 2 requests run at once, 2 more
-may wait, each may take 2 s; it logs at debug level. The last test stops it with SIGTERM.
+"""Overload and deadlines on a gateway of its own: 2 requests run at once, 2 more may wait, each
+may take 2 s; it logs at debug level. Shutdown on another, with no deadline to race: the last
+test stops it with SIGTERM while an answer is under way.
 
 The local engine runs the tiny model at ~500 tokens a second per answer when two run at once on
 this machine, so max_tokens sets how long an answer takes: 100 tokens are quick, 2000 (capped at
@@ -25,6 +26,15 @@ TIMEOUT_S = 2
 def busy(tiny_model, tmp_path_factory):
     server = GatewayProcess(tiny_model, tmp_path_factory.mktemp("overload"),
                             [*flags(ADMISSION), "--request-timeout-s", str(TIMEOUT_S), "--log-level", "debug"])
+    server.start()
+    yield server
+    server.stop()
+    assert "Traceback" not in server.log(), server.log()[-5000:]
+
+
+@pytest.fixture(scope="module")
+def draining(tiny_model, tmp_path_factory):
+    server = GatewayProcess(tiny_model, tmp_path_factory.mktemp("draining"), [])
     server.start()
     yield server
     server.stop()
@@ -128,18 +138,18 @@ def test_debug_logging_shows_prompts_under_the_request_id(busy):
     assert lines and all("[debug-7e1]" in line for line in lines)
 
 
-def test_sigterm_drains_the_answer_in_flight_then_exits_0(busy):
-    with httpx.Client(base_url=busy.url, timeout=30) as client:
+def test_sigterm_drains_the_answer_in_flight_then_exits_0(draining):
+    with httpx.Client(base_url=draining.url, timeout=30) as client:
         with client.stream("POST", "/v1/chat", data={"prompt": "A story, please.", "max_tokens": "500"}) as response:
             lines = response.iter_lines()
             for line in lines:
                 if line.startswith("data: {"):
                     break  # the stream has started
-            busy.process.send_signal(signal.SIGTERM)
+            draining.process.send_signal(signal.SIGTERM)
             time.sleep(0.3)
             # a new request is not served: the port is closed, or it is answered 503
             try:
-                late = httpx.post(f"{busy.url}/v1/chat", data={"prompt": "hi"}, timeout=5)
+                late = httpx.post(f"{draining.url}/v1/chat", data={"prompt": "hi"}, timeout=5)
                 assert late.status_code == 503, late.text
             except httpx.TransportError:
                 pass
@@ -147,5 +157,5 @@ def test_sigterm_drains_the_answer_in_flight_then_exits_0(busy):
     events = [line for line in rest if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
-    assert busy.process.wait(30) == 0
-    assert "Shutting down" in busy.log()
+    assert draining.process.wait(30) == 0
+    assert "Shutting down" in draining.log()

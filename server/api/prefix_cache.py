@@ -1,7 +1,11 @@
-"""A bounded LRU of attachment prefixes: a chat resends its files every turn, the encoder runs once."""
+"""A bounded LRU of attachment prefixes: a chat resends its files every turn, the encoder runs once.
+Requests that bring the same bytes while their prefix is still being made share that one run."""
 
+import asyncio
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 
 import torch
 
@@ -35,3 +39,42 @@ class PrefixCache:
         while self.size > self.capacity:
             _, old = self.entries.popitem(last=False)
             self.size -= old.numel() * old.element_size()
+
+
+@dataclass
+class Run:
+    task: asyncio.Task
+    waiting: int = 0  # requests awaiting it
+
+
+class SharedRuns:
+    """One run per key at a time, awaited by every request that asks for that key while it runs.
+
+    The run is a task of its own, so a request that leaves (its client gone, its deadline passed)
+    does not take it from the others; it is cancelled when the last request waiting for it leaves,
+    so work that nobody waits for still stops, as it did when each request ran its own."""
+
+    def __init__(self):
+        self.runs: dict[str, Run] = {}
+
+    def running(self, key: str) -> bool:
+        return key in self.runs
+
+    async def result(self, key: str, start: Callable[[], Coroutine]):
+        """What the run for `key` returns (or raises), started with `start()` if none is running."""
+        run = self.runs.get(key)
+        if run is None:
+            run = self.runs[key] = Run(asyncio.ensure_future(start()))
+            run.task.add_done_callback(lambda _: self._forget(key, run))
+        run.waiting += 1
+        try:
+            return await asyncio.shield(run.task)
+        finally:
+            run.waiting -= 1
+            if run.waiting == 0 and not run.task.done():
+                self._forget(key, run)  # a request that comes now starts afresh, not on a cancelled run
+                run.task.cancel()
+
+    def _forget(self, key: str, run: Run) -> None:
+        if self.runs.get(key) is run:
+            del self.runs[key]

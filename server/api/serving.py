@@ -11,7 +11,7 @@ import torch
 
 from server.api.batcher import EncoderBatcher
 from server.api.metrics import Metrics
-from server.api.prefix_cache import PrefixCache, prefix_key
+from server.api.prefix_cache import PrefixCache, SharedRuns, prefix_key
 from server.api.uploads import Attachment, Chat
 from server.engines.base import Engine, EngineUnavailable, Sampling, Usage
 from server.errors import InputError
@@ -53,6 +53,7 @@ class ChatService:
         self.context = model.config["llm"]["max_positions"]
         self.block_rows = model.config["encoder"]["prefix_tokens"] + 2  # start tag, prefix, end tag
         self.cache = PrefixCache(prefix_cache_bytes)
+        self.runs = SharedRuns()
         # decoding runs in a pool so a large video never stalls other users' token streams;
         # the encoder has one thread of its own: torch already uses every core for one batch
         self._preprocess = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
@@ -68,7 +69,8 @@ class ChatService:
         self._encoder.shutdown(wait=False, cancel_futures=True)
 
     async def prefix(self, attachment: Attachment) -> torch.Tensor:
-        """One attachment -> its prefix [30, D], from the cache when the same bytes came before."""
+        """One attachment -> its prefix [30, D], from the cache when the same bytes came before, or
+        from the run already making it when they are arriving at the same time."""
         m = attachment.modality
         if m not in self.model.encoder.modalities:
             raise InputError(400, f"model '{self.model.name}' does not accept '{m}' inputs", next(iter(attachment.files)))
@@ -77,12 +79,17 @@ class ChatService:
         if (cached := self.cache.get(key)) is not None:
             self.metrics.prefix_cache_hits.labels(m).inc()
             return cached
+        if self.runs.running(key):
+            self.metrics.prefix_shared_runs.labels(m).inc()
         try:
-            inputs = await self.off_loop(_preprocess, attachment, self.decoder_limits,
-                                         self.metrics.preprocess_seconds.labels(m))
-        except InputError as e:  # name the content part the bytes came in, not the internal field
-            e.param = attachment.params.get(e.param, e.param)
-            raise
+            return await self.runs.result(key, lambda: self._new_prefix(key, attachment))
+        except InputError as e:  # a copy per request: each names the content part its own bytes came in
+            raise InputError(e.status, e.message, attachment.params.get(e.param, e.param), e.headers) from None
+
+    async def _new_prefix(self, key: str, attachment: Attachment) -> torch.Tensor:
+        m = attachment.modality
+        inputs = await self.off_loop(_preprocess, attachment, self.decoder_limits,
+                                     self.metrics.preprocess_seconds.labels(m))
         prefix = await self.batcher.encode(m, inputs)
         self.metrics.encoder_runs.labels(m).inc()
         self.cache.put(key, prefix)

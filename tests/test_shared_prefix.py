@@ -96,12 +96,13 @@ def test_a_request_that_leaves_does_not_take_the_shared_run_from_the_other(servi
         await asyncio.sleep(0.05)
         assert not staying.done() and len(service.runs.runs) == 1
         release_decode.set()
-        return leaving, await staying
+        shared = await staying
+        return leaving, shared, await service.prepare(chat(data), None)  # then alone: a run of its own
 
-    leaving, staying = asyncio.run(one_leaves())
+    leaving, shared, alone = asyncio.run(one_leaves())
     assert leaving.cancelled()
-    assert staying.embeddings.shape[0] == staying.prompt_tokens > 32
-    assert total(service.metrics, "onellm_encoder_runs_total") == 1
+    assert torch.equal(shared.embeddings, alone.embeddings)
+    assert total(service.metrics, "onellm_encoder_runs_total") == 2
 
 
 def test_a_shared_run_stops_when_every_request_waiting_for_it_has_left(service):

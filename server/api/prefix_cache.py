@@ -64,7 +64,7 @@ class SharedRuns:
         """What the run for `key` returns (or raises), started with `start()` if none is running."""
         run = self.runs.get(key)
         if run is None:
-            run = self.runs[key] = Run(asyncio.ensure_future(start()))
+            run = self.runs[key] = Run(asyncio.create_task(start()))
             run.task.add_done_callback(lambda _: self._forget(key, run))
         run.waiting += 1
         try:

@@ -25,15 +25,13 @@ def video(seed: int) -> bytes:
     return files.video_bytes([rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(4)])
 
 
-def total(metrics: Metrics, name: str) -> float:
-    return sum(s.value for family in metrics.registry.collect() for s in family.samples if s.name == name)
+def count(service: ChatService, name: str) -> float:
+    """A video series of the service's metrics (0 before its first use)."""
+    return service.metrics.registry.get_sample_value(name, {"modality": "video"}) or 0.0
 
 
 def chat(data: bytes, params: dict | None = None) -> Chat:
     return Chat([Turn("user", "What happens?", [Attachment("video", {"video": data}, params=params or {})])])
-
-
-HOLDS: list[threading.Event] = []
 
 
 @pytest.fixture
@@ -41,17 +39,23 @@ def service(tiny_model):
     service = ChatService(load_model(tiny_model), LocalEngine(tiny_model / "llm"), Metrics(), preprocess_workers=1,
                           prefix_cache_bytes=0, default_max_tokens=8)  # no cache: only a run in flight is shared
     yield service
-    for release in HOLDS:  # a failed test must not leave the worker held: the process would never exit
-        release.set()
     service.close()
 
 
-def hold(service: ChatService) -> threading.Event:
-    """Keeps the one decoding worker busy until the returned event is set; work queued after this waits."""
-    release = threading.Event()
-    HOLDS.append(release)
-    service._preprocess.submit(release.wait)
-    return release
+@pytest.fixture
+def hold(service):
+    """`hold()` keeps the one decoding worker busy until the event it returns is set; work queued
+    after it waits."""
+    releases = []
+
+    def hold_worker() -> threading.Event:
+        releases.append(threading.Event())
+        service._preprocess.submit(releases[-1].wait)
+        return releases[-1]
+
+    yield hold_worker
+    for release in releases:  # a failed test must not leave the worker held: the process would never exit
+        release.set()
 
 
 async def until(condition, within: float = 30) -> None:
@@ -61,36 +65,35 @@ async def until(condition, within: float = 30) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_requests_bringing_the_same_file_at_once_share_one_decode_and_one_encoder_run(service):
+def test_requests_bringing_the_same_file_at_once_share_one_decode_and_one_encoder_run(service, hold):
     same, other = video(0), video(1)
 
     async def three_at_once():
-        release = hold(service)
+        release = hold()
         requests = [asyncio.ensure_future(service.prepare(chat(data), None)) for data in (same, same, other)]
         await asyncio.sleep(0.05)  # each has queued its hash behind the held worker
         release.set()
         return await asyncio.gather(*requests)
 
     first, second, third = asyncio.run(three_at_once())
-    metrics = service.metrics
-    assert total(metrics, "onellm_preprocess_seconds_count") == 2
-    assert total(metrics, "onellm_encoder_runs_total") == 2
-    assert total(metrics, "onellm_prefix_shared_runs_total") == 1
+    assert count(service, "onellm_preprocess_seconds_count") == 2
+    assert count(service, "onellm_encoder_runs_total") == 2
+    assert count(service, "onellm_prefix_shared_runs_total") == 1
     assert torch.equal(first.embeddings, second.embeddings)
     assert not torch.equal(first.embeddings, third.embeddings)
     assert service.runs.runs == {}
 
 
-def test_a_request_that_leaves_does_not_take_the_shared_run_from_the_other(service):
+def test_a_request_that_leaves_does_not_take_the_shared_run_from_the_other(service, hold):
     data = video(2)
 
     async def one_leaves():
-        release_hashes = hold(service)
+        release_hashes = hold()
         leaving, staying = (asyncio.ensure_future(service.prepare(chat(data), None)) for _ in range(2))
         await asyncio.sleep(0.05)
-        release_decode = hold(service)  # queued after both hashes: the shared decode waits behind it
+        release_decode = hold()  # queued after both hashes: the shared decode waits behind it
         release_hashes.set()
-        await until(lambda: total(service.metrics, "onellm_prefix_shared_runs_total") == 1)
+        await until(lambda: count(service, "onellm_prefix_shared_runs_total") == 1)
         leaving.cancel()
         await asyncio.gather(leaving, return_exceptions=True)
         await asyncio.sleep(0.05)
@@ -102,40 +105,40 @@ def test_a_request_that_leaves_does_not_take_the_shared_run_from_the_other(servi
     leaving, shared, alone = asyncio.run(one_leaves())
     assert leaving.cancelled()
     assert torch.equal(shared.embeddings, alone.embeddings)
-    assert total(service.metrics, "onellm_encoder_runs_total") == 2
+    assert count(service, "onellm_encoder_runs_total") == 2
 
 
-def test_a_shared_run_stops_when_every_request_waiting_for_it_has_left(service):
+def test_a_shared_run_stops_when_every_request_waiting_for_it_has_left(service, hold):
     data = video(3)
 
     async def all_leave_then_one_comes_back():
-        release_hashes = hold(service)
+        release_hashes = hold()
         requests = [asyncio.ensure_future(service.prepare(chat(data), None)) for _ in range(2)]
         await asyncio.sleep(0.05)
-        release_decode = hold(service)
+        release_decode = hold()
         release_hashes.set()
-        await until(lambda: total(service.metrics, "onellm_prefix_shared_runs_total") == 1)
+        await until(lambda: count(service, "onellm_prefix_shared_runs_total") == 1)
         for request in requests:
             request.cancel()
         await asyncio.gather(*requests, return_exceptions=True)
         assert all(r.cancelled() for r in requests) and service.runs.runs == {}
         release_decode.set()
         await asyncio.sleep(0.2)
-        assert total(service.metrics, "onellm_preprocess_seconds_count") == 0, "decoding ran for nobody"
+        assert count(service, "onellm_preprocess_seconds_count") == 0, "decoding ran for nobody"
         assert service.batcher.batch_sizes == []
         return await service.prepare(chat(data), None)  # the same file again: a run of its own
 
     again = asyncio.run(all_leave_then_one_comes_back())
     assert again.prompt_tokens > 32
-    assert total(service.metrics, "onellm_encoder_runs_total") == 1
+    assert count(service, "onellm_encoder_runs_total") == 1
 
 
-def test_a_bad_file_shared_by_two_requests_is_each_ones_error_under_its_own_name(service):
+def test_a_bad_file_shared_by_two_requests_is_each_ones_error_under_its_own_name(service, hold):
     broken = video(4)[: 600]
     where = "messages[0].content[1].video_url.url"
 
     async def both():
-        release = hold(service)
+        release = hold()
         requests = [asyncio.ensure_future(service.prepare(chat(broken, params), None))
                     for params in ({}, {"video": where})]
         await asyncio.sleep(0.05)
@@ -147,5 +150,5 @@ def test_a_bad_file_shared_by_two_requests_is_each_ones_error_under_its_own_name
     assert multipart is not openai
     assert (multipart.status, multipart.param) == (422, "video")
     assert (openai.status, openai.param) == (422, where)
-    assert total(service.metrics, "onellm_preprocess_seconds_count") == 1
-    assert total(service.metrics, "onellm_prefix_shared_runs_total") == 1
+    assert count(service, "onellm_preprocess_seconds_count") == 1
+    assert count(service, "onellm_prefix_shared_runs_total") == 1

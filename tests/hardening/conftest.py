@@ -4,7 +4,7 @@ TMPDIR and its own log file.
 
 `hardened` is the session's main gateway: small limits (so that tests send kilobytes, not the
 default megabytes), API keys from both the environment and a file, one CORS origin. The
-overload tests start a gateway of their own, which they also shut down with SIGTERM.
+overload tests start gateways of their own; one of them they shut down with SIGTERM.
 """
 
 import httpx

@@ -1,10 +1,11 @@
-"""Overload and deadlines on a gateway of its own: 2 requests run at once, 2 more may wait, each
-may take 2 s; it logs at debug level. Shutdown on another, with no deadline to race: the last
-test stops it with SIGTERM while an answer is under way.
+"""Overload and shutdown on a gateway of its own: 2 requests run at once, 2 more may wait; it logs
+at debug level, and the last test stops it with SIGTERM while an answer is under way. Deadlines
+on another, where each request may take 2 s: on one gateway, the deadline would race the answers
+that the other tests need to finish.
 
-The local engine runs the tiny model at ~500 tokens a second per answer when two run at once on
-this machine, so max_tokens sets how long an answer takes: 100 tokens are quick, 2000 (capped at
-1965 by the context window) take ~4 s, twice the deadline.
+The local engine runs the tiny model at a few hundred tokens a second per answer when two run at
+once on this machine, so max_tokens sets how long an answer takes: 100 tokens are quick, 2000
+(capped at 1965 by the context window) take 4 s or more, twice the deadline.
 """
 
 import json
@@ -22,23 +23,22 @@ ADMISSION = {"max_concurrent": 2, "max_queued": 2}
 TIMEOUT_S = 2
 
 
+def serving(tiny_model, tmp_path_factory, name: str, args: list[str]):
+    server = GatewayProcess(tiny_model, tmp_path_factory.mktemp(name), args)
+    server.start()
+    yield server
+    server.stop()
+    assert "Traceback" not in server.log(), server.log()[-5000:]
+
+
 @pytest.fixture(scope="module")
 def busy(tiny_model, tmp_path_factory):
-    server = GatewayProcess(tiny_model, tmp_path_factory.mktemp("overload"),
-                            [*flags(ADMISSION), "--request-timeout-s", str(TIMEOUT_S), "--log-level", "debug"])
-    server.start()
-    yield server
-    server.stop()
-    assert "Traceback" not in server.log(), server.log()[-5000:]
+    yield from serving(tiny_model, tmp_path_factory, "overload", [*flags(ADMISSION), "--log-level", "debug"])
 
 
 @pytest.fixture(scope="module")
-def draining(tiny_model, tmp_path_factory):
-    server = GatewayProcess(tiny_model, tmp_path_factory.mktemp("draining"), [])
-    server.start()
-    yield server
-    server.stop()
-    assert "Traceback" not in server.log(), server.log()[-5000:]
+def strict(tiny_model, tmp_path_factory):
+    yield from serving(tiny_model, tmp_path_factory, "deadline", ["--request-timeout-s", str(TIMEOUT_S)])
 
 
 def metric(url: str, name: str, **labels) -> float:
@@ -87,11 +87,11 @@ def test_past_the_queue_requests_get_429_and_admitted_ones_complete(busy):
     assert metric(busy.url, "onellm_admission_waiting") == 0
 
 
-def test_a_request_past_its_deadline_gets_504_or_an_error_event(busy):
+def test_a_request_past_its_deadline_gets_504_or_an_error_event(strict):
     results = {}
 
     def ask(stream: bool) -> None:
-        results[stream] = httpx.post(f"{busy.url}/v1/chat", timeout=60, data={
+        results[stream] = httpx.post(f"{strict.url}/v1/chat", timeout=60, data={
             "prompt": "Write a very long story.", "max_tokens": "2000", "stream": str(stream).lower()})
 
     threads = [threading.Thread(target=ask, args=(stream,)) for stream in (True, False)]
@@ -109,11 +109,11 @@ def test_a_request_past_its_deadline_gets_504_or_an_error_event(busy):
     assert events[-1] == "data: [DONE]"
     assert events[-2].startswith("event: error\n")
     assert json.loads(events[-2].split("data: ", 1)[1])["error"]["type"] == "timeout"
-    assert metric(busy.url, "onellm_rejected_requests_total", reason="timeout") == 2
+    assert metric(strict.url, "onellm_rejected_requests_total", reason="timeout") == 2
     deadline = time.monotonic() + 5
-    while metric(busy.url, "onellm_queue_depth") != 0 and time.monotonic() < deadline:
+    while metric(strict.url, "onellm_queue_depth") != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert metric(busy.url, "onellm_queue_depth") == 0
+    assert metric(strict.url, "onellm_queue_depth") == 0
 
 
 def test_a_client_leaving_mid_answer_frees_its_slot(busy):
@@ -127,7 +127,8 @@ def test_a_client_leaving_mid_answer_frees_its_slot(busy):
     response = httpx.post(f"{busy.url}/v1/chat", data={"prompt": "Still there?", "max_tokens": "5",
                                                         "stream": "false"}, timeout=30)
     assert response.status_code == 200, response.text
-    # had the abandoned answers kept their slots, the last ones would have waited for the deadline
+    # had the abandoned answers kept their slots, the last ones would have waited for one of them
+    # to write its 2000 tokens: twice as long as this
     assert time.monotonic() - started < TIMEOUT_S
 
 
@@ -138,18 +139,18 @@ def test_debug_logging_shows_prompts_under_the_request_id(busy):
     assert lines and all("[debug-7e1]" in line for line in lines)
 
 
-def test_sigterm_drains_the_answer_in_flight_then_exits_0(draining):
-    with httpx.Client(base_url=draining.url, timeout=30) as client:
+def test_sigterm_drains_the_answer_in_flight_then_exits_0(busy):
+    with httpx.Client(base_url=busy.url, timeout=30) as client:
         with client.stream("POST", "/v1/chat", data={"prompt": "A story, please.", "max_tokens": "500"}) as response:
             lines = response.iter_lines()
             for line in lines:
                 if line.startswith("data: {"):
                     break  # the stream has started
-            draining.process.send_signal(signal.SIGTERM)
+            busy.process.send_signal(signal.SIGTERM)
             time.sleep(0.3)
             # a new request is not served: the port is closed, or it is answered 503
             try:
-                late = httpx.post(f"{draining.url}/v1/chat", data={"prompt": "hi"}, timeout=5)
+                late = httpx.post(f"{busy.url}/v1/chat", data={"prompt": "hi"}, timeout=5)
                 assert late.status_code == 503, late.text
             except httpx.TransportError:
                 pass
@@ -157,5 +158,5 @@ def test_sigterm_drains_the_answer_in_flight_then_exits_0(draining):
     events = [line for line in rest if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
-    assert draining.process.wait(30) == 0
-    assert "Shutting down" in draining.log()
+    assert busy.process.wait(30) == 0
+    assert "Shutting down" in busy.log()

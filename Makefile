@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
 MODEL ?= model_repo/tiny
 PORT ?= 8080
 
-.PHONY: serve test install tiny vllm-env vllm-start vllm-stop browser
+.PHONY: serve test install tiny vllm-env vllm-start vllm-stop system-packages
 
 $(UV):
 	python3 -m pip install --user --quiet uv
@@ -30,9 +30,14 @@ vllm-start: vllm-env
 vllm-stop:
 	scripts/vllm-serve.sh stop $(or $(VLLM_PORT),8000)
 
-# Debian's Chromium for the page tests (Playwright's own browser download is not used)
-browser:
-	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+# The real programs the tests drive, from Debian: Chromium for the page (Playwright's own
+# browser download is not used), redis-server and haproxy for the scale-out tier, promtool
+# (package prometheus) for the alerting rules.
+SYSTEM_COMMANDS := chromium redis-server haproxy promtool
+SYSTEM_PACKAGES := chromium redis-server haproxy prometheus
+system-packages:
+	@for command in $(SYSTEM_COMMANDS); do command -v $$command >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; fi
 
-test: install vllm-env browser
+test: install vllm-env system-packages
 	$(UV) run pytest

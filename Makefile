@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
 MODEL ?= model_repo/tiny
 PORT ?= 8080
 
-.PHONY: serve test install tiny vllm-env vllm-start vllm-stop system-packages
+.PHONY: serve test install tiny vllm-env torchaudio-env vllm-start vllm-stop system-packages
 
 $(UV):
 	python3 -m pip install --user --quiet uv
@@ -24,6 +24,10 @@ serve: install tiny
 vllm-env:
 	scripts/vllm-env.sh
 
+# torchaudio, for the test that checks the resampler against the authors' (tests only)
+torchaudio-env:
+	scripts/torchaudio-env.sh
+
 vllm-start: vllm-env
 	scripts/vllm-serve.sh start $(MODEL) $(or $(VLLM_PORT),8000)
 
@@ -39,5 +43,5 @@ system-packages:
 	@for command in $(SYSTEM_COMMANDS); do command -v $$command >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; fi
 
-test: install vllm-env system-packages
+test: install vllm-env torchaudio-env system-packages
 	$(UV) run pytest

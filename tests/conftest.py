@@ -6,17 +6,29 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURE = SHARED / "fixtures" / "onellm-ref-tiny"
+PREPROCESS_FIXTURE = SHARED / "fixtures" / "preprocess-ref"
+
+
+def shared_fixture(folder: Path, marker: str) -> Path:
+    """A fixture folder of ../shared; missing it is a failure in CI, a skip elsewhere."""
+    if not (folder / marker).exists():
+        message = f"fixture not found: {folder / marker}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
 
 
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
-    """The authors' reference fixture; missing it is a failure in CI, a skip elsewhere."""
-    if not (FIXTURE / "reference.json").exists():
-        message = f"reference fixture not found at {FIXTURE}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return FIXTURE
+    """The authors' reference fixture of the model."""
+    return shared_fixture(FIXTURE, "reference.json")
+
+
+@pytest.fixture(scope="session")
+def preprocess_fixture() -> Path:
+    """Real files with the tensors the authors' preprocessing made from them."""
+    return shared_fixture(PREPROCESS_FIXTURE, "cases.json")
 
 
 @pytest.fixture(scope="session")

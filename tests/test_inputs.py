@@ -147,7 +147,7 @@ def test_rgbn_normal_map_keeps_its_colours_and_reports_its_own_field():
 
 CONTAINERS = [("mp4", "h264"), ("mp4", "mpeg4"), ("webm", "libvpx"), ("webm", "libvpx-vp9"),
               ("mov", "h264"), ("matroska", "h264"), ("avi", "mpeg4")]
-LEVELS = [8 * i for i in range(30)]  # 30 frames at 10 fps: 3 s
+LEVELS = [8 * i for i in range(30)]  # 30 frames at 10 fps: 3 s; frame i is grey level 8·i
 
 
 def grey_levels(tensor: torch.Tensor) -> list[float]:
@@ -160,8 +160,17 @@ def grey_levels(tensor: torch.Tensor) -> list[float]:
 def test_video_containers_pick_the_first_frame_of_each_clip(fmt, codec):
     data = video_tensor(video_bytes(level_frames(LEVELS), fmt, codec))
     assert_tensor(data, (15, 3, 224, 224))
-    # 3 s: clips start at 0, .5, 1, 1.5, 2 s → frames 0, 5, 10, 15, 20
-    assert grey_levels(data) == pytest.approx([0, 40, 80, 120, 160], abs=4)
+    # 3 s: clips start at k·(3 − 1)/5 = 0, .4, .8, 1.2, 1.6 s → frames 0, 4, 8, 12, 16
+    assert grey_levels(data) == pytest.approx([0, 32, 64, 96, 128], abs=4)
+
+
+@pytest.mark.parametrize("fmt,codec", [("mp4", "h264"), ("webm", "libvpx-vp9")])
+def test_each_clip_takes_the_first_frame_at_or_after_its_start(fmt, codec):
+    # 23 frames at 10 fps, 2.3 s (WebM states no frame count: decord estimates it from the
+    # container's duration): clips start at k·1.3/5 = 0, .26, .52, .78, 1.04 s → frames
+    # 0, 3, 6, 8, 11 (not 0, 4, 7, 10, 13 as with starts at k·1.3/4)
+    data = video_tensor(video_bytes(level_frames(LEVELS[:23]), fmt, codec))
+    assert grey_levels(data) == pytest.approx([0, 24, 48, 64, 88], abs=4)
 
 
 @pytest.mark.parametrize("gop", [1, 4, 1000])
@@ -174,12 +183,12 @@ def test_seeking_and_decoding_from_the_start_pick_the_same_frames(gop, monkeypat
 
     monkeypatch.setattr(video_module, "_seek_frame", missed)
     assert torch.equal(video_tensor(data), by_seeking)
-    assert grey_levels(by_seeking) == pytest.approx([0, 40, 80, 120, 160], abs=4)
+    assert grey_levels(by_seeking) == pytest.approx([0, 32, 64, 96, 128], abs=4)
 
 
 def test_video_with_fewer_frames_than_clips_repeats_the_last():
-    # 2 frames at 0.5 fps: shown at 0 and 2 s, 4 s long; clips at 0, .75, 1.5, 2.25, 3 s,
-    # and no frame starts at or after 2.25 s
+    # 2 frames at 0.5 fps: shown at 0 and 2 s, 4 s long; clips at 0, .6, 1.2, 1.8, 2.4 s,
+    # and no frame starts at or after 2.4 s
     data = video_tensor(video_bytes(level_frames([40, 200]), "mp4", "mpeg4", fps=Fraction(1, 2)))
     assert grey_levels(data) == pytest.approx([40, 200, 200, 200, 200], abs=4)
 
@@ -498,7 +507,7 @@ def test_fmri_errors():
 
 
 def ramp_imu(length: int) -> np.ndarray:
-    """Channel c at step t holds t + 1000·c: interpolation results are easy to predict."""
+    """Channel c at step t holds t + 1000·c: where each sample went is easy to read back."""
     return np.arange(length)[:, None] + 1000.0 * np.arange(6)[None, :]
 
 
@@ -512,16 +521,29 @@ def test_imu_at_200_hz_is_cut_to_two_seconds_either_orientation():
     assert torch.equal(imu_tensor(csv_bytes(series, delimiter=" ")), data)
 
 
-def test_imu_at_100_hz_is_interpolated_to_200_hz():
-    data = imu_tensor(npy_bytes(ramp_imu(300)), sample_rate=100.0)  # 3 s → 600 samples → 400
-    expected = np.arange(400) / 2 + 1000.0 * np.arange(6)[:, None]
-    assert np.allclose(data.numpy(), expected)
+def slow_waves_imu(rate: float, seconds: float) -> tuple[np.ndarray, callable]:
+    """[T,6] sines of 1–6 Hz, far below any Nyquist rate here, and the function they sample."""
+    def waves(times):
+        return np.sin(2 * np.pi * np.arange(1, 7)[None, :] * np.asarray(times)[:, None])
+    return waves(np.arange(round(rate * seconds)) / rate), waves
+
+
+@pytest.mark.parametrize("rate", [50.0, 100.0, 99.5, 400.0])
+def test_imu_is_resampled_band_limited_to_200_hz(rate):
+    series, waves = slow_waves_imu(rate, 3.0)  # 3 s: the first 2 s at 200 Hz are kept
+    data = imu_tensor(npy_bytes(series), sample_rate=rate).numpy()
+    assert_tensor(torch.from_numpy(data), (6, 400))
+    # away from the start, where the windowed sinc rings as it did for the authors, the
+    # resampled series is the same waves at the new instants
+    inner = slice(40, 400)
+    assert np.allclose(data[:, inner], waves(np.arange(400)[inner] / 200).T, atol=2e-3)
+    assert np.abs(data[:, :40] - waves(np.arange(40) / 200).T).max() > 1e-3
 
 
 def test_short_imu_is_zero_padded_after_its_duration():
-    data = imu_tensor(npy_bytes(ramp_imu(100)), sample_rate=100.0)  # 1 s → 200 samples
-    assert np.allclose(data[:, :199].numpy(), np.arange(199) / 2 + 1000.0 * np.arange(6)[:, None])
-    assert data[1, 199] == 1099  # past the last input sample: held, not extrapolated
+    series, _ = slow_waves_imu(100.0, 1.0)  # 1 s → 200 samples at 200 Hz, then zeros
+    data = imu_tensor(npy_bytes(series), sample_rate=100.0)
+    assert torch.all(data[:, 190:200] != 0)
     assert torch.all(data[:, 200:] == 0)
 
 

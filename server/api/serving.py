@@ -145,11 +145,15 @@ class ChatService:
 
 
 def _preprocess(attachment: Attachment, limits: dict, timer) -> torch.Tensor:
-    """Decode one attachment, timed by `timer` (a histogram); a decoder failing in a way it did not
-    foresee is still the file's fault."""
+    with timer.time():
+        return preprocess_attachment(attachment, limits)
+
+
+def preprocess_attachment(attachment: Attachment, limits: dict) -> torch.Tensor:
+    """Decode one attachment with the gateway's decoder `limits`; a decoder failing in a way it did
+    not foresee is still the file's fault."""
     try:
-        with timer.time():
-            return MODALITIES[attachment.modality].preprocess(attachment.files, {**attachment.options, **limits})
+        return MODALITIES[attachment.modality].preprocess(attachment.files, {**attachment.options, **limits})
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - untrusted bytes can break a decoder in any way

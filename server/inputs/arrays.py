@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from server.errors import InputError
+from server.inputs.resample import resample
 from server.inputs.sniff import check_kind, undecodable
 
 FMRI_VOXELS = 15724
@@ -51,8 +52,8 @@ def fmri_tensor(data: bytes, param: str = "fmri", *,
 
 def imu_tensor(data: bytes, sample_rate: float = IMU_RATE, param: str = "imu", *,
                max_samples: int = MAX_IMU_SAMPLES) -> torch.Tensor:
-    """[6,400]: accelerometer xyz + gyroscope xyz resampled (linear) to 200 Hz, the first
-    2 s, zero-padded at the end when shorter.
+    """[6,400]: accelerometer xyz + gyroscope xyz resampled to 200 Hz as the authors did
+    (server/inputs/resample.py), the first 2 s, zero-padded at the end when shorter.
 
     Accepts [T,6] or [6,T]; a [6,6] array is read as [T,6] (one row per time step, as
     CSV files are written)."""
@@ -76,22 +77,10 @@ def imu_tensor(data: bytes, sample_rate: float = IMU_RATE, param: str = "imu", *
     if series.shape[1] > max_samples:
         raise InputError(413, f"field '{param}' has {series.shape[1]} samples, more than the limit "
                               f"of {max_samples}", param)
-    series = _resample_linear(series, rate, IMU_RATE)[:, :IMU_SAMPLES]
+    series = resample(series, rate, IMU_RATE, IMU_SAMPLES)
     out = np.zeros((IMU_CHANNELS, IMU_SAMPLES))
     out[:, : series.shape[1]] = series
     return _tensor(out)
-
-
-def _resample_linear(series: np.ndarray, rate: float, new_rate: float) -> np.ndarray:
-    """Linear interpolation over time keeping the duration: T samples at `rate` become
-    round(T·new_rate/rate) samples; points past the last input sample hold its value."""
-    if rate == new_rate:
-        return series
-    length = series.shape[1]
-    new_length = max(1, round(length * new_rate / rate))
-    times = np.arange(length) / rate
-    new_times = np.arange(new_length) / new_rate
-    return np.stack([np.interp(new_times, times, channel) for channel in series])
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

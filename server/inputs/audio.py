@@ -1,6 +1,7 @@
 """Audio → the [1,128,1024] log-mel tensor of ONELLM.md §4.
 
-The authors computed `torchaudio.compliance.kaldi.fbank(waveform, htk_compat=True,
+The authors resampled to 16 kHz with torchaudio's `Resample` (server/inputs/resample.py) and
+computed `torchaudio.compliance.kaldi.fbank(waveform, htk_compat=True,
 sample_frequency=16000, use_energy=False, window_type='hanning', num_mel_bins=128,
 dither=0.0, frame_shift=10)` on the float waveform in [-1, 1] as torchaudio loads it.
 `kaldi_fbank` below computes the same filterbank without torchaudio.
@@ -11,10 +12,10 @@ import io
 import av
 import numpy as np
 import soundfile as sf
-import soxr
 import torch
 
 from server.errors import InputError
+from server.inputs.resample import resample
 from server.inputs.sniff import check_kind, undecodable
 
 SAMPLE_RATE = 16000
@@ -23,6 +24,7 @@ FRAMES = 1024  # 10.24 s
 WINDOW = 400  # 25 ms at 16 kHz
 SHIFT = 160  # 10 ms
 FFT_SIZE = 512  # the window rounded up to a power of two
+FBANK_SAMPLES = WINDOW + (FRAMES - 1) * SHIFT  # what the 1024 frames read
 PREEMPHASIS = 0.97
 FBANK_MEAN = -4.2677393
 FBANK_STD = 4.5689974
@@ -34,7 +36,10 @@ def audio_tensor(data: bytes, param: str = "audio", *,
                  max_duration_s: float = MAX_DURATION_S) -> torch.Tensor:
     """[1,128,1024]: first channel, 16 kHz, mean removed, Kaldi fbank, padded with zeros
     (before normalising) or cut to 1024 frames, normalised, frequency-major."""
-    waveform = decode_audio(data, param, max_duration_s=max_duration_s)
+    # Only the samples the frames read are resampled. The authors subtract the mean of the whole
+    # waveform, but Kaldi removes each frame's own mean before anything else, so which mean is
+    # subtracted changes the result only by rounding.
+    waveform = decode_audio(data, param, max_duration_s=max_duration_s, max_samples=FBANK_SAMPLES)
     fbank = kaldi_fbank(waveform - waveform.mean())
     padded = np.zeros((FRAMES, MEL_BINS), dtype=np.float32)
     padded[: len(fbank)] = fbank[:FRAMES]
@@ -42,9 +47,9 @@ def audio_tensor(data: bytes, param: str = "audio", *,
     return torch.from_numpy(np.ascontiguousarray(normalized.T))[None]
 
 
-def decode_audio(data: bytes, param: str = "audio", *,
-                 max_duration_s: float = MAX_DURATION_S) -> np.ndarray:
-    """The first channel as float32 in [-1, 1] at 16 kHz."""
+def decode_audio(data: bytes, param: str = "audio", *, max_duration_s: float = MAX_DURATION_S,
+                 max_samples: int | None = None) -> np.ndarray:
+    """The first channel as float32 in [-1, 1] at 16 kHz (its first `max_samples` only, if given)."""
     # Video containers are accepted too: their soundtrack is audio.
     kind = check_kind(data, param, {"audio", "video"}, "audio")
     _check_riff_complete(data, param)
@@ -65,9 +70,7 @@ def decode_audio(data: bytes, param: str = "audio", *,
         raise InputError(422, f"field '{param}' holds audio with no samples", param)
     if not np.isfinite(samples).all():
         raise InputError(422, f"field '{param}' holds audio with NaN or infinite samples", param)
-    if rate != SAMPLE_RATE:
-        samples = soxr.resample(samples, rate, SAMPLE_RATE)
-    return np.ascontiguousarray(samples, dtype=np.float32)
+    return resample(samples, rate, SAMPLE_RATE, max_samples).astype(np.float32)
 
 
 def kaldi_fbank(waveform: np.ndarray, num_bins: int = MEL_BINS) -> np.ndarray:
@@ -78,7 +81,7 @@ def kaldi_fbank(waveform: np.ndarray, num_bins: int = MEL_BINS) -> np.ndarray:
     512-point FFT, mel bin 3 (≈48–93 Hz) covers no FFT bin. Kaldi and kaldi-native-fbank
     refuse such a bank; torchaudio keeps the empty filter, whose output is log(ε), and the
     released weights were trained on that. Only the first 1024 frames are computed."""
-    frames = _frames(waveform[: WINDOW + (FRAMES - 1) * SHIFT].astype(np.float64))
+    frames = _frames(waveform[:FBANK_SAMPLES].astype(np.float64))
     frames = frames - frames.mean(axis=1, keepdims=True)  # remove_dc_offset
     # Pre-emphasis, Kaldi style: the first sample is emphasised against itself.
     previous = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)

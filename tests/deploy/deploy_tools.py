@@ -3,6 +3,7 @@ kubectl kustomize, kubernetes-validate, promtool. A tool that is missing skips i
 fails them when CI is set."""
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -45,4 +46,25 @@ def exposed_metric_names() -> set[str]:
     names = set(SCALE_OUT_METRICS)
     for family in Metrics().registry.collect():
         names.update(family.name + suffix for suffix in SAMPLE_SUFFIXES[family.type])
+    return names
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
+                "and", "or", "unless", "inf", "nan", "le"}
+
+
+def queried_metrics(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: its identifiers that are not functions,
+    aggregations, keywords, label names in matchers or clauses, or durations."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings: label values, regexes
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        name = match.group()
+        follows = expr[match.end():].lstrip()[:1]
+        if follows == "(" or name.lower() in PROMQL_WORDS or re.fullmatch(r"\d", expr[match.start() - 1:match.start()] or " "):
+            continue
+        names.add(name)
     return names

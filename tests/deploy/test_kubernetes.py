@@ -266,6 +266,12 @@ def test_api_keys_come_from_a_secret_mounted_where_the_gateway_reads_them(manife
     assert not manifests.of_kind("Secret"), "keys are created beside the manifests, never in them"
 
 
+def test_the_gateway_decodes_on_as_many_threads_as_it_has_cpus(manifests):
+    gateway = main_container(manifests.workload(GATEWAY))
+    workers = int(manifests.environment(gateway)["ONELLM_PREPROCESS_WORKERS"])
+    assert workers == int(gateway["resources"]["requests"]["cpu"])
+
+
 def test_gateways_and_vllm_replicas_each_get_a_gpu(manifests):
     for name in (GATEWAY, VLLM):
         resources = main_container(manifests.workload(name))["resources"]

@@ -8,8 +8,8 @@ import time
 import httpx
 import openai
 
-from tests.containers.conftest import Stack, wait_ready
-from tests.media import image
+from docker_stack import Stack, wait_ready
+from media import image
 
 
 def gateway_url(stack: Stack) -> str:
@@ -36,7 +36,7 @@ def test_both_services_turn_healthy_and_the_gateway_serves_a_streamed_image_chat
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_an_openai_sdk_request_through_the_published_port(cpu_stack):
@@ -63,7 +63,11 @@ def test_the_gateway_turns_unhealthy_while_vllm_is_stopped_and_healthy_again_aft
     url = gateway_url(cpu_stack)
     cpu_stack.compose("stop", "vllm")
     try:
-        assert httpx.get(f"{url}/ready", timeout=10).status_code == 503
+        # the gateway learns of it from its next probe of vLLM's /health (every 2 s)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/ready", timeout=10).status_code != 503:
+            assert time.monotonic() < deadline, "/ready still 200 30 s after vLLM stopped"
+            time.sleep(0.5)
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
         cpu_stack.wait_health("gateway", "unhealthy", timeout=120)
     finally:

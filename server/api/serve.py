@@ -14,6 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder (env ONELLM_MODEL; default model_repo/tiny)")
     parser.add_argument("--vllm-url", help="vLLM OpenAI server to decode on (env ONELLM_VLLM_URL); "
                         "without it the embedded in-process engine serves")
+    parser.add_argument("--cache-url", help="Redis (redis://host:port/db) where gateways share attachment "
+                        "prefixes (env ONELLM_CACHE_URL); without it each gateway caches only its own")
+    parser.add_argument("--cache-timeout-ms", type=float, help="connect and reply timeout of that Redis; slower "
+                        "is treated as down (env ONELLM_CACHE_TIMEOUT_MS; default 100)")
+    parser.add_argument("--cache-ttl-s", type=int, help="lifetime of a prefix in that Redis "
+                        "(env ONELLM_CACHE_TTL_S; default 86400)")
     parser.add_argument("--host", help="address to listen on (env ONELLM_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (env ONELLM_PORT; default 8080)")
     parser.add_argument("--device", help="torch device of the encoder and local engine (env ONELLM_DEVICE; default cpu)")

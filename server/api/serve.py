@@ -8,12 +8,16 @@ import uvicorn
 
 from server.api.access import logging_config
 from server.api.settings import Settings
+from server.engines.routing import POLICIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder (env ONELLM_MODEL; default model_repo/tiny)")
-    parser.add_argument("--vllm-url", help="vLLM OpenAI server to decode on (env ONELLM_VLLM_URL); "
-                        "without it the embedded in-process engine serves")
+    parser.add_argument("--vllm-url", help="vLLM OpenAI server(s) to decode on, comma-separated "
+                        "(env ONELLM_VLLM_URL); without it the embedded in-process engine serves")
+    parser.add_argument("--routing", choices=POLICIES, help="how each request picks one of several vLLM "
+                        "servers (env ONELLM_ROUTING; default affinity: a chat's turns stay on one server "
+                        "unless it is much busier than the others)")
     parser.add_argument("--cache-url", help="Redis (redis://host:port/db) where gateways share attachment "
                         "prefixes (env ONELLM_CACHE_URL); without it each gateway caches only its own")
     parser.add_argument("--cache-timeout-ms", type=float, help="connect and reply timeout of that Redis; slower "

@@ -1,0 +1,132 @@
+"""Which vLLM backend serves a request: pure state (health, requests in flight) and policy.
+
+No I/O and no asyncio, so that the gateway (server/engines/replicas.py) and the cluster
+simulation (bench/cluster_sim.py) run the very same code.
+
+Chat affinity uses rendezvous (highest random weight) hashing: every backend gets a score
+for the chat's affinity string and the highest wins. Scores depend only on the string and the
+backend's name, so every gateway picks the same backend for a chat without talking to the
+others, and when a backend goes down only the chats it held move (to their second choice).
+The load bound is that of consistent hashing with bounded loads: a chat whose backend is much
+busier than the rest goes to the least-loaded backend instead, so one heavy chat (or a hash
+that happens to favour one backend) cannot pile work onto a single replica.
+"""
+
+import hashlib
+import random
+from collections.abc import Iterable, Sequence
+
+POLICIES = ("affinity", "least-loaded", "round-robin")
+_MASK64 = (1 << 64) - 1
+
+
+def _hash64(text: str) -> int:
+    # hashlib, not hash(): str hashes are salted per process, and every gateway must agree
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _mix64(value: int) -> int:
+    """SplitMix64's finalizer: spreads the combination of a key's and a backend's hash over
+    all 64 bits, so one key hash per pick (not one per backend) is enough."""
+    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    value = (value ^ (value >> 27)) * 0x94D049BB133111EB & _MASK64
+    return value ^ (value >> 31)
+
+
+class Router:
+    """Health and load of a fixed set of backends, and the choice of one per request.
+
+    `load_slack` and `load_epsilon` bound affinity: the chosen backend is kept while it has at
+    most max(fewest in flight + load_slack, (1 + load_epsilon) * mean in flight) requests in
+    flight over the backends that could take the request. `seed` makes least-loaded's random
+    tie-breaking reproducible.
+    """
+
+    def __init__(self, backends: Sequence[str], policy: str = "affinity", load_slack: int = 2,
+                 load_epsilon: float = 0.25, seed: int | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"routing policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        if not backends:
+            raise ValueError("a router needs at least one backend")
+        if len(set(backends)) != len(backends):
+            raise ValueError(f"backends must be distinct: {list(backends)}")
+        if load_slack < 0 or load_epsilon < 0:
+            raise ValueError("load_slack and load_epsilon cannot be negative")
+        self.backends = tuple(backends)
+        self.policy = policy
+        self.load_slack = load_slack
+        self.load_epsilon = load_epsilon
+        self._seeds = {name: _hash64(name) for name in self.backends}
+        self._in_flight = dict.fromkeys(self.backends, 0)
+        self._healthy = dict.fromkeys(self.backends, True)
+        self._next = 0  # round-robin's position in self.backends
+        self._random = random.Random(seed)
+
+    # --- state ----------------------------------------------------------------------
+
+    def started(self, name: str) -> None:
+        self._in_flight[name] += 1
+
+    def finished(self, name: str) -> None:
+        if self._in_flight[name] <= 0:
+            raise ValueError(f"backend {name!r} has no request in flight")
+        self._in_flight[name] -= 1
+
+    def mark_down(self, name: str) -> None:
+        self._check(name)
+        self._healthy[name] = False
+
+    def mark_up(self, name: str) -> None:
+        self._check(name)
+        self._healthy[name] = True
+
+    def in_flight(self, name: str) -> int:
+        return self._in_flight[name]
+
+    def healthy(self, name: str) -> bool:
+        return self._healthy[name]
+
+    def _check(self, name: str) -> None:
+        if name not in self._healthy:
+            raise KeyError(f"unknown backend {name!r}")
+
+    # --- choice ---------------------------------------------------------------------
+
+    def pick(self, affinity: str | None, exclude: Iterable[str] = ()) -> str | None:
+        """The backend for a request, or None when every backend is down or excluded.
+        A request without an affinity string is routed by load under the affinity policy."""
+        excluded = set(exclude)
+        candidates = [name for name in self.backends if self._healthy[name] and name not in excluded]
+        if not candidates:
+            return None
+        if self.policy == "round-robin":
+            return self._round_robin(candidates)
+        if self.policy == "affinity" and affinity is not None:
+            return self._affine(affinity, candidates)
+        return self._least_loaded(candidates)
+
+    def _affine(self, affinity: str, candidates: list[str]) -> str:
+        key = _hash64(affinity)
+
+        def preference(name: str) -> int:
+            return _mix64(key ^ self._seeds[name])
+
+        chosen = max(candidates, key=preference)
+        loads = [self._in_flight[name] for name in candidates]
+        bound = max(min(loads) + self.load_slack, (1 + self.load_epsilon) * sum(loads) / len(loads))
+        if self._in_flight[chosen] <= bound:
+            return chosen
+        # the least-loaded backend, ties going to the chat's preference so the spill is stable
+        fewest = min(loads)
+        return max((name for name in candidates if self._in_flight[name] == fewest), key=preference)
+
+    def _least_loaded(self, candidates: list[str]) -> str:
+        fewest = min(self._in_flight[name] for name in candidates)
+        return self._random.choice([name for name in candidates if self._in_flight[name] == fewest])
+
+    def _round_robin(self, candidates: list[str]) -> str:
+        allowed = set(candidates)
+        rotated = self.backends[self._next:] + self.backends[:self._next]
+        name = next(name for name in rotated if name in allowed)
+        self._next = (self.backends.index(name) + 1) % len(self.backends)
+        return name

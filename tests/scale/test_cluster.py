@@ -145,7 +145,7 @@ class Stream:
 
     def _read(self, base_url: str, request: dict) -> None:
         with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=request, timeout=TIMEOUT) as response:
-            for line in response.iter_lines():
+            for line in filter(None, response.iter_lines()):
                 self.lines.append(line)
                 if '"content":"' in line and '"content":""' not in line:
                     self.first_text.set()
@@ -160,8 +160,9 @@ class Stream:
 
 
 def test_kill_9_of_one_vllm_under_load_fails_only_the_streams_it_was_running(cluster):
-    chat = text_chat("Tell me a long story about a lighthouse keeper and the ships she watched.")
-    streams = [Stream(cluster.balancer.url, chat, 512) for _ in range(2)]  # one chat: one backend
+    # the reference model keeps going for this prompt (no early EOS), for seconds at this length
+    chat = text_chat("Write a very long story about a cat.")
+    streams = [Stream(cluster.balancer.url, chat, 1500) for _ in range(2)]  # one chat: one backend
     for stream in streams:
         assert stream.first_text.wait(120), stream.lines
     in_flight = {b: gateways_total(cluster, "onellm_vllm_backend_in_flight", backend=b) for b in cluster.backends}
@@ -197,7 +198,7 @@ def test_kill_9_of_one_vllm_under_load_fails_only_the_streams_it_was_running(clu
     for stream in streams:
         stream.thread.join(60)
         assert not stream.thread.is_alive(), "a stream of the killed backend never ended"
-        assert stream.failed and not stream.finished, stream.lines[-3:]
+        assert stream.failed and not stream.finished, stream.lines[-4:]
         assert stream.lines[-1] == "data: [DONE]"
 
     victim.stop()  # reaps it

@@ -1,6 +1,7 @@
 """The scale-out tier: on loopback, two vLLM CPU servers, Redis, two gateways decoding on both
 vLLMs and sharing prefixes through Redis, and HAProxy in front of the gateways, with the shared
-deploy/haproxy/haproxy.cfg and a servers file of this tier's own. All started ONCE per session.
+deploy/haproxy/haproxy.cfg and a servers file of this tier's own. All started once, for the tier's
+one module, and stopped after it, so that the rest of a session does not share the CPU with them.
 
 Every test collected under tests/scale/ is marked `scale` (`pytest -m "not scale"` skips the
 tier). Without .venv-vllm, redis-server or haproxy the tier is skipped, or fails when CI is set.
@@ -107,7 +108,7 @@ def _require(command: str, hint: str) -> None:
         vllm_tier.unavailable(f"{command} not found: {hint}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(vllm_installed, vllm_model_dir, tmp_path_factory) -> Cluster:
     _require("redis-server", "make system-packages installs it")
     _require("haproxy", "make system-packages installs it")
@@ -134,3 +135,7 @@ def cluster(vllm_installed, vllm_model_dir, tmp_path_factory) -> Cluster:
         for server in vllms:
             server.stop()
         redis.stop()
+    # a traceback in a gateway's log means some failure reached a path nobody handled
+    for gateway in gateways:
+        assert "Traceback" not in gateway.log(), gateway.log()[-6000:]
+

@@ -127,8 +127,11 @@ class StandInVLLM:
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self
+
+    def port_closed(self) -> bool:
+        return self._httpd is None
 
     def stop(self) -> None:
         """Closes the port: connecting is refused from now on."""

@@ -40,7 +40,9 @@ class ReplicatedVLLMEngine:
         for url in self.backends:
             self.router.mark_down(url)
             metrics.backend_healthy.labels(url).set(0)
-            metrics.backend_in_flight.labels(url).set(0)
+            # every series exists from the start, so that rates and alerts see each backend at 0
+            for family in (metrics.backend_requests, metrics.backend_failures, metrics.backend_in_flight):
+                family.labels(url)
         self._probe_loop: asyncio.Task | None = None
         self._probe: asyncio.Task | None = None  # the probe of every backend under way, shared by its waiters
         self._closed = False

@@ -290,7 +290,10 @@ def installed_release(command: list[str], pattern: str) -> str:
     """major.minor of a locally installed tool, the one the tests exercise."""
     found = shutil.which(command[0], path=f"/usr/sbin{os.pathsep}{os.environ['PATH']}")
     if found is None:
-        pytest.fail(f"{command[0]} not found: make system-packages installs it")
+        message = f"{command[0]} not found: make system-packages installs it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     output = subprocess.run([found, *command[1:]], capture_output=True, text=True).stdout
     return re.search(pattern, output).group(1)
 

@@ -19,7 +19,9 @@ from server.errors import InputError
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # a client's own id is kept when it is a plain token; anything else could forge log lines
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-OPEN_PATHS = {"/health", "/"}  # liveness probes carry no credentials; the page holds no data and asks for a key
+# probes carry no credentials (kubelet, load balancers: liveness /health, readiness /ready); the
+# page holds no data and asks for a key
+OPEN_PATHS = {"/health", "/ready", "/"}
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 

@@ -3,6 +3,7 @@ kubectl kustomize, kubernetes-validate, promtool. A tool that is missing skips i
 fails them when CI is set."""
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,3 +26,45 @@ def tool(name: str, install_hint: str) -> str:
     if found is None:
         unavailable(f"{name} not found: {install_hint}")
     return found
+
+
+# Names that the gateway exposes once the other scale-out branches are merged (the shared
+# contract between them); the rest come from server/api/metrics.py itself.
+SCALE_OUT_METRICS = {
+    "onellm_vllm_backend_requests_total", "onellm_vllm_backend_failures_total", "onellm_vllm_backend_in_flight",
+    "onellm_vllm_backend_healthy", "onellm_vllm_retries_total", "onellm_shared_cache_up",
+    "onellm_shared_cache_errors_total", "onellm_shared_cache_hits_total", "onellm_uploads_in_progress",
+    "onellm_request_timeouts_total", "onellm_refusals_total",
+}
+SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
+                   "summary": ("", "_sum", "_count")}
+
+
+def exposed_metric_names() -> set[str]:
+    """Every sample name a gateway's /metrics can hold, as Prometheus stores them."""
+    from server.api.metrics import Metrics
+    names = set(SCALE_OUT_METRICS)
+    for family in Metrics().registry.collect():
+        names.update(family.name + suffix for suffix in SAMPLE_SUFFIXES[family.type])
+    return names
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
+                "and", "or", "unless", "inf", "nan", "le"}
+
+
+def queried_metrics(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: its identifiers that are not functions,
+    aggregations, keywords, label names in matchers or clauses, or durations."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings: label values, regexes
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        name = match.group()
+        follows = expr[match.end():].lstrip()[:1]
+        if follows == "(" or name.lower() in PROMQL_WORDS or re.fullmatch(r"\d", expr[match.start() - 1:match.start()] or " "):
+            continue
+        names.add(name)
+    return names

@@ -17,13 +17,15 @@ def assert_401(response: httpx.Response) -> dict:
     return response.json()
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/ready", "/metrics", "/openapi.json", "/docs"])
-def test_every_path_but_health_and_the_page_needs_a_key(hardened, path):
+@pytest.mark.parametrize("path", ["/v1/models", "/metrics", "/openapi.json", "/docs"])
+def test_every_path_but_the_probes_and_the_page_needs_a_key(hardened, path):
     assert_401(httpx.get(hardened.url + path))
 
 
-def test_health_and_the_page_stay_open(hardened):
+def test_the_probes_and_the_page_stay_open(hardened):
+    """Kubernetes and HAProxy check /health and /ready without a key."""
     assert httpx.get(f"{hardened.url}/health").status_code == 200
+    assert httpx.get(f"{hardened.url}/ready").status_code == 200
     page = httpx.get(f"{hardened.url}/")
     assert page.status_code == 200 and 'id="api-key"' in page.text
 

@@ -164,3 +164,23 @@ def test_a_redis_slower_than_the_timeout_is_left_out_and_used_again_when_it_answ
     assert sample(a, "onellm_shared_cache_errors_total", operation="get") == errors + 1
     assert sample(a, "onellm_shared_cache_up") == 0
     until(lambda: sample(a, "onellm_shared_cache_up") == 1, within=30)
+
+
+def test_the_cache_settings_come_from_the_environment():
+    settings = Settings.from_env({"ONELLM_CACHE_URL": "redis://cache:6380/2", "ONELLM_CACHE_TIMEOUT_MS": "50",
+                                  "ONELLM_CACHE_TTL_S": "600"})
+    assert (settings.cache_url, settings.cache_timeout_ms, settings.cache_ttl_s) == ("redis://cache:6380/2", 50.0, 600)
+
+
+def test_a_gateway_whose_redis_is_down_at_start_up_serves_from_its_own_cache(tiny_model):
+    from gateway_process import free_port
+
+    settings = Settings(model=str(tiny_model), cache_url=f"redis://127.0.0.1:{free_port()}/0", preprocess_workers=1)
+    with TestClient(create_app(settings)) as client:  # nothing listens there
+        assert sample(client, "onellm_shared_cache_up") == 0
+        picture = media.image("png", seed=1507)
+        ask(client, picture)
+        ask(client, picture)
+        assert encoder_runs(client) == 1
+        assert sample(client, "onellm_prefix_cache_hits_total", modality="image") == 1
+        assert client.get("/ready").status_code == 200

@@ -18,6 +18,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as ClosedConnection, RedisError
 
 from server.api.metrics import Metrics
+from server.model.repo import OneLLM
 
 log = logging.getLogger("onellm.shared_cache")
 
@@ -137,7 +138,7 @@ class SharedPrefixCache:
             return
 
 
-def shared_cache_for(url: str, model, ttl_s: int, timeout_s: float, metrics: Metrics) -> SharedPrefixCache:
+def shared_cache_for(url: str, model: OneLLM, ttl_s: int, timeout_s: float, metrics: Metrics) -> SharedPrefixCache:
     """The shared cache of `model`'s prefixes: [prefix_tokens, D] in the dtype its encoder runs in."""
     dtype_name = str(model.dtype).removeprefix("torch.")
     shape = (model.config["encoder"]["prefix_tokens"], model.config["llm"]["dim"])

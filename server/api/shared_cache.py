@@ -48,7 +48,7 @@ def tensor_from_bytes(data: bytes, shape: tuple[int, ...], dtype: torch.dtype) -
         return None
     if len(data) - start != math.prod(shape) * dtype.itemsize:
         return None
-    tensor = torch.frombuffer(bytearray(data[start:]), dtype=dtype).reshape(shape)
+    tensor = torch.frombuffer(bytearray(memoryview(data)[start:]), dtype=dtype).reshape(shape)
     # the encoder never makes inf or NaN; a value holding them was not written by a gateway
     return tensor if bool(torch.isfinite(tensor).all()) else None
 

@@ -25,6 +25,7 @@ from server.api.limits import BodyLimit, check_chat, read_form
 from server.api.metrics import Metrics
 from server.api.serving import ChatService, Generation
 from server.api.settings import Settings
+from server.api.shared_cache import shared_cache_for
 from server.api.uploads import (UPLOAD_FIELDS, Chat, chat_from_form, chat_from_openai, parse_completion_request,
                                 remote_urls)
 from server.engines.base import Engine, EngineUnavailable, Sampling
@@ -112,10 +113,15 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         engine = engine or build_engine(settings, model, app.state.metrics)
         if model.config.get("random_weights"):
             log.warning("model '%s' has random weights: its answers are meaningless", model.name)
+        shared_cache = None
+        if settings.cache_url:
+            shared_cache = shared_cache_for(settings.cache_url, model, settings.cache_ttl_s,
+                                            settings.cache_timeout_ms / 1000, app.state.metrics)
+            await shared_cache.start()  # a Redis that is down does not stop the gateway from serving
         app.state.service = ChatService(model, engine, app.state.metrics, settings.preprocess_workers,
                                         int(settings.prefix_cache_mb * (1 << 20)), settings.default_max_tokens,
                                         settings.encoder_max_batch, settings.encoder_max_wait_ms,
-                                        settings.decoder_limits(), settings.stall_timeout_s)
+                                        settings.decoder_limits(), settings.stall_timeout_s, shared_cache)
         # torch, transformers and the model are ~0.5 M objects that live as long as the process; a
         # full collection walked them all, 190-290 ms with every stream stopped. Frozen, it skips them
         gc.collect()
@@ -124,6 +130,8 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         yield
         gc.unfreeze()  # so that they are freed at exit as usual
         app.state.service.close()
+        if shared_cache:
+            await shared_cache.close()
         await engine.close()
 
     errors = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)}

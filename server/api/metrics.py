@@ -46,5 +46,16 @@ class Metrics:
         self.vllm_retries = Counter("onellm_vllm_retries", "Requests sent again to another vLLM backend after "
                                     "one failed before any text", registry=self.registry)
 
+    def add_shared_cache(self) -> None:
+        """The shared prefix cache's metrics, only on gateways that have one: an `up` of 0 on one
+        that was never given Redis would read as an outage."""
+        self.shared_cache_up = Gauge("onellm_shared_cache_up", "1 while the shared prefix cache (Redis) answers",
+                                     registry=self.registry)
+        self.shared_cache_errors = Counter("onellm_shared_cache_errors", "Shared prefix cache operations that failed, "
+                                           "or values read back that were not a prefix", ["operation"],
+                                           registry=self.registry)
+        self.shared_cache_hits = Counter("onellm_shared_cache_hits", "Attachments served from the shared prefix cache",
+                                         ["modality"], registry=self.registry)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

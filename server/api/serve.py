@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routing", choices=POLICIES, help="how each request picks one of several vLLM "
                         "servers (env ONELLM_ROUTING; default affinity: a chat's turns stay on one server "
                         "unless it is much busier than the others)")
+    parser.add_argument("--cache-url", help="Redis (redis://host:port/db) where gateways share attachment "
+                        "prefixes (env ONELLM_CACHE_URL); without it each gateway caches only its own")
+    parser.add_argument("--cache-timeout-ms", type=float, help="connect and reply timeout of that Redis; slower "
+                        "is treated as down (env ONELLM_CACHE_TIMEOUT_MS; default 100)")
+    parser.add_argument("--cache-ttl-s", type=int, help="lifetime of a prefix in that Redis "
+                        "(env ONELLM_CACHE_TTL_S; default 86400)")
     parser.add_argument("--host", help="address to listen on (env ONELLM_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (env ONELLM_PORT; default 8080)")
     parser.add_argument("--device", help="torch device of the encoder and local engine (env ONELLM_DEVICE; default cpu)")

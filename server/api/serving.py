@@ -13,6 +13,7 @@ import torch
 from server.api.batcher import EncoderBatcher
 from server.api.metrics import Metrics
 from server.api.prefix_cache import PrefixCache, SharedRuns, prefix_key
+from server.api.shared_cache import SharedPrefixCache
 from server.api.uploads import Attachment, Chat
 from server.engines.base import Engine, EngineUnavailable, Sampling, Usage
 from server.errors import InputError
@@ -45,7 +46,8 @@ class Generation:
 class ChatService:
     def __init__(self, model: OneLLM, engine: Engine, metrics: Metrics, preprocess_workers: int,
                  prefix_cache_bytes: int, default_max_tokens: int, max_batch: int = 8, max_wait_ms: float = 1.0,
-                 decoder_limits: dict | None = None, stall_timeout_s: float | None = None):
+                 decoder_limits: dict | None = None, stall_timeout_s: float | None = None,
+                 shared_cache: SharedPrefixCache | None = None):
         self.model = model
         self.engine = engine
         self.metrics = metrics
@@ -56,6 +58,7 @@ class ChatService:
         self.block_rows = model.config["encoder"]["prefix_tokens"] + 2  # start tag, prefix, end tag
         self.cache = PrefixCache(prefix_cache_bytes)
         self.runs = SharedRuns()
+        self.shared_cache = shared_cache  # other gateways' prefixes, behind the local cache
         # decoding runs in a pool so a large video never stalls other users' token streams;
         # the encoder has one thread of its own: torch already uses every core for one batch
         self._preprocess = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
@@ -92,12 +95,19 @@ class ChatService:
             raise InputError(e.status, e.message, attachment.params.get(e.param, e.param), e.headers) from None
 
     async def _new_prefix(self, key: str, attachment: Attachment) -> torch.Tensor:
+        """Looked up in the shared cache within the run, so requests bringing the same new file at
+        once ask Redis once."""
         m = attachment.modality
+        if self.shared_cache and (shared := await self.shared_cache.get(key, m)) is not None:
+            self.cache.put(key, shared)
+            return shared
         inputs = await self.off_loop(_preprocess, attachment, self.decoder_limits,
                                      self.metrics.preprocess_seconds.labels(m))
         prefix = await self.batcher.encode(m, inputs)
         self.metrics.encoder_runs.labels(m).inc()
         self.cache.put(key, prefix)
+        if self.shared_cache:
+            await self.shared_cache.put(key, prefix)
         return prefix
 
     def fit_context(self, chat: Chat, max_tokens: int | None) -> tuple[int, list[int], int]:

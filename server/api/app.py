@@ -55,10 +55,11 @@ class ChatForm(BaseModel):
     imu_sample_rate: float = Field(default=200.0, gt=0.0, le=10000.0)
 
 
-def build_engine(settings: Settings, model: OneLLM) -> Engine:
-    if settings.vllm_url:
-        from server.engines.vllm import VLLMEngine
-        return VLLMEngine(settings.vllm_url, dtype=model.dtype)  # the embeddings travel as they were made
+def build_engine(settings: Settings, model: OneLLM, metrics: Metrics) -> Engine:
+    if urls := settings.vllm_urls():
+        from server.engines.replicas import ReplicatedVLLMEngine
+        # the embeddings travel as they were made
+        return ReplicatedVLLMEngine(urls, metrics, settings.routing, dtype=model.dtype)
     from server.engines.local import LocalEngine
     return LocalEngine(model.path / "llm", device=settings.device, dtype=model.dtype)
 
@@ -108,7 +109,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         nonlocal model, engine
         dtype = getattr(torch, settings.dtype) if settings.dtype else None
         model = model or load_model(settings.model, device=settings.device, dtype=dtype)
-        engine = engine or build_engine(settings, model)
+        engine = engine or build_engine(settings, model, app.state.metrics)
         if model.config.get("random_weights"):
             log.warning("model '%s' has random weights: its answers are meaningless", model.name)
         app.state.service = ChatService(model, engine, app.state.metrics, settings.preprocess_workers,

@@ -34,6 +34,17 @@ class Metrics:
                                 "by the request timeout (504)", ["reason"], registry=self.registry)
         self.admission_waiting = Gauge("onellm_admission_waiting", "Chat requests waiting for a slot",
                                        registry=self.registry)
+        # the vLLM backends, labelled by URL (server/engines/replicas.py)
+        self.backend_requests = Counter("onellm_vllm_backend_requests", "Requests sent to a vLLM backend, "
+                                        "retries included", ["backend"], registry=self.registry)
+        self.backend_failures = Counter("onellm_vllm_backend_failures", "Requests a vLLM backend failed "
+                                        "(unreachable, errors, cut streams)", ["backend"], registry=self.registry)
+        self.backend_in_flight = Gauge("onellm_vllm_backend_in_flight", "Requests streaming from a vLLM backend",
+                                       ["backend"], registry=self.registry)
+        self.backend_healthy = Gauge("onellm_vllm_backend_healthy", "1 while a vLLM backend takes requests",
+                                     ["backend"], registry=self.registry)
+        self.vllm_retries = Counter("onellm_vllm_retries", "Requests sent again to another vLLM backend after "
+                                    "one failed before any text", registry=self.registry)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,12 +8,16 @@ import uvicorn
 
 from server.api.access import logging_config
 from server.api.settings import Settings
+from server.engines.routing import POLICIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder (env ONELLM_MODEL; default model_repo/tiny)")
-    parser.add_argument("--vllm-url", help="vLLM OpenAI server to decode on (env ONELLM_VLLM_URL); "
-                        "without it the embedded in-process engine serves")
+    parser.add_argument("--vllm-url", help="vLLM OpenAI server(s) to decode on, comma-separated "
+                        "(env ONELLM_VLLM_URL); without it the embedded in-process engine serves")
+    parser.add_argument("--routing", choices=POLICIES, help="how each request picks one of several vLLM "
+                        "servers (env ONELLM_ROUTING; default affinity: a chat's turns stay on one server "
+                        "unless it is much busier than the others)")
     parser.add_argument("--host", help="address to listen on (env ONELLM_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (env ONELLM_PORT; default 8080)")
     parser.add_argument("--device", help="torch device of the encoder and local engine (env ONELLM_DEVICE; default cpu)")

@@ -1,6 +1,7 @@
 """The chat logic behind both endpoints: attachments -> prefixes -> prompt embeddings -> engine stream."""
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ class Prepared:
     embeddings: torch.Tensor  # [L, D]
     max_tokens: int
     modalities: list[str]
+    affinity: str  # the same for every turn of the chat: see ChatService.affinity
 
     @property
     def prompt_tokens(self) -> int:
@@ -68,14 +70,17 @@ class ChatService:
         self._preprocess.shutdown(wait=False, cancel_futures=True)
         self._encoder.shutdown(wait=False, cancel_futures=True)
 
-    async def prefix(self, attachment: Attachment) -> torch.Tensor:
-        """One attachment -> its prefix [30, D], from the cache when the same bytes came before, or
-        from the run already making it when they are arriving at the same time."""
+    async def prefix_key(self, attachment: Attachment) -> str:
+        # hashing a 64 MiB upload takes ~30 ms that every stream would wait out on the event loop
+        return await self.off_loop(prefix_key, self.model.name, attachment.modality, attachment.files,
+                                   attachment.options)
+
+    async def prefix(self, attachment: Attachment, key: str) -> torch.Tensor:
+        """One attachment -> its prefix [30, D] (`key`: its prefix_key), from the cache when the same
+        bytes came before, or from the run already making it when they are arriving at the same time."""
         m = attachment.modality
         if m not in self.model.encoder.modalities:
             raise InputError(400, f"model '{self.model.name}' does not accept '{m}' inputs", next(iter(attachment.files)))
-        # hashing a 64 MiB upload takes ~30 ms that every stream would wait out on the event loop
-        key = await self.off_loop(prefix_key, self.model.name, m, attachment.files, attachment.options)
         if (cached := self.cache.get(key)) is not None:
             self.metrics.prefix_cache_hits.labels(m).inc()
             return cached
@@ -117,16 +122,32 @@ class ChatService:
     async def prepare(self, chat: Chat, max_tokens: int | None) -> Prepared:
         start, ids, max_tokens = self.fit_context(chat, max_tokens)
         attachments = [a for t in chat.turns[start:] for a in t.attachments]
-        prefixes = await asyncio.gather(*(self.prefix(a) for a in attachments))
+        keys = await asyncio.gather(*(self.prefix_key(a) for a in attachments))
+        prefixes = await asyncio.gather(*(self.prefix(a, key) for a, key in zip(attachments, keys)))
         embeddings = self.model.embeddings(ids, [(a.modality, p) for a, p in zip(attachments, prefixes)])
-        return Prepared(embeddings, max_tokens, [a.modality for a in attachments])
+        return Prepared(embeddings, max_tokens, [a.modality for a in attachments],
+                        await self.affinity(chat, dict(zip(map(id, attachments), keys))))
+
+    async def affinity(self, chat: Chat, known_keys: dict[int, str]) -> str:
+        """What every turn of a chat shares, whichever gateway serves it: its first user message,
+        text and first attachment (by prefix key; `known_keys` are those already computed, by
+        id). The engine routes on it, so that a chat's follow-ups reach the vLLM replica whose
+        prefix cache holds the start of their prompt."""
+        first = next(t for t in chat.turns if t.role == "user")  # check_turns makes sure of one
+        key = ""
+        if first.attachments:
+            attachment = first.attachments[0]
+            # the first message may have been dropped to fit the context
+            key = known_keys.get(id(attachment)) or await self.prefix_key(attachment)
+        return hashlib.sha256(f"{key}\0{first.text}".encode()).hexdigest()
 
     async def generate(self, generation: Generation, sampling: Sampling) -> AsyncIterator[str]:
         """Text deltas of one answer; fills `generation.usage` and the metrics as it goes.
 
         An engine that sends nothing for `stall_timeout_s` is treated as down: a hung stream
         would hold its client and its admission slot for good."""
-        deltas = self.engine.stream(generation.prepared.embeddings, sampling, generation.usage)
+        prepared = generation.prepared
+        deltas = self.engine.stream(prepared.embeddings, sampling, generation.usage, prepared.affinity)
         async with aclosing(deltas):
             while True:
                 try:

@@ -19,7 +19,8 @@ MiB = 1 << 20
 @dataclass(frozen=True)
 class Settings:
     model: str = "model_repo/tiny"
-    vllm_url: str | None = None  # None: the embedded in-process engine
+    vllm_url: str | None = None  # comma-separated vLLM base URLs; None: the embedded in-process engine
+    routing: str = "affinity"  # how a request picks among several vLLMs (server/engines/routing.py)
     host: str = "127.0.0.1"
     port: int = 8080
     device: str = "cpu"
@@ -73,6 +74,9 @@ class Settings:
             values[f.name] = _env_list(raw) if kind is tuple else kind(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def vllm_urls(self) -> list[str]:
+        return list(_env_list(self.vllm_url or ""))
 
     def decoder_limits(self) -> dict:
         """The keyword arguments the modalities pass on to the decoders in server/inputs."""

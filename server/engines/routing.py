@@ -59,8 +59,11 @@ class Router:
         self._seeds = {name: _hash64(name) for name in self.backends}
         self._in_flight = dict.fromkeys(self.backends, 0)
         self._healthy = dict.fromkeys(self.backends, True)
-        self._next = 0  # round-robin's position in self.backends
         self._random = random.Random(seed)
+        # round-robin's position in self.backends, from a random start: gateways that all
+        # started at the first backend, fed alike by the load balancer, would step through
+        # the list in lockstep and send their requests to the same backend at the same time
+        self._next = self._random.randrange(len(self.backends))
 
     # --- state ----------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Request bodies on their way in: how many may arrive at once (in all and per client address),
 how many of their bytes the gateway holds, and how slowly they may come, the way nginx's
 client_body_timeout and Apache's mod_reqtimeout bound it: a gap between reads longer than
-`body_idle_timeout_s`, or an average rate below `min_upload_bytes_per_s` once `upload_grace_s`
-has passed, ends the request with 408 and the connection.
+`body_idle_timeout_s`, or falling more than `upload_grace_s` behind `min_upload_bytes_per_s`
+(mod_reqtimeout's MinRate), ends the request with 408 and the connection.
 
 Refusals (429 past the upload places, 503 past the memory budget) come before any of the body
 is read. A body's bytes count against the budget from its arrival (its Content-Length is
@@ -119,8 +119,9 @@ class _Upload:
             return await self._receive()
         s = self.intake.settings
         idle_at = self.loop.time() + s.body_idle_timeout_s
-        # the moment the average rate since the start would fall below the minimum
-        slow_at = (self.started + max(s.upload_grace_s, (self.received + 1) / s.min_upload_bytes_per_s)
+        # as mod_reqtimeout's MinRate: each min_upload_bytes_per_s bytes received buy a second
+        # past the grace, so a body may fall at most upload_grace_s behind the minimum rate
+        slow_at = (self.started + s.upload_grace_s + self.received / s.min_upload_bytes_per_s
                    if s.min_upload_bytes_per_s else float("inf"))
         try:
             async with asyncio.timeout_at(min(idle_at, slow_at)):

@@ -36,8 +36,8 @@ class Metrics:
                                        registry=self.registry)
         self.uploads_in_progress = Gauge("onellm_uploads_in_progress", "Request bodies being received",
                                          registry=self.registry)
-        self.request_timeouts = Counter("onellm_request_timeouts", "Requests ended on the way in (408, or a "
-                                        "silent close of a connection that sent nothing) by cause: headers, "
+        self.request_timeouts = Counter("onellm_request_timeouts", "Requests ended with 408 on the way in, by "
+                                        "cause: headers, "
                                         "body_idle, body_rate", ["cause"], registry=self.registry)
         # key: the API key's id (never the key), or "" for callers known only by their address
         self.refusals = Counter("onellm_refusals", "Requests refused by a limit (429/503), by limit and key",

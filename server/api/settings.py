@@ -62,11 +62,12 @@ class Settings:
     header_timeout_s: float = _limit(10.0, "longest wait for a request's headers, from the connection "
                                            "or its first byte (408, or a silent close if none came)")
     body_idle_timeout_s: float = _limit(30.0, "longest gap between two reads of a request body (408)")
-    min_upload_bytes_per_s: int = _limit(10_000, "slowest average rate a body may arrive at, once "
-                                                 "upload_grace_s has passed (408)")
-    upload_grace_s: float = _limit(10.0, "how long a body may arrive slower than min_upload_bytes_per_s")
+    min_upload_bytes_per_s: int = _limit(10_000, "slowest average rate a body may arrive at, give or "
+                                                 "take upload_grace_s (408; 0: no minimum)")
+    upload_grace_s: float = _limit(10.0, "how far (s) a body may fall behind min_upload_bytes_per_s: "
+                                         "it has grace + bytes/min_upload_bytes_per_s seconds to arrive")
     max_uploads: int = _limit(256, "request bodies being received at once; more get 429")
-    max_uploads_per_client: int = _limit(8, "request bodies one client address sends at once; more get 429")
+    max_uploads_per_client: int = _limit(32, "request bodies one client address sends at once; more get 429")
     max_buffered_bytes: int = _limit(1024 * MiB, "bytes of request bodies the gateway holds at once, "
                                                  "reserved from Content-Length (503)")
     max_connections: int = _limit(1024, "open connections; past it the longest-idle one is closed, "

@@ -1,0 +1,83 @@
+"""Greedy callers on `crowded` (gateways.CROWDED and KEYS_FILE): 2 slots, 30 queue places; alice
+may have 10 requests at once, carol 3 a minute, bob the defaults."""
+
+import threading
+import time
+
+import httpx
+
+from gateways import KEYS
+from test_overload import metric as any_metric
+
+
+def auth(name: str) -> dict:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+def metric(url: str, name: str, **labels) -> float:
+    return any_metric(url, name, auth("bob"), **labels)
+
+
+def test_a_busy_key_gets_429s_past_its_quota_and_cannot_push_another_behind_its_queue(crowded):
+    url = crowded.url
+    count = 40
+    start = threading.Barrier(count)
+    statuses: list[int | None] = [None] * count
+    begun: list[float | None] = [None] * count  # when each answer started to come: its slot was granted
+
+    def ask(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=120, headers=auth("alice")) as client:
+            client.get("/v1/models")  # connected before the barrier, so all 40 arrive together
+            start.wait()
+            with client.stream("POST", "/v1/chat", data={"prompt": f"Tell me story {i}.", "max_tokens": "80"}) as r:
+                statuses[i] = r.status_code
+                begun[i] = time.monotonic()
+                r.read()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while metric(url, "onellm_admission_waiting") < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    queued = metric(url, "onellm_admission_waiting")
+    assert queued >= 6, "alice's requests did not queue"
+    bob_sent = time.monotonic()
+    with httpx.Client(base_url=url, timeout=120, headers=auth("bob")) as client:
+        with client.stream("POST", "/v1/chat", data={"prompt": "Just one.", "max_tokens": "80"}) as response:
+            bob_status = response.status_code
+            bob_begun = time.monotonic()
+            response.read()
+    for thread in threads:
+        thread.join(120)
+
+    assert bob_status == 200
+    served = [i for i in range(count) if statuses[i] == 200]
+    refused = [i for i in range(count) if statuses[i] == 429]
+    assert len(served) + len(refused) == count, statuses
+    assert len(served) >= 10 and len(refused) >= 20, statuses  # at most 10 at once: the rest are refused
+    # alice's requests still waiting when bob's came: bob's is served after at most one of them (the
+    # turn that was alice's), not behind all of them
+    alice_queue = [begun[i] for i in served if begun[i] > bob_sent]
+    ahead_of_bob = sum(t < bob_begun for t in alice_queue)
+    # (two of alice's may have had their slots just before bob asked, and answered just after)
+    assert ahead_of_bob <= 3 and len(alice_queue) - ahead_of_bob >= len(alice_queue) / 2, (ahead_of_bob, alice_queue)
+    assert metric(url, "onellm_refusals_total", limit="key_max_concurrent", key="alice") == len(refused)
+    assert metric(url, "onellm_refusals_total", limit="key_max_concurrent", key="bob") == 0
+    assert metric(url, "onellm_admission_waiting") == 0
+    print(f"\nalice: {len(served)} served, {len(refused)} refused; {queued:.0f} queued when bob asked, "
+          f"{ahead_of_bob} of alice's queue started before bob, {len(alice_queue) - ahead_of_bob} after")
+
+
+def test_a_key_past_its_requests_a_minute_gets_429_with_retry_after(crowded):
+    with httpx.Client(base_url=crowded.url, timeout=60, headers=auth("carol")) as client:
+        ask = {"prompt": "hi", "max_tokens": "1", "stream": "false"}
+        assert [client.post("/v1/chat", data=ask).status_code for _ in range(3)] == [200] * 3
+        refused = client.post("/v1/chat", data=ask)
+    assert refused.status_code == 429
+    assert "key_requests_per_minute" in refused.json()["error"]["message"]
+    # 3 a minute: the next one in ~20 s, the bucket having refilled a little meanwhile
+    assert 10 <= int(refused.headers["retry-after"]) <= 20
+    assert metric(crowded.url, "onellm_refusals_total", limit="key_requests_per_minute", key="carol") == 1
+    exposition = httpx.get(f"{crowded.url}/metrics", headers=auth("bob")).text
+    assert not any(key in exposition for key in KEYS.values())  # ids in metrics, never the keys

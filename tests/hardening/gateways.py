@@ -28,7 +28,8 @@ SLOW_CLIENTS = {
     "body_idle_timeout_s": 2,
     "min_upload_bytes_per_s": 1000,
     "upload_grace_s": 4,
-    "max_uploads": 100,
+    "max_uploads": 150,
+    "max_connections": 120,
     "max_uploads_per_client": 8,
 }
 

@@ -1,6 +1,7 @@
 """Greedy callers on `crowded` (gateways.CROWDED and KEYS_FILE): 2 slots, 30 queue places; alice
 may have 10 requests at once, carol 3 a minute, bob the defaults."""
 
+import socket
 import threading
 import time
 
@@ -8,6 +9,7 @@ import httpx
 
 from gateways import KEYS
 from test_overload import metric as any_metric
+from test_slow_clients import until
 
 
 def auth(name: str) -> dict:
@@ -84,3 +86,23 @@ def test_a_key_past_its_requests_a_minute_gets_429_with_retry_after(crowded):
     assert metric(crowded.url, "onellm_refusals_total", limit="key_requests_per_minute", key="carol") == 1
     exposition = httpx.get(f"{crowded.url}/metrics", headers=auth("bob")).text
     assert not any(key in exposition for key in KEYS.values())  # ids in metrics, never the keys
+
+
+def test_a_client_leaving_while_queued_leaves_the_queue_at_once(crowded):
+    url = crowded.url
+    with httpx.Client(base_url=url, timeout=60, headers=auth("bob")) as first, \
+            httpx.Client(base_url=url, timeout=60, headers=auth("bob")) as second:
+        # two long answers take both slots
+        long = {"prompt": "A long story.", "max_tokens": "2000"}
+        with first.stream("POST", "/v1/chat", data=long), second.stream("POST", "/v1/chat", data=long):
+            body = b"prompt=hi&max_tokens=1&stream=false"
+            with socket.create_connection(("127.0.0.1", crowded.port)) as sock:
+                sock.sendall(f"POST /v1/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
+                             "Content-Type: application/x-www-form-urlencoded\r\n"
+                             f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                until(lambda: metric(url, "onellm_admission_waiting") == 1, 10)
+                assert metric(url, "onellm_admission_waiting") == 1
+            left = time.monotonic()
+            until(lambda: metric(url, "onellm_admission_waiting") == 0, 10)
+            assert metric(url, "onellm_admission_waiting") == 0
+            assert time.monotonic() - left < 2  # long before either answer ends and its turn comes

@@ -243,3 +243,22 @@ def test_one_address_gets_so_many_uploads_at_once(slow_gateway):
     finally:
         held.close()
     assert metric(url, "onellm_refusals_total", limit="max_uploads_per_client", key="") == before + 1
+
+
+def test_past_max_connections_with_none_idle_a_new_one_gets_503(slow_gateway):
+    cap = SLOW_CLIENTS["max_connections"]
+    per_address = SLOW_CLIENTS["max_uploads_per_client"]
+    # every connection busy with an upload (8 from each of 15 addresses): none can make room
+    busy = Tricklers(slow_gateway.port, [f"127.0.1.{i // per_address}" for i in range(cap)])
+    try:
+        time.sleep(1)  # their headers are read at once; nothing else may connect meanwhile
+        with connect(slow_gateway.port) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer, closed = answer_and_close(sock, 5)
+        assert status_of(answer) == 503 and b"max_connections" in answer and closed, answer
+        assert b"retry-after: 1" in answer.lower()
+        assert not any(busy.closed_at)  # the busy ones were left alone
+    finally:
+        busy.close()
+    time.sleep(0.5)  # the server reads their hang-ups
+    assert httpx.get(f"{slow_gateway.url}/health", timeout=10).status_code == 200

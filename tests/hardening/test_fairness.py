@@ -61,12 +61,12 @@ def test_a_busy_key_gets_429s_past_its_quota_and_cannot_push_another_behind_its_
     refused = [i for i in range(count) if statuses[i] == 429]
     assert len(served) + len(refused) == count, statuses
     assert len(served) >= 10 and len(refused) >= 20, statuses  # at most 10 at once: the rest are refused
-    # alice's requests still waiting when bob's came: bob's is served after at most one of them (the
-    # turn that was alice's), not behind all of them
+    # alice's requests still waiting when bob's came: in turns, bob's is served after one of them
+    # (give or take those that had their slots just before bob asked and began to answer just
+    # after), first come first served it would be after all of them
     alice_queue = [begun[i] for i in served if begun[i] > bob_sent]
     ahead_of_bob = sum(t < bob_begun for t in alice_queue)
-    # (give or take two that had their slots just before bob asked and began to answer just after)
-    assert ahead_of_bob <= 3 and len(alice_queue) - ahead_of_bob >= len(alice_queue) / 2, (ahead_of_bob, alice_queue)
+    assert len(alice_queue) >= 6 and ahead_of_bob < len(alice_queue) - ahead_of_bob, (ahead_of_bob, len(alice_queue))
     assert metric(url, "onellm_refusals_total", limit="key_max_concurrent", key="alice") == len(refused)
     assert metric(url, "onellm_refusals_total", limit="key_max_concurrent", key="bob") == 0
     assert metric(url, "onellm_admission_waiting") == 0

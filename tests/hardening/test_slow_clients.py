@@ -185,6 +185,7 @@ def test_headers_a_byte_a_second_are_cut_off_with_408(slow_gateway):
     assert status_of(answer) == 408 and b"header_timeout_s" in answer, answer
     assert closed and limit - 0.5 <= elapsed <= limit + 3, elapsed
     assert metric(slow_gateway.url, "onellm_request_timeouts_total", cause="headers") == before + 1
+    print(f"\nheaders a byte a second: 408 after {elapsed:.2f} s")
 
 
 def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(slow_gateway):
@@ -205,6 +206,7 @@ def test_an_upload_that_stops_mid_body_gets_408_after_the_idle_timeout(slow_gate
         elapsed = time.monotonic() - started
     assert status_of(answer) == 408 and b"body_idle_timeout_s" in answer, answer
     assert closed and idle - 0.3 <= elapsed <= idle + 4, elapsed
+    print(f"\na body stopped half way: 408 after {elapsed:.2f} s")
 
 
 def test_an_upload_at_the_minimum_rate_completes(slow_gateway):

@@ -6,8 +6,10 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from gateways import KEYS
+from server.api.access import ApiKey, key_id, parse_key_line
 from test_overload import metric as any_metric
 from test_slow_clients import until
 
@@ -106,3 +108,14 @@ def test_a_client_leaving_while_queued_leaves_the_queue_at_once(crowded):
             until(lambda: metric(url, "onellm_admission_waiting") == 0, 10)
             assert metric(url, "onellm_admission_waiting") == 0
             assert time.monotonic() - left < 2  # long before either answer ends and its turn comes
+
+
+def test_a_keys_file_line_is_a_key_alone_or_a_key_with_known_options():
+    assert parse_key_line("sk-plain", "keys.txt line 1") == ApiKey("sk-plain", key_id("sk-plain"))
+    assert parse_key_line("sk-x  per_minute=5 name=app", "keys.txt line 2") == ApiKey("sk-x", "app", None, 5)
+    for line, named in [("sk-x bogus=1", "'bogus=1'"), ("sk-x per_minute=lots", "per_minute"),
+                        ("sk-x name=", "'name='")]:
+        with pytest.raises(ValueError, match="keys.txt line 3") as refused:
+            parse_key_line(line, "keys.txt line 3")
+        assert named in str(refused.value)
+    assert "sk-plain" not in key_id("sk-plain")

@@ -40,4 +40,4 @@ KEYS_FILE = f"""# one key a line; options after the key
 {KEYS["bob"]} name=bob
 {KEYS["carol"]}   per_minute=3 name=carol
 """
-CROWDED = {"max_concurrent": 2, "max_queued": 30, "max_connections": 300}
+CROWDED = {"max_concurrent": 2, "max_queued": 30, "max_connections": 300, "trusted_proxies": "127.0.0.2"}

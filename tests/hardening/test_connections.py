@@ -59,3 +59,19 @@ def test_thousands_of_idle_connections_leave_room_for_requests_and_no_descriptor
     assert socket_fds(crowded) <= before
     print(f"\n{IDLE_CONNECTIONS} idle connections: {states.count('open')} still open, "
           f"{states.count('closed')} closed by the server; socket descriptors {before} before and after")
+
+
+def test_x_forwarded_for_names_the_client_only_from_a_trusted_proxy(crowded):
+    def get_from(source: str, request_id: str) -> None:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=30) as c:
+            response = c.get(f"{crowded.url}/health", headers={"X-Forwarded-For": "203.0.113.7, 198.51.100.9",
+                                                               "X-Request-ID": request_id})
+            assert response.status_code == 200
+
+    get_from(CROWDED["trusted_proxies"], "via-trusted-proxy")
+    get_from("127.0.0.3", "via-anyone")
+    lines = crowded.log().splitlines()
+    # the right-most hop that is not a trusted proxy is the client
+    assert any("[via-trusted-proxy]" in line and " 198.51.100.9:" in line for line in lines)
+    assert any("[via-anyone]" in line and " 127.0.0.3:" in line for line in lines)
+    assert not any("203.0.113.7" in line or "[via-anyone]" in line and "198.51.100.9" in line for line in lines)

@@ -78,10 +78,10 @@ class Tricklers:
     """Clients that each send a multipart upload `TRICKLE_BYTES` every `TRICKLE_EVERY_S`, from a
     thread of their own; what each got back, when, and whether its connection closed."""
 
-    def __init__(self, port: int, sources: list[str]):
+    def __init__(self, port: int, sources: list[str], declared: int | None = None):
         self.socks = [connect(port, source) for source in sources]
         self.body = multipart_body("What is in the picture?", b"\0" * 100_000)  # never sent whole
-        head = multipart_head(port, len(self.body))
+        head = multipart_head(port, declared or len(self.body))
         for sock in self.socks:
             sock.sendall(head)
             sock.setblocking(False)
@@ -264,3 +264,21 @@ def test_past_max_connections_with_none_idle_a_new_one_gets_503(slow_gateway):
         busy.close()
     time.sleep(0.5)  # the server reads their hang-ups
     assert httpx.get(f"{slow_gateway.url}/health", timeout=10).status_code == 200
+
+
+def test_bodies_past_the_memory_budget_get_503_before_they_are_read(slow_gateway):
+    declared = 95 << 20  # under max_request_bytes (96 MiB); ten of them fit in the 1 GiB budget
+    url = slow_gateway.url
+    until(lambda: metric(url, "onellm_uploads_in_progress") == 0, 10)
+    held = Tricklers(slow_gateway.port, [f"127.0.2.{i}" for i in range(10)], declared)
+    try:
+        until(lambda: metric(url, "onellm_uploads_in_progress") >= 10, 10)
+        with connect(slow_gateway.port, "127.0.2.10") as sock:
+            sock.sendall(multipart_head(slow_gateway.port, declared))
+            answer, closed = answer_and_close(sock, 5)
+        assert status_of(answer) == 503 and b"max_buffered_bytes" in answer and closed, answer
+        assert b"retry-after: 1" in answer.lower()
+        assert not any(held.closed_at)
+    finally:
+        held.close()
+    assert metric(url, "onellm_refusals_total", limit="max_buffered_bytes", key="") == 1

@@ -6,7 +6,7 @@ class InputError(Exception):
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
              413: "request_too_large", 415: "unsupported_media_type", 422: "unprocessable_content",
-             429: "rate_limit_exceeded", 500: "internal_error", 503: "service_unavailable", 504: "timeout"}
+             408: "request_timeout", 429: "rate_limit_exceeded", 500: "internal_error", 503: "service_unavailable", 504: "timeout"}
 
     def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)

@@ -4,12 +4,14 @@ ASGI middlewares, so that they answer before any route runs and cover every rout
 """
 
 import contextvars
+import hashlib
 import hmac
 import json
 import logging
 import re
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -92,44 +94,95 @@ class RequestIds:
             raise
 
 
-def load_api_keys(keys: tuple[str, ...], keys_file: str | None) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class ApiKey:
+    """A key, the id that stands for it in metrics and logs, and its own limits (None: the defaults)."""
+
+    secret: str = field(repr=False)
+    id: str
+    max_concurrent: int | None = None
+    per_minute: int | None = None
+
+
+_KEY_OPTIONS = {"name": str, "max_concurrent": int, "per_minute": int}
+
+
+def key_id(secret: str) -> str:
+    # a hash of a random key is no hint to it, and stays the same across restarts and gateways
+    return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+def parse_key_line(line: str, where: str) -> ApiKey:
+    """`KEY` alone, or `KEY name=ID max_concurrent=N per_minute=N` (any of the options, in any
+    order): bearer tokens hold no spaces, so what follows the first space are options."""
+    secret, *options = line.split()
+    values = {}
+    for option in options:
+        name, _, value = option.partition("=")
+        if name not in _KEY_OPTIONS or not value:
+            raise ValueError(f"{where}: '{option}' is not one of {', '.join(o + '=' for o in _KEY_OPTIONS)}")
+        try:
+            values[name] = _KEY_OPTIONS[name](value)
+        except ValueError:
+            raise ValueError(f"{where}: {name} takes a whole number, not '{value}'") from None
+    return ApiKey(secret, values.pop("name", None) or key_id(secret), **values)
+
+
+def load_api_keys(keys: tuple[str, ...], keys_file: str | None) -> tuple[ApiKey, ...]:
     """The keys from the environment and those of the file (one a line, # comments)."""
-    found = [k for k in keys if k]
+    found = [ApiKey(k, key_id(k)) for k in keys if k]
     if keys_file:
         lines = [line.strip() for line in Path(keys_file).read_text().splitlines()]
-        in_file = [line for line in lines if line and not line.startswith("#")]
+        in_file = [parse_key_line(line, f"{keys_file} line {n}") for n, line in enumerate(lines, 1)
+                   if line and not line.startswith("#")]
         if not in_file:  # a key file meant to lock the server must not leave it open
             raise ValueError(f"the API keys file {keys_file} holds no key")
         found += in_file
     return tuple(found)
 
 
+def caller_of(scope: Scope) -> str:
+    """Whom a request counts against: its API key's id, else the client's address (which
+    uvicorn takes from X-Forwarded-For only for a peer in `trusted_proxies`)."""
+    return scope.get("state", {}).get("caller") or (scope.get("client") or ("-",))[0]
+
+
+def metric_key(scope: Scope) -> str:
+    """The `key` label of a refusal: the key's id; "" for a caller known by its address, since
+    a label per address would grow without bound."""
+    return scope.get("state", {}).get("caller") or ""
+
+
 class Gate:
     """With API keys configured, every path but /health and the page needs `Authorization: Bearer <key>`;
     while the server drains for shutdown, new requests get 503."""
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...], draining: Callable[[], bool]):
+    def __init__(self, app: ASGIApp, keys: tuple[ApiKey, ...], draining: Callable[[], bool]):
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        self.keys = keys
         self.draining = draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        if self.keys and not self._authorized(dict(scope["headers"]).get(b"authorization", b"")):
+        key = self._key(dict(scope["headers"]).get(b"authorization", b"")) if self.keys else None
+        if self.keys and key is None:
             # one message whatever was wrong: no hint whether a key was sent, malformed or unknown
             return await send_error(send, InputError(401, "a valid API key is required (Authorization: Bearer <key>)",
                                                      headers={"WWW-Authenticate": "Bearer"}))
         if self.draining():
             return await send_error(send, InputError(503, "the server is shutting down; retry on another instance",
                                                      headers={"Retry-After": "1"}), close=True)
+        if key is not None:
+            scope.setdefault("state", {})["caller"] = key.id
         await self.app(scope, receive, send)
 
-    def _authorized(self, header: bytes) -> bool:
+    def _key(self, header: bytes) -> ApiKey | None:
         scheme, _, token = header.partition(b" ")
         token = token.strip() if scheme.lower() == b"bearer" else b""
         # compare with every key, without stopping at a match: the time taken tells nothing
-        matched = False
+        matched = None
         for key in self.keys:
-            matched |= hmac.compare_digest(token, key)
+            if hmac.compare_digest(token, key.secret.encode()):
+                matched = key
         return matched

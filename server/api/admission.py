@@ -1,5 +1,6 @@
-"""The life of a chat request: admitted into a bounded number of slots (429 past the queue),
-ended by a deadline (504) or by the client leaving, whichever comes first.
+"""The life of a chat request: admitted, once its body has arrived, into a bounded number of
+slots (429 past the queue, callers served in turn), ended by a deadline (504) or by the client
+leaving, whichever comes first.
 
 Ending a request cancels the task serving it: its preprocessing future, its place in the
 encoder's batch queue and its engine stream (the vLLM engine closes the upstream response
@@ -8,12 +9,13 @@ when its generator is closed) all go with it.
 
 import asyncio
 import json
-from contextlib import asynccontextmanager
+from collections import deque
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.access import send_error
+from server.api.access import caller_of, metric_key, send_error
 from server.api.metrics import Metrics
 from server.errors import InputError
 
@@ -32,28 +34,62 @@ class Overloaded(Exception):
 
 
 class Admission:
-    """`max_concurrent` requests run; up to `max_queued` more wait their turn, first come first
-    served; any more are refused at once."""
+    """`max_concurrent` requests run; up to `max_queued` more wait their turn; any more are refused
+    at once. Waiters are served by caller in turn (round robin over the callers that have one
+    waiting, each caller's own first come first served), so a caller with many waiting cannot
+    push another's request behind all of its own."""
 
     def __init__(self, max_concurrent: int, max_queued: int):
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
-        self.waiting = 0
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self._free = max_concurrent
+        # callers with waiters, in the order their turns come (a dict keeps insertion order)
+        self._queues: dict[str, deque[asyncio.Future]] = {}
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
 
     @asynccontextmanager
-    async def slot(self):
-        if self._slots.locked() and self.waiting >= self.max_queued:
-            raise Overloaded
-        self.waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
+    async def slot(self, caller: str = ""):
+        if self._free and not self._queues:
+            self._free -= 1
+        else:
+            if self.waiting >= self.max_queued:
+                raise Overloaded
+            turn = asyncio.get_running_loop().create_future()
+            self._queues.setdefault(caller, deque()).append(turn)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # handed the slot as it was cancelled: the next one gets it
+                else:
+                    self._forget(caller, turn)
+                raise
         try:
             yield
         finally:
-            self._slots.release()
+            self._release()
+
+    def _release(self) -> None:
+        while self._queues:
+            caller = next(iter(self._queues))
+            queue = self._queues.pop(caller)
+            turn = queue.popleft()
+            if queue:
+                self._queues[caller] = queue  # to the back of the round
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._free += 1
+
+    def _forget(self, caller: str, turn: asyncio.Future) -> None:
+        queue = self._queues.get(caller)
+        if queue is not None and turn in queue:
+            queue.remove(turn)
+            if not queue:
+                del self._queues[caller]
 
 
 class _ClientWatch:
@@ -114,15 +150,15 @@ class ChatGuard:
             return await self.app(scope, receive, send)
         response = _Response(send)
         try:
-            async with asyncio.timeout(self.timeout_s), self.admission.slot():
-                await self._until_done_or_gone(scope, receive, response)
+            async with asyncio.timeout(self.timeout_s), AsyncExitStack() as held:
+                await self._until_done_or_gone(scope, receive, response, held)
         except Overloaded:
             self.metrics.rejected.labels("overloaded").inc()
-            # the body was not read: the connection cannot carry another request
+            self.metrics.refusals.labels("max_queued", metric_key(scope)).inc()
             await send_error(send, InputError(
                 429, f"the server is at capacity ({self.admission.max_concurrent} requests running, "
                      f"{self.admission.max_queued} waiting: max_concurrent, max_queued); retry shortly",
-                headers={"Retry-After": str(RETRY_AFTER_S)}), close=True)
+                headers={"Retry-After": str(RETRY_AFTER_S)}))
         except TimeoutError:
             self.metrics.rejected.labels("timeout").inc()
             error = InputError(504, f"the request took longer than {self.timeout_s:g} s (request_timeout_s)")
@@ -133,9 +169,24 @@ class ChatGuard:
         except ClientDisconnect:
             pass  # the client left during its upload: there is no one to answer
 
-    async def _until_done_or_gone(self, scope: Scope, receive: Receive, response: _Response) -> None:
+    def _admitting(self, receive: Receive, held: AsyncExitStack, caller: str) -> Receive:
+        """`receive`, which once the body's last part has come waits for a slot before handing it
+        on: uploads, however slow, hold no slot; the slot is held until the response ends."""
+
+        async def admitted_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                await held.enter_async_context(self.admission.slot(caller))
+            return message
+
+        return admitted_receive
+
+    async def _until_done_or_gone(self, scope: Scope, receive: Receive, response: _Response,
+                                  held: AsyncExitStack) -> None:
         watch = _ClientWatch(receive)
-        serving = asyncio.ensure_future(self.app(scope, watch.receive, response.send))
+        # admitted after the watch has seen the body's end, so a client leaving while queued is noticed
+        admitted = self._admitting(watch.receive, held, caller_of(scope))
+        serving = asyncio.ensure_future(self.app(scope, admitted, response.send))
         watching = asyncio.ensure_future(watch.until_left())
         try:
             await asyncio.wait({serving, watching}, return_when=asyncio.FIRST_COMPLETED)

@@ -21,8 +21,10 @@ from starlette.exceptions import HTTPException
 from server.api import schemas
 from server.api.access import Gate, RequestIds, load_api_keys
 from server.api.admission import Admission, ChatGuard, sse_error
+from server.api.intake import Intake
 from server.api.limits import BodyLimit, check_chat, read_form
 from server.api.metrics import Metrics
+from server.api.quotas import CallerQuotas, Quota
 from server.api.serving import ChatService, Generation
 from server.api.settings import Settings
 from server.api.shared_cache import shared_cache_for
@@ -86,15 +88,19 @@ def document_models(app: FastAPI, *models: type[BaseModel]) -> None:
 
 
 def add_guards(app: FastAPI, settings: Settings) -> None:
-    """The middlewares of issue 6. Each added one wraps the ones before it, so a request meets
-    them bottom to top: request id, CORS, API key and draining, body size, admission."""
+    """The middlewares. Each added one wraps the ones before it, so a request meets them bottom
+    to top: request id, CORS, API key and draining, the caller's quotas, body size, the body's
+    way in (upload places, memory, slow bodies), admission once the body is in."""
+    metrics = app.state.metrics
+    keys = load_api_keys(settings.api_keys, settings.api_keys_file)
     admission = Admission(settings.max_concurrent, settings.max_queued)
-    app.state.metrics.admission_waiting.set_function(lambda: admission.waiting)
-    app.add_middleware(ChatGuard, admission=admission, timeout_s=settings.request_timeout_s,
-                       metrics=app.state.metrics)
+    metrics.admission_waiting.set_function(lambda: admission.waiting)
+    app.add_middleware(ChatGuard, admission=admission, timeout_s=settings.request_timeout_s, metrics=metrics)
+    app.add_middleware(Intake, settings=settings, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
-    app.add_middleware(Gate, keys=load_api_keys(settings.api_keys, settings.api_keys_file),
-                       draining=lambda: app.state.draining)
+    app.add_middleware(CallerQuotas, default=Quota(settings.key_max_concurrent, settings.key_requests_per_minute),
+                       keys=keys, metrics=metrics)
+    app.add_middleware(Gate, keys=keys, draining=lambda: app.state.draining)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
@@ -134,7 +140,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
             await shared_cache.close()
         await engine.close()
 
-    errors = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+    errors = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429, 503, 504)}
     app = FastAPI(title="OneLLM Serve", version="0.1.0", lifespan=lifespan, responses=errors)
     app.state.metrics = Metrics()
     app.state.settings = settings

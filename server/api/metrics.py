@@ -45,6 +45,14 @@ class Metrics:
                                      ["backend"], registry=self.registry)
         self.vllm_retries = Counter("onellm_vllm_retries", "Requests sent again to another vLLM backend after "
                                     "one failed before any text", registry=self.registry)
+        # the way in (server/api/intake.py, connections.py, quotas.py)
+        self.uploads_in_progress = Gauge("onellm_uploads_in_progress", "Request bodies being received",
+                                         registry=self.registry)
+        self.request_timeouts = Counter("onellm_request_timeouts", "Requests ended with 408 on the way in, by "
+                                        "cause: headers, body_idle, body_rate", ["cause"], registry=self.registry)
+        # key: the API key's id (never the key), or "" for callers known only by their address
+        self.refusals = Counter("onellm_refusals", "Requests refused by a limit (429/503), by limit and key",
+                                ["limit", "key"], registry=self.registry)
 
     def add_shared_cache(self) -> None:
         """The shared prefix cache's metrics, only on gateways that have one: an `up` of 0 on one

@@ -1,12 +1,14 @@
 """`onellm serve`: run the gateway with uvicorn. Each option also reads `ONELLM_<OPTION>` from the environment."""
 
 import argparse
+import resource
 import signal
 from dataclasses import fields
 
 import uvicorn
 
 from server.api.access import logging_config
+from server.api.connections import connection_class
 from server.api.settings import Settings
 from server.engines.routing import POLICIES
 
@@ -42,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(comma-separated) every path but /health needs 'Authorization: Bearer <key>'")
     parser.add_argument("--cors-origins", type=_list, help="comma-separated origins browsers may call from "
                         "(env ONELLM_CORS_ORIGINS; default none)")
+    parser.add_argument("--trusted-proxies", type=_list, help="comma-separated addresses or CIDRs of proxies "
+                        "whose X-Forwarded-For names the client, for the per-address limits and the logs "
+                        "(env ONELLM_TRUSTED_PROXIES; default none: the peer's address counts)")
     limits = parser.add_argument_group("limits and overload")
     for f in fields(Settings):
         if "help" in f.metadata:
@@ -67,6 +72,15 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _allow_descriptors(connections: int) -> None:
+    """Raises the soft limit on open files (often 1024) so that `connections` sockets, the
+    model's files and the uploads' temp files fit; the hard limit is as far as it goes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+
+
 def _drained(signum, frame) -> None:
     raise SystemExit(0)
 
@@ -77,7 +91,14 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=logging_config(settings.log_level),
-                            timeout_graceful_shutdown=settings.drain_timeout_s)
+                            timeout_graceful_shutdown=settings.drain_timeout_s,
+                            http=connection_class(settings.header_timeout_s, settings.max_connections,
+                                                  app.state.metrics),
+                            timeout_keep_alive=settings.keep_alive_timeout_s,
+                            # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise
+                            proxy_headers=bool(settings.trusted_proxies),
+                            forwarded_allow_ips=list(settings.trusted_proxies))
+    _allow_descriptors(settings.max_connections)
     # uvicorn re-raises the signal it stopped on once it has drained; by then stopping was
     # asked for and done, which is a clean exit, not death by a signal
     signal.signal(signal.SIGTERM, _drained)

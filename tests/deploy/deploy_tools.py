@@ -28,14 +28,6 @@ def tool(name: str, install_hint: str) -> str:
     return found
 
 
-# Names that the gateway exposes once the other scale-out branches are merged (the shared
-# contract between them); the rest come from server/api/metrics.py itself.
-SCALE_OUT_METRICS = {
-    "onellm_vllm_backend_requests_total", "onellm_vllm_backend_failures_total", "onellm_vllm_backend_in_flight",
-    "onellm_vllm_backend_healthy", "onellm_vllm_retries_total", "onellm_shared_cache_up",
-    "onellm_shared_cache_errors_total", "onellm_shared_cache_hits_total", "onellm_uploads_in_progress",
-    "onellm_request_timeouts_total", "onellm_refusals_total",
-}
 SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
                    "summary": ("", "_sum", "_count")}
 
@@ -43,8 +35,10 @@ SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucke
 def exposed_metric_names() -> set[str]:
     """Every sample name a gateway's /metrics can hold, as Prometheus stores them."""
     from server.api.metrics import Metrics
-    names = set(SCALE_OUT_METRICS)
-    for family in Metrics().registry.collect():
+    metrics = Metrics()
+    metrics.add_shared_cache()  # registered only on gateways given Redis
+    names = set()
+    for family in metrics.registry.collect():
         names.update(family.name + suffix for suffix in SAMPLE_SUFFIXES[family.type])
     return names
 

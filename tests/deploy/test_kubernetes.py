@@ -18,8 +18,6 @@ from server.api.settings import Settings
 KUBERNETES_VERSION = "1.34.0"
 KUBERNETES = DEPLOY / "kubernetes"
 KUSTOMIZATIONS = [KUBERNETES / "base", *sorted(p for p in (KUBERNETES / "overlays").iterdir() if p.is_dir())]
-# a setting the shared prefix cache branch adds to Settings (the name the helpers share)
-SETTINGS_OF_OTHER_BRANCHES = {"cache_url"}
 GATEWAY = "onellm-gateway"
 VLLM = "onellm-vllm"
 REDIS = "onellm-redis"
@@ -189,14 +187,14 @@ def test_network_policies_let_only_gateways_reach_vllm_and_redis(manifests):
 
 
 def test_settings_in_the_config_map_are_settings_of_the_gateway(manifests):
-    fields = {f.name for f in dataclasses.fields(Settings)} | SETTINGS_OF_OTHER_BRANCHES
+    fields = {f.name for f in dataclasses.fields(Settings)}
     gateway = main_container(manifests.workload(GATEWAY))
     for name in manifests.environment(gateway):
         assert name.startswith("ONELLM_"), name
         assert name.removeprefix("ONELLM_").lower() in fields, name
     # and the values are what Settings can parse
     values = manifests.environment(gateway)
-    Settings.from_env({k: v for k, v in values.items() if k.removeprefix("ONELLM_").lower() not in SETTINGS_OF_OTHER_BRANCHES})
+    Settings.from_env(values)
 
 
 def test_the_vllm_list_names_every_replica_by_its_pod_dns_name(manifests):

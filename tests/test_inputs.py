@@ -480,6 +480,9 @@ def test_point_field_errors():
     ply = coloured_box().export(file_type="ply")
     assert error_of(point_tensor, ply[: len(ply) // 2]).status in (415, 422)
     assert error_of(point_tensor, npy_bytes(cloud(100)), max_points=50).status == 413
+    # an OBJ cut off inside its first vertex: one coordinate, not three
+    error = error_of(point_tensor, b"# https://github.com/mikedh/trimesh\nv -0")
+    assert error.status == 422 and "[N, 3]" in error.message
 
 
 # ---------------------------------------------------------------------------- fMRI, IMU, arrays

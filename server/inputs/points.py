@@ -113,6 +113,8 @@ def _surface_colours(mesh: trimesh.Trimesh, faces: np.ndarray, weights: np.ndarr
 
 def _vertices_with_colours(geometry) -> np.ndarray:
     xyz = np.asarray(geometry.vertices, dtype=np.float64)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:  # a cut-off file can leave vertices of one coordinate
+        raise ValueError(f"its vertices have shape {list(xyz.shape)}, not [N, 3]")
     colours = geometry.colors if isinstance(geometry, trimesh.PointCloud) else (
         geometry.visual.vertex_colors if geometry.visual.kind == "vertex" else [])
     rgb = _rgb(colours) if len(colours) == len(xyz) else np.zeros_like(xyz)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from docker_stack import REPO, Stack
+from docker_stack import REPO, Stack, wait_ready
 from gateway_process import free_port
 from media import image
 
@@ -27,6 +27,9 @@ def multi_stack(docker_engine, images) -> Stack:
         shutil.rmtree(REPO / "model_repo" / model_name, ignore_errors=True)
     stack.down()
     stack.up()
+    # `up --wait` waits on the gateways' own health checks; HAProxy has none, and takes a gateway
+    # in only after two of its own checks pass (deploy/haproxy/haproxy.cfg)
+    wait_ready(api(stack), timeout=60)
     yield stack
     stack.down()
 

@@ -1,7 +1,8 @@
-import os
 from pathlib import Path
 
 import pytest
+
+from missing import unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -12,10 +13,7 @@ PREPROCESS_FIXTURE = SHARED / "fixtures" / "preprocess-ref"
 def shared_fixture(folder: Path, marker: str) -> Path:
     """A fixture folder of ../shared; missing it is a failure in CI, a skip elsewhere."""
     if not (folder / marker).exists():
-        message = f"fixture not found: {folder / marker}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"fixture not found: {folder / marker}")
     return folder
 
 
@@ -63,10 +61,7 @@ def browser():
     Module-scoped: Playwright's sync API keeps an event loop running while it is open, and
     `asyncio.run` in any later test would then fail."""
     if not CHROMIUM.exists():
-        message = f"{CHROMIUM} not found (apt-get install -y chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{CHROMIUM} not found (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

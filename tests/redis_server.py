@@ -1,7 +1,6 @@
 """A real `redis-server` (Debian's package) on a loopback port, without persistence, that a test
 may stop and start again on the same port."""
 
-import os
 import shutil
 import subprocess
 import time
@@ -11,6 +10,7 @@ import pytest
 import redis
 
 from gateway_process import free_port
+from missing import unavailable
 
 START_TIMEOUT = 30
 
@@ -53,7 +53,4 @@ class RedisServer:
 def require_redis_server() -> None:
     """Missing redis-server is a failure in CI, a skip elsewhere."""
     if shutil.which("redis-server") is None:
-        message = "redis-server not found (apt-get install -y redis-server, or `make system-packages`)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("redis-server not found (apt-get install -y redis-server, or `make system-packages`)")

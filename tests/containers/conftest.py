@@ -18,6 +18,7 @@ import pytest
 
 from docker_stack import REPO, DockerEngine, Stack
 from gateway_process import free_port
+from missing import unavailable
 
 HERE = Path(__file__).resolve().parent
 DATA_ROOT = Path(os.environ.get("ONELLM_TEST_DOCKER_ROOT", "/var/lib/onellm-test-docker"))
@@ -29,12 +30,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.containers)
-
-
-def unavailable(message: str):
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

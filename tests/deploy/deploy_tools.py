@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from missing import unavailable
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-
-
-def unavailable(message: str):
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def tool(name: str, install_hint: str) -> str:

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from gateway_process import GatewayProcess, free_port
+from missing import unavailable
 from redis_server import RedisServer
 
 HERE = Path(__file__).resolve().parent
@@ -105,7 +106,7 @@ class Cluster:
 
 def _require(command: str, hint: str) -> None:
     if shutil.which(command) is None:
-        vllm_tier.unavailable(f"{command} not found: {hint}")
+        unavailable(f"{command} not found: {hint}")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from missing import unavailable
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -32,12 +34,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.vllm)
-
-
-def unavailable(message: str):
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def free_port() -> int:

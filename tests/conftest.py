@@ -1,8 +1,11 @@
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from missing import unavailable
+from vllm_server import VLLM_PYTHON
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -79,3 +82,27 @@ def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_installed() -> Path:
+    """The python of .venv-vllm, checked to have vLLM."""
+    if not VLLM_PYTHON.exists():
+        unavailable(f"{VLLM_PYTHON.parent.parent} not found: run `make vllm-env` (scripts/vllm-env.sh)")
+    has_vllm = subprocess.run([str(VLLM_PYTHON), "-c", "import importlib.util, sys; "
+                               "sys.exit(importlib.util.find_spec('vllm') is None)"])
+    if has_vllm.returncode != 0:
+        unavailable(f"vllm is not installed in {VLLM_PYTHON.parent.parent}: run `make vllm-env`")
+    return VLLM_PYTHON
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(fixture_dir: Path, tmp_path_factory) -> Path:
+    """The reference fixture converted to a model folder (float32); vLLM serves its llm/."""
+    from server.convert import convert
+
+    clip_heads = json.loads((fixture_dir / "reference.json").read_text())["clip"]["heads"]
+    out = tmp_path_factory.mktemp("vllm-model") / "onellm-ref-tiny"
+    return convert(checkpoint=fixture_dir / "consolidated.00-of-01.pth", params=fixture_dir / "params.json",
+                   tokenizer=fixture_dir / "tokenizer.model", out=out, clip_heads=clip_heads,
+                   dtype="float32", name="onellm-ref-tiny")

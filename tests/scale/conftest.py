@@ -7,7 +7,6 @@ Every test collected under tests/scale/ is marked `scale` (`pytest -m "not scale
 tier). Without .venv-vllm, redis-server or haproxy the tier is skipped, or fails when CI is set.
 """
 
-import importlib.util
 import shutil
 import signal
 import subprocess
@@ -22,25 +21,12 @@ import pytest
 from gateway_process import GatewayProcess, free_port
 from missing import unavailable
 from redis_server import RedisServer
+from vllm_server import VLLMServer
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 HAPROXY_CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 START_TIMEOUT = 60
-
-
-def _vllm_tier():
-    """tests/vllm/conftest.py as a module of its own: its VLLMServer and model fixtures, not a copy."""
-    spec = importlib.util.spec_from_file_location("vllm_tier_conftest", REPO / "tests" / "vllm" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-vllm_tier = _vllm_tier()
-VLLMServer = vllm_tier.VLLMServer
-vllm_installed = vllm_tier.vllm_installed
-vllm_model_dir = vllm_tier.vllm_model_dir
 
 
 def pytest_collection_modifyitems(items):

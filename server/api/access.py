@@ -147,6 +147,12 @@ def caller_of(scope: Scope) -> str:
     return scope.get("state", {}).get("caller") or (scope.get("client") or ("-",))[0]
 
 
+def tenant_of(request) -> str:
+    """Whose files, media references and stored responses a request sees: its API key's id; "-"
+    for all callers of a server without keys, which is open to everyone alike."""
+    return request.scope.get("state", {}).get("caller") or "-"
+
+
 def metric_key(scope: Scope) -> str:
     """The `key` label of a refusal: the key's id; "" for a caller known by its address, since
     a label per address would grow without bound."""

@@ -19,7 +19,7 @@ from server.api.access import caller_of, metric_key, send_error
 from server.api.metrics import Metrics
 from server.errors import InputError
 
-CHAT_PATHS = {"/v1/chat", "/v1/chat/completions"}
+CHAT_PATHS = {"/v1/chat", "/v1/chat/completions", "/v1/responses"}
 # a short fixed hint: a slot frees as soon as any answer ends, and clients back off on repeats
 RETRY_AFTER_S = 1
 

@@ -1,14 +1,12 @@
 """The FastAPI gateway: routes, error bodies, SSE framing, and start-up/shutdown in the lifespan."""
 
-import asyncio
 import gc
 import json
 import logging
 import time
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,18 +17,25 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from server.api import schemas
-from server.api.access import Gate, RequestIds, load_api_keys
-from server.api.admission import Admission, ChatGuard, sse_error
+from server.api.access import Gate, RequestIds, load_api_keys, tenant_of
+from server.api.admission import CHAT_PATHS, Admission, ChatGuard, sse_error
+from server.api.answers import (Answer, StreamFailed, check_model, counted, sampling_fields, start_answer, text_deltas,
+                                whole_text)
+from server.api.fetch import fetch_all
+from server.api.file_routes import files_router, read_stored
+from server.api.files import file_store_for
 from server.api.intake import Intake
 from server.api.limits import BodyLimit, check_chat, read_form
 from server.api.metrics import Metrics
 from server.api.quotas import CallerQuotas, Quota
-from server.api.serving import ChatService, Generation
+from server.api.records import MediaReferences, Records
+from server.api.responses import responses_router
+from server.api.serving import ChatService
 from server.api.settings import Settings
 from server.api.shared_cache import shared_cache_for
-from server.api.uploads import (UPLOAD_FIELDS, Chat, chat_from_form, chat_from_openai, parse_completion_request,
-                                remote_urls)
-from server.engines.base import Engine, EngineUnavailable, Sampling
+from server.api.uploads import (SANE_UUID, SINGLE_FIELDS, UPLOAD_FIELDS, Chat, Upload, chat_from_form, chat_from_openai,
+                                parse_json_body)
+from server.engines.base import Engine, EngineUnavailable
 from server.errors import InputError
 from server.model.repo import OneLLM, load_model
 
@@ -38,9 +43,15 @@ log = logging.getLogger("onellm.gateway")
 STATIC_DIR = Path(__file__).parent / "static"
 # streamed answers (`stream: true`) are Server-Sent Events of chat.completion.chunk JSON
 STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
-CHAT_PATHS = ("/v1/chat", "/v1/chat/completions")
 FORM_FIELDS = {"prompt", "messages", "model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                "imu_sample_rate"}
+# `video_ref=<uuid>`: an attachment sent before, by the uuid the gateway returned (X-Media-UUIDs);
+# `video_file_id=<id>`: a file stored with POST /v1/files. A depth or normal map goes with its image,
+# so its pair is referred to by the image's uuid
+REF_FIELDS = {f"{name}_ref": name for name in SINGLE_FIELDS}
+FILE_ID_FIELDS = {f"{name}_file_id": name for name in UPLOAD_FIELDS}
+# lets a client that sent no uuid refer back to what it sent (see uploads.py for the parts)
+MEDIA_HEADER = "X-Media-UUIDs"
 
 
 class ChatForm(BaseModel):
@@ -124,10 +135,16 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
             shared_cache = shared_cache_for(settings.cache_url, model, settings.cache_ttl_s,
                                             settings.cache_timeout_ms / 1000, app.state.metrics)
             await shared_cache.start()  # a Redis that is down does not stop the gateway from serving
+        references = MediaReferences(Records(f"onellm:ref:{model.name}:", settings.max_media_references,
+                                             settings.cache_ttl_s, shared_cache))
+        app.state.stored_responses = Records(f"onellm:response:{model.name}:", settings.max_stored_responses,
+                                             settings.response_ttl_s, shared_cache)
+        app.state.files = file_store_for(settings)
+        await app.state.files.start()
         app.state.service = ChatService(model, engine, app.state.metrics, settings.preprocess_workers,
                                         int(settings.prefix_cache_mb * (1 << 20)), settings.default_max_tokens,
                                         settings.encoder_max_batch, settings.encoder_max_wait_ms,
-                                        settings.decoder_limits(), settings.stall_timeout_s, shared_cache)
+                                        settings.decoder_limits(), settings.stall_timeout_s, shared_cache, references)
         # torch, transformers and the model are ~0.5 M objects that live as long as the process; a
         # full collection walked them all, 190-290 ms with every stream stopped. Frozen, it skips them
         gc.collect()
@@ -136,6 +153,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         yield
         gc.unfreeze()  # so that they are freed at exit as usual
         app.state.service.close()
+        await app.state.files.close()
         if shared_cache:
             await shared_cache.close()
         await engine.close()
@@ -178,78 +196,22 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         return JSONResponse({"error": {"type": "internal_error", "message": "internal server error", "param": None}},
                             status_code=500)
 
-    async def fetch_remote(url: str, param: str) -> bytes:
-        host = httpx.URL(url).host
-        if host not in settings.allowed_url_hosts:
-            raise InputError(400, f"remote URLs from '{host}' are not allowed; send the file as a data: URL", param)
-        try:
-            async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
-                async with client.stream("GET", url) as response:
-                    if response.status_code != 200:
-                        raise InputError(422, f"fetching the URL gave HTTP {response.status_code}", param)
-                    data = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        data += chunk
-                        if len(data) > settings.max_file_bytes:  # counted as it arrives, like uploads
-                            raise InputError(413, "the remote file is larger than the limit of "
-                                                  f"{settings.max_file_bytes} bytes (max_file_bytes)", param)
-                    return bytes(data)
-        except httpx.HTTPError as e:
-            raise InputError(422, f"could not fetch the URL: {type(e).__name__}", param) from None
-
-    def check_model(name: str | None) -> None:
-        served = app.state.service.model.name
-        if name not in (None, "", served):
-            raise InputError(404, f"model '{name}' is not served here; this server serves '{served}'", "model")
-
-    async def respond(request: Request, chat: Chat, sampling_fields: dict, stream: bool,
-                      include_usage: bool) -> Response:
-        started = time.monotonic()
+    async def respond(request: Request, chat: Chat, sampling: dict, stream: bool, include_usage: bool) -> Response:
         request.state.counted = True  # from here on every ending is counted under the chat's modalities
         service: ChatService = app.state.service
-        metrics = app.state.metrics
-        label = "+".join(a.modality for t in chat.turns for a in t.attachments) or "text"
-        if log.isEnabledFor(logging.DEBUG):  # what people send is theirs: it is logged only when asked for
-            log.debug("chat of %d messages, the last %r, attachments %s", len(chat.turns), chat.turns[-1].text[:500],
-                      [(a.modality, sum(map(len, a.files.values()))) for t in chat.turns for a in t.attachments])
-        metrics.in_flight.inc()
-        try:
-            prepared = await service.prepare(chat, sampling_fields.pop("max_tokens"))
-            sampling = Sampling(max_tokens=prepared.max_tokens, **sampling_fields)
-            generation = Generation(prepared, started=started)
-            deltas = service.generate(generation, sampling)
-            try:  # the first delta comes before the response starts, so a down engine is a plain 503
-                first = await anext(deltas, None)
-            except BaseException:
-                await deltas.aclose()
-                raise
-        except BaseException as e:  # cancelled too: the client left or the request timed out
-            metrics.requests.labels(label, _status(e)).inc()
-            metrics.in_flight.dec()
-            raise
-        model_name = service.model.name
+        answer = await start_answer(service, chat, sampling, tenant_of(request), time.monotonic())
+        headers = {MEDIA_HEADER: ",".join(answer.generation.prepared.media)} if answer.generation.prepared.media else {}
         if stream:
-            events = sse_events(deltas, first, generation, model_name, include_usage)
-            return StreamingResponse(_finishing(events, metrics, label), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            text = first or ""
-            async with aclosing(deltas):
-                async for delta in deltas:
-                    text += delta
-        except BaseException as e:
-            metrics.requests.labels(label, _status(e)).inc()
-            raise
-        finally:
-            metrics.in_flight.dec()
-        metrics.requests.labels(label, "200").inc()
-        usage = generation.usage
+            return StreamingResponse(counted(sse_events(answer, service.model.name, include_usage), answer),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+        text = await whole_text(answer)
+        usage = answer.generation.usage
         return JSONResponse(schemas.ChatCompletion(
-            id=schemas.completion_id(), created=schemas.now(), model=model_name,
+            id=schemas.completion_id(), created=schemas.now(), model=service.model.name,
             choices=[schemas.Choice(message=schemas.ResponseMessage(content=text), finish_reason=usage.finish_reason)],
-            usage=schemas.Usage(prompt_tokens=prepared.prompt_tokens, completion_tokens=usage.completion_tokens,
-                                total_tokens=prepared.prompt_tokens + usage.completion_tokens),
-        ).model_dump(exclude_none=True))
+            usage=chat_usage(answer),
+        ).model_dump(exclude_none=True), headers=headers)
 
     # the body is read here rather than by FastAPI, which would parse it on the event loop
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, responses=STREAM_RESPONSE,
@@ -260,11 +222,10 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         if content_type != "application/json" and not content_type.endswith("+json"):
             raise InputError(415, "POST /v1/chat/completions takes application/json; multipart goes to /v1/chat")
         service: ChatService = app.state.service
-        body = await service.off_loop(parse_completion_request, [chunk async for chunk in request.stream()])
-        check_model(body.model)
-        fetched = {url: await fetch_remote(url, param) for url, param in remote_urls(body).items()} \
-            if settings.allowed_url_hosts else {}
-        chat = await service.off_loop(chat_from_openai, body, fetched)
+        body = await service.off_loop(parse_json_body, [chunk async for chunk in request.stream()],
+                                     schemas.ChatCompletionRequest)
+        check_model(service, body.model)
+        chat = await service.off_loop(chat_from_openai, body, await fetch_all(request, body))
         max_tokens = body.max_completion_tokens or body.max_tokens
         check_chat(chat, settings, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         return await respond(request, chat, sampling_fields(max_tokens, body.temperature, body.top_p, body.stop, body.seed),
@@ -282,9 +243,16 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
                 if isinstance(value, UploadFile):
                     if name not in UPLOAD_FIELDS:
                         raise InputError(400, f"unknown upload field '{name}'; accepted: {', '.join(UPLOAD_FIELDS)}", name)
-                    uploads.append((name, await value.read()))
+                    uploads.append(Upload(name, await value.read()))
                 elif name in UPLOAD_FIELDS:
                     raise InputError(400, f"'{name}' must be a file upload (curl -F {name}=@file)", name)
+                elif name in REF_FIELDS:
+                    if not SANE_UUID.fullmatch(value):
+                        raise InputError(400, "a uuid is 1 to 128 letters, digits or ._:@/+=-", name)
+                    uploads.append(Upload(REF_FIELDS[name], None, name, value))
+                elif name in FILE_ID_FIELDS:
+                    _, data = await read_stored(request, value, name)
+                    uploads.append(Upload(FILE_ID_FIELDS[name], data, name, None, value))
                 elif name not in FORM_FIELDS:
                     raise InputError(400, f"unknown form field '{name}'", name)
                 else:
@@ -294,7 +262,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         except ValidationError as e:
             first = e.errors()[0]
             raise InputError(400, f"{first['loc'][0]}: {first['msg']}", str(first["loc"][0])) from None
-        check_model(fields.model)
+        check_model(app.state.service, fields.model)
         chat = chat_from_form(fields.prompt, fields.messages, uploads, {"imu_sample_rate": fields.imu_sample_rate})
         check_chat(chat, settings, fields.max_tokens, text_param="messages" if fields.messages else "prompt")
         stop = _form_stop(fields.stop)
@@ -324,7 +292,9 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     async def metrics() -> Response:
         return Response(app.state.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
-    document_models(app, schemas.ChatCompletionRequest)
+    app.include_router(files_router)
+    app.include_router(responses_router)
+    document_models(app, schemas.ChatCompletionRequest, schemas.ResponsesRequest)
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:
@@ -334,14 +304,6 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         return FileResponse(index)
 
     return app
-
-
-def sampling_fields(max_tokens, temperature, top_p, stop, seed) -> dict:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 4 or any(not s for s in stops):
-        raise InputError(400, "stop takes up to 4 non-empty strings", "stop")
-    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-            "stop": tuple(dict.fromkeys(["###", *stops])), "seed": seed}
 
 
 def _form_stop(stop: str | None) -> str | list[str] | None:
@@ -364,56 +326,24 @@ def _chunk(cid: str, created: int, model: str, delta: schemas.Delta, finish: str
     return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
 
-async def sse_events(deltas, first: str | None, generation: Generation, model: str, include_usage: bool):
+def chat_usage(answer: Answer) -> schemas.Usage:
+    prompt, done = answer.generation.prepared.prompt_tokens, answer.generation.usage.completion_tokens
+    return schemas.Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done,
+                         media=answer.generation.prepared.media or None)
+
+
+async def sse_events(answer: Answer, model: str, include_usage: bool):
     """OpenAI `chat.completion.chunk` events ending in `data: [DONE]`; a failure mid-stream is an `error` event."""
     cid, created = schemas.completion_id(), schemas.now()
-    async with aclosing(deltas):
-        yield _chunk(cid, created, model, schemas.Delta(role="assistant", content=""))
-        try:
-            if first is not None:
-                yield _chunk(cid, created, model, schemas.Delta(content=first))
-                async for delta in deltas:
-                    yield _chunk(cid, created, model, schemas.Delta(content=delta))
-        except (EngineUnavailable, InputError) as e:
-            error = e if isinstance(e, InputError) else InputError(503, f"the LLM engine failed mid-answer: {e}")
-            log.warning("stream ended by an error: %s", error.message)
-            yield sse_error(error)
-            raise _StreamFailed(error.status) from None
-    yield _chunk(cid, created, model, schemas.Delta(), finish=generation.usage.finish_reason)
-    if include_usage:
-        prompt = generation.prepared.prompt_tokens
-        done = generation.usage.completion_tokens
-        yield _chunk(cid, created, model, schemas.Delta(),
-                     usage=schemas.Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done))
-    yield "data: [DONE]\n\n"
-
-
-def _status(error: BaseException) -> str:
-    """The status label of a request that ended with `error`."""
-    if isinstance(error, InputError):
-        return str(error.status)
-    if isinstance(error, EngineUnavailable):
-        return "503"
-    if isinstance(error, asyncio.CancelledError):
-        return "499"  # nginx's "client closed request"; a timeout also lands here (and in rejected)
-    return "500"
-
-
-class _StreamFailed(Exception):
-    def __init__(self, status: int):
-        self.status = status
-
-
-async def _finishing(events, metrics: Metrics, label: str):
-    """Counts a streamed request once it ends, however it ends (done, failed, or the client left)."""
-    status = "499"  # nginx's "client closed request", kept if the client disconnects
+    yield _chunk(cid, created, model, schemas.Delta(role="assistant", content=""))
     try:
-        async with aclosing(events):
-            async for event in events:
-                yield event
-        status = "200"
-    except _StreamFailed as e:
-        status = str(e.status)
-    finally:
-        metrics.requests.labels(label, status).inc()
-        metrics.in_flight.dec()
+        async for delta in text_deltas(answer):
+            yield _chunk(cid, created, model, schemas.Delta(content=delta))
+    except InputError as error:
+        log.warning("stream ended by an error: %s", error.message)
+        yield sse_error(error)
+        raise StreamFailed(error.status) from None
+    yield _chunk(cid, created, model, schemas.Delta(), finish=answer.generation.usage.finish_reason)
+    if include_usage:
+        yield _chunk(cid, created, model, schemas.Delta(), usage=chat_usage(answer))
+    yield "data: [DONE]\n\n"

@@ -11,6 +11,7 @@ class ErrorDetail(BaseModel):
     type: str
     message: str
     param: str | None = None
+    code: str | None = None  # e.g. media_not_found: send the attachment's data again
 
 
 class ErrorResponse(BaseModel):
@@ -50,6 +51,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    media: list[str] | None = None  # the uuid of each attachment in the prompt, to send it by reference next time
 
 
 class ResponseMessage(BaseModel):
@@ -112,3 +114,107 @@ def completion_id() -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+class FileObject(BaseModel):
+    """An uploaded file, as OpenAI's Files API describes one."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+    status_details: str | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class ResponsesRequest(BaseModel):
+    """`POST /v1/responses`. `input` is text or a list of items: messages (`role`, `content` as text
+    or parts: `input_text`, `input_image` with `image_url` or `file_id`, `input_file` with `file_id`
+    or `file_data`, `input_audio`, `input_video`, and `input_<field>` for the other uploads, each
+    with base64 `data` or a `file_id`; any may carry a `uuid`) and earlier answers (`output_text`)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    stream: bool = False
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    metadata: dict[str, str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    imu_sample_rate: float = Field(default=200.0, gt=0.0, le=10000.0)
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list = []
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText]
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict = {"cached_tokens": 0}
+    output_tokens_details: dict = {"reasoning_tokens": 0}
+    media: list[str] | None = None  # as Usage.media
+
+
+class ResponseObject(BaseModel):
+    """A response, as OpenAI's Responses API describes one."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    model: str
+    output: list[OutputMessage]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    metadata: dict[str, str] = {}
+    usage: ResponseUsage | None = None
+    error: dict | None = None
+    incomplete_details: dict | None = None
+    parallel_tool_calls: bool = False
+    tool_choice: str = "none"
+    tools: list = []
+    text: dict = {"format": {"type": "text"}}
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool

@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "is treated as down (env ONELLM_CACHE_TIMEOUT_MS; default 100)")
     parser.add_argument("--cache-ttl-s", type=int, help="lifetime of a prefix in that Redis "
                         "(env ONELLM_CACHE_TTL_S; default 86400)")
+    parser.add_argument("--files-dir", help="directory of the files uploaded with POST /v1/files (env "
+                        "ONELLM_FILES_DIR; default ~/.local/share/onellm-serve/files)")
+    parser.add_argument("--files-url", help="Redis (redis://host:port/db) to keep uploaded files in instead, "
+                        "shared by every gateway (env ONELLM_FILES_URL)")
     parser.add_argument("--host", help="address to listen on (env ONELLM_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (env ONELLM_PORT; default 8080)")
     parser.add_argument("--device", help="torch device of the encoder and local engine (env ONELLM_DEVICE; default cpu)")

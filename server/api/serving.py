@@ -13,6 +13,7 @@ import torch
 from server.api.batcher import EncoderBatcher
 from server.api.metrics import Metrics
 from server.api.prefix_cache import PrefixCache, SharedRuns, prefix_key
+from server.api.records import MediaReferences, gone
 from server.api.shared_cache import SharedPrefixCache
 from server.api.uploads import Attachment, Chat
 from server.engines.base import Engine, EngineUnavailable, Sampling, Usage
@@ -29,6 +30,8 @@ class Prepared:
     max_tokens: int
     modalities: list[str]
     affinity: str  # the same for every turn of the chat: see ChatService.affinity
+    media: list[str] = field(default_factory=list)  # the uuid of each attachment in the prompt, in order
+    first_turn: int = 0  # the chat's turns before it did not fit the context
 
     @property
     def prompt_tokens(self) -> int:
@@ -47,7 +50,7 @@ class ChatService:
     def __init__(self, model: OneLLM, engine: Engine, metrics: Metrics, preprocess_workers: int,
                  prefix_cache_bytes: int, default_max_tokens: int, max_batch: int = 8, max_wait_ms: float = 1.0,
                  decoder_limits: dict | None = None, stall_timeout_s: float | None = None,
-                 shared_cache: SharedPrefixCache | None = None):
+                 shared_cache: SharedPrefixCache | None = None, references: MediaReferences | None = None):
         self.model = model
         self.engine = engine
         self.metrics = metrics
@@ -59,6 +62,7 @@ class ChatService:
         self.cache = PrefixCache(prefix_cache_bytes)
         self.runs = SharedRuns()
         self.shared_cache = shared_cache  # other gateways' prefixes, behind the local cache
+        self.references = references  # what media uuids stand for; None: references are refused
         # decoding runs in a pool so a large video never stalls other users' token streams;
         # the encoder has one thread of its own: torch already uses every core for one batch
         self._preprocess = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
@@ -78,12 +82,29 @@ class ChatService:
         return await self.off_loop(prefix_key, self.model.name, attachment.modality, attachment.files,
                                    attachment.options)
 
+    async def attachment_key(self, attachment: Attachment, tenant: str) -> str:
+        """The prefix key of an attachment: its bytes' hash, or what its reference stands for (which
+        also settles its modality)."""
+        if attachment.reference is None:
+            return await self.prefix_key(attachment)
+        part_field = MODALITIES[attachment.modality].fields[0]
+        param = attachment.params.get(part_field, part_field)
+        if self.references is None:
+            raise gone(attachment.reference, param)
+        modality, key = await self.references.resolve(tenant, attachment.reference, param)
+        if MODALITIES[modality].fields[0] != part_field:
+            raise InputError(400, f"uuid '{attachment.reference}' is a '{modality}' attachment, sent here as "
+                                  f"'{part_field}': refer to it in the part it came in", param)
+        attachment.modality = modality
+        return key
+
     async def prefix(self, attachment: Attachment, key: str) -> torch.Tensor:
         """One attachment -> its prefix [30, D] (`key`: its prefix_key), from the cache when the same
         bytes came before, or from the run already making it when they are arriving at the same time."""
         m = attachment.modality
         if m not in self.model.encoder.modalities:
-            raise InputError(400, f"model '{self.model.name}' does not accept '{m}' inputs", next(iter(attachment.files)))
+            part = next(iter(attachment.files), None) or attachment.params.get(MODALITIES[m].fields[0], m)
+            raise InputError(400, f"model '{self.model.name}' does not accept '{m}' inputs", part)
         if (cached := self.cache.get(key)) is not None:
             self.metrics.prefix_cache_hits.labels(m).inc()
             return cached
@@ -92,7 +113,7 @@ class ChatService:
         try:
             return await self.runs.result(key, lambda: self._new_prefix(key, attachment))
         except InputError as e:  # a copy per request: each names the content part its own bytes came in
-            raise InputError(e.status, e.message, attachment.params.get(e.param, e.param), e.headers) from None
+            raise InputError(e.status, e.message, attachment.params.get(e.param, e.param), e.headers, e.code) from None
 
     async def _new_prefix(self, key: str, attachment: Attachment) -> torch.Tensor:
         """Looked up in the shared cache within the run, so requests bringing the same new file at
@@ -101,6 +122,9 @@ class ChatService:
         if self.shared_cache and (shared := await self.shared_cache.get(key, m)) is not None:
             self.cache.put(key, shared)
             return shared
+        if attachment.reference is not None:  # evicted since: only the bytes can make it again
+            field_name = MODALITIES[m].fields[0]
+            raise gone(attachment.reference, attachment.params.get(field_name, field_name))
         inputs = await self.off_loop(_preprocess, attachment, self.decoder_limits,
                                      self.metrics.preprocess_seconds.labels(m))
         prefix = await self.batcher.encode(m, inputs)
@@ -129,16 +153,21 @@ class ChatService:
         raise InputError(400, f"the current message needs {length} prompt tokens plus max_tokens={wanted}, "
                               f"more than the context window of {self.context} tokens", "messages")
 
-    async def prepare(self, chat: Chat, max_tokens: int | None) -> Prepared:
+    async def prepare(self, chat: Chat, max_tokens: int | None, tenant: str = "-") -> Prepared:
+        """`tenant`: whose media references the chat may use and make (its API key's id)."""
         start, ids, max_tokens = self.fit_context(chat, max_tokens)
         attachments = [a for t in chat.turns[start:] for a in t.attachments]
-        keys = await asyncio.gather(*(self.prefix_key(a) for a in attachments))
+        keys = await asyncio.gather(*(self.attachment_key(a, tenant) for a in attachments))
         prefixes = await asyncio.gather(*(self.prefix(a, key) for a, key in zip(attachments, keys)))
+        if self.references is not None:  # each use keeps a reference alive for another TTL
+            for a, key in zip(attachments, keys):
+                for uuid in {key, a.uuid or key, a.reference or key}:
+                    await self.references.remember(tenant, uuid, a.modality, key)
         embeddings = self.model.embeddings(ids, [(a.modality, p) for a, p in zip(attachments, prefixes)])
         return Prepared(embeddings, max_tokens, [a.modality for a in attachments],
-                        await self.affinity(chat, dict(zip(map(id, attachments), keys))))
+                        await self.affinity(chat, dict(zip(map(id, attachments), keys)), tenant), list(keys), start)
 
-    async def affinity(self, chat: Chat, known_keys: dict[int, str]) -> str:
+    async def affinity(self, chat: Chat, known_keys: dict[int, str], tenant: str) -> str:
         """What every turn of a chat shares, whichever gateway serves it: its first user message,
         text and first attachment (by prefix key; `known_keys` are those already computed, by
         id). The engine routes on it, so that a chat's follow-ups reach the vLLM replica whose
@@ -148,7 +177,12 @@ class ChatService:
         if first.attachments:
             attachment = first.attachments[0]
             # the first message may have been dropped to fit the context
-            key = known_keys.get(id(attachment)) or await self.prefix_key(attachment)
+            key = known_keys.get(id(attachment))
+            if key is None:
+                try:
+                    key = await self.attachment_key(attachment, tenant)
+                except InputError:  # a reference gone with its turn still routes its chat the same way
+                    key = attachment.reference or ""
         return hashlib.sha256(f"{key}\0{first.text}".encode()).hexdigest()
 
     async def generate(self, generation: Generation, sampling: Sampling) -> AsyncIterator[str]:

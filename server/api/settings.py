@@ -35,6 +35,10 @@ class Settings:
     # ... or fewer, once the first has waited this long; under load batches fill while the
     # encoder is busy, so a longer wait only delays a request that comes alone
     encoder_max_wait_ms: float = 1.0
+    # uploaded files (POST /v1/files) live here, or in Redis when files_url is set (every gateway then sees them)
+    files_dir: str = os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"),
+                                  "onellm-serve", "files")
+    files_url: str | None = None
     allowed_url_hosts: tuple[str, ...] = ()  # remote attachment URLs are refused unless their host is listed
     log_level: str = "info"
 
@@ -53,6 +57,14 @@ class Settings:
     max_tokens_limit: int = _limit(2048, "largest max_tokens a request may ask for")
     max_turns: int = _limit(64, "messages in one chat")
     max_attachments: int = _limit(8, "attachments in one request")
+    file_ttl_s: int = _limit(7 * 86_400, "lifetime of an uploaded file when the upload sets no expires_after")
+    max_file_ttl_s: int = _limit(30 * 86_400, "longest expires_after an upload may ask for")
+    max_files_per_key: int = _limit(1000, "files one API key may keep stored at once")
+    max_media_references: int = _limit(100_000, "media uuids a gateway remembers itself (the shared cache "
+                                                "holds them for cache_ttl_s)")
+    max_stored_responses: int = _limit(10_000, "responses a gateway keeps for previous_response_id itself "
+                                               "(the shared cache holds them for response_ttl_s)")
+    response_ttl_s: int = _limit(86_400, "how long a stored response can be continued or read back")
 
     # Overload
     max_concurrent: int = _limit(16, "chat requests served at once")

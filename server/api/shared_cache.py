@@ -112,6 +112,31 @@ class SharedPrefixCache:
         except (RedisError, OSError) as e:
             self._off("set", e)
 
+    async def get_value(self, name: str) -> tuple[bool, bytes | None]:
+        """A small record of another kind (media references, stored responses) under this cache's
+        Redis: (whether Redis answered, the value)."""
+        if not self.up:
+            return False, None
+        try:
+            return True, await self.client.get(name)
+        except (RedisError, OSError) as e:
+            self._off("get", e)
+            return False, None
+
+    async def set_value(self, name: str, value: bytes, ttl_s: int) -> None:
+        if self.up:
+            try:
+                await self.client.set(name, value, ex=ttl_s)
+            except (RedisError, OSError) as e:
+                self._off("set", e)
+
+    async def delete_value(self, name: str) -> None:
+        if self.up:
+            try:
+                await self.client.delete(name)
+            except (RedisError, OSError) as e:
+                self._off("delete", e)
+
     def _on(self) -> None:
         self.up = True
         self.metrics.shared_cache_up.set(1)

@@ -2,14 +2,17 @@
 
 import binascii
 import json
+import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import pydantic_core
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from server.api.schemas import ChatCompletionRequest
 from server.errors import InputError
+from server.inputs.sniff import Kind, sniff
 from server.modalities import MODALITIES
 
 # a field that alone makes an attachment (image, video, audio, point, fmri, imu) ...
@@ -17,14 +20,33 @@ SINGLE_FIELDS = {m.fields[0]: m.name for m in MODALITIES.values() if len(m.field
 # ... and one that turns an attachment of its partner field into another modality (depth: image -> rgbd)
 PAIRING_FIELDS = {m.fields[-1]: m for m in MODALITIES.values() if len(m.fields) > 1}
 UPLOAD_FIELDS = tuple(SINGLE_FIELDS) + tuple(PAIRING_FIELDS)
+# the OpenAI content part that carries each upload field (and `input_<field>` for any of them)
+PART_FIELDS = {"image_url": "image", "video_url": "video", "input_audio": "audio"}
+# the upload field of a stored file, from what its bytes are; arrays and text could be any of
+# several modalities, so those are sent in a part that names one
+FILE_FIELDS = {"image": "image", "video": "video", "audio": "audio", "mesh": "point"}
+SANE_UUID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
 @dataclass
 class Attachment:
     modality: str
-    files: dict[str, bytes]  # upload field -> bytes
+    files: dict[str, bytes]  # upload field -> bytes; empty for a reference
     options: dict = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)  # upload field -> where the client sent it, when not the field
+    reference: str | None = None  # the uuid of an attachment sent before, sent without its data
+    uuid: str | None = None  # the client's own name for the bytes sent, to refer back to them
+    file_ids: dict[str, str] = field(default_factory=dict)  # upload field -> the stored file its bytes came from
+
+
+class Upload(NamedTuple):
+    """One uploaded file (or a reference to one sent before) as a request carries it."""
+
+    field: str
+    data: bytes | None  # None: a reference, by `uuid`
+    where: str | None = None  # the content part that carried it, for errors about its bytes
+    uuid: str | None = None
+    file_id: str | None = None
 
 
 @dataclass
@@ -40,29 +62,41 @@ class Chat:
     system: str | None = None  # None: the model's own system prompt
 
 
-def group_uploads(uploads: list[tuple[str, bytes]], options: dict, param: str,
-                  where: list[str] | None = None) -> list[Attachment]:
-    """[(field, bytes), ...] in upload order -> attachments; a depth/normal map joins the first unpaired image.
-
-    `where[i]` names upload i in the request (an OpenAI content part) for errors about its bytes."""
-    where = where or [None] * len(uploads)
-    attachments = [Attachment(SINGLE_FIELDS[f], {f: data}, options, {f: w} if w else {})
-                   for (f, data), w in zip(uploads, where) if f in SINGLE_FIELDS]
-    for (name, data), w in zip(uploads, where):
+def group_uploads(uploads: list[Upload | tuple[str, bytes]], options: dict, param: str) -> list[Attachment]:
+    """Uploads in request order -> attachments; a depth/normal map joins the first unpaired image."""
+    uploads = [u if isinstance(u, Upload) else Upload(*u) for u in uploads]
+    attachments = [_attachment(u, options) for u in uploads if u.field in SINGLE_FIELDS]
+    for upload in uploads:
+        name = upload.field
         if name in SINGLE_FIELDS:
             continue
         if name not in PAIRING_FIELDS:
             raise InputError(400, f"unknown upload field '{name}'; accepted: {', '.join(UPLOAD_FIELDS)}", name)
         modality = PAIRING_FIELDS[name]
-        partner = next((a for a in attachments if a.modality == SINGLE_FIELDS.get(modality.fields[0])), None)
+        if upload.data is None:
+            raise InputError(400, f"a '{name}' map is referred to by the uuid of the {modality.fields[0]} it came "
+                                  "with: send that uuid alone", upload.where or name)
+        partner = next((a for a in attachments if a.modality == SINGLE_FIELDS.get(modality.fields[0])
+                        and a.reference is None), None)
         if partner is None:
             raise InputError(400, f"'{name}' needs an '{modality.fields[0]}' in the same message "
                                   f"(together they make a '{modality.name}' input)", param or name)
         partner.modality = modality.name
-        partner.files[name] = data
-        if w:
-            partner.params[name] = w
+        partner.files[name] = upload.data
+        if upload.where:
+            partner.params[name] = upload.where
+        if upload.file_id:
+            partner.file_ids[name] = upload.file_id
+        partner.uuid = partner.uuid or upload.uuid
     return attachments
+
+
+def _attachment(upload: Upload, options: dict) -> Attachment:
+    params = {upload.field: upload.where} if upload.where else {}
+    if upload.data is None:
+        return Attachment(SINGLE_FIELDS[upload.field], {}, options, params, reference=upload.uuid)
+    return Attachment(SINGLE_FIELDS[upload.field], {upload.field: upload.data}, options, params, uuid=upload.uuid,
+                      file_ids={upload.field: upload.file_id} if upload.file_id else {})
 
 
 def check_turns(turns: list[Turn]) -> None:
@@ -93,8 +127,8 @@ def decode_base64(text: object, param: str, start: int = 0) -> bytes:
     return b"".join(pieces)
 
 
-def parse_completion_request(chunks: list[bytes]) -> ChatCompletionRequest:
-    """The JSON body of `/v1/chat/completions`, as it arrived. Parsed, then validated: half the
+def parse_json_body(chunks: list[bytes], schema: type[BaseModel]) -> BaseModel:
+    """A JSON request body (`schema`: its model), as it arrived. Parsed, then validated: half the
     time of pydantic's model_validate_json, and for a 40 MiB data URL that is ~25 ms less that the
     event loop's thread waits for the GIL."""
     try:
@@ -102,7 +136,7 @@ def parse_completion_request(chunks: list[bytes]) -> ChatCompletionRequest:
     except ValueError as e:
         raise InputError(400, f"the request body is not valid JSON ({e})") from None
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:  # reported as FastAPI reports a body it validated
         raise RequestValidationError(e.errors(include_url=False)) from None
 
@@ -112,19 +146,43 @@ def _remote(url: object) -> bool:
     return isinstance(url, str) and url[:8].lower().startswith(("http://", "https://"))
 
 
-def remote_urls(request: ChatCompletionRequest) -> dict[str, str]:
-    """The http(s) URLs of the request's image and video parts, each with the param naming it."""
-    urls = {}
+def _parts(request: ChatCompletionRequest):
+    """(where, type, body) of every content part of the request's messages."""
     for i, message in enumerate(request.messages):
         for j, part in enumerate(message.content if isinstance(message.content, list) else []):
             kind = part.get("type")
-            body = part.get(kind) if kind in ("image_url", "video_url") else None
-            if isinstance(body, dict) and _remote(url := body.get("url")):
-                urls.setdefault(url, f"messages[{i}].content[{j}].{kind}.url")
+            yield f"messages[{i}].content[{j}]", kind, part.get(kind) if isinstance(kind, str) else None
+
+
+def remote_urls(request: ChatCompletionRequest) -> dict[str, str]:
+    """The http(s) URLs of the request's image and video parts, each with the param naming it."""
+    urls = {}
+    for where, kind, body in _parts(request):
+        if kind in ("image_url", "video_url") and isinstance(body, dict) and _remote(url := body.get("url")):
+            urls.setdefault(url, f"{where}.{kind}.url")
     return urls
 
 
-def url_bytes(url: object, param: str, fetched: dict[str, bytes]) -> bytes:
+def file_ids(request: ChatCompletionRequest) -> dict[str, str]:
+    """The stored files the request's parts name (`file` parts, and media parts with a `file_id`),
+    each with the param naming it."""
+    ids = {}
+    for where, kind, body in _parts(request):
+        if isinstance(body, dict) and isinstance(file_id := body.get("file_id"), str):
+            ids.setdefault(file_id, f"{where}.{kind}.file_id")
+    return ids
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What a request's parts point at, read before its parts are: remote URLs' bytes, and the
+    stored files' (kind, bytes) by id."""
+
+    urls: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+
+
+def url_bytes(url: object, param: str, fetched: Fetched) -> bytes:
     """A `data:` URL's bytes, or a remote URL's from those fetched (none when remote URLs are not allowed)."""
     if not isinstance(url, str):
         raise InputError(400, "expected a URL string", param)
@@ -134,41 +192,85 @@ def url_bytes(url: object, param: str, fetched: dict[str, bytes]) -> bytes:
             raise InputError(400, "expected a base64 data URL: data:<type>;base64,<data>", param)
         return decode_base64(url, param, start=comma + 1)
     if _remote(url):
-        if url not in fetched:
+        if url not in fetched.urls:
             raise InputError(400, "remote URLs are not accepted by this server; send the file as a data: URL", param)
-        return fetched[url]
+        return fetched.urls[url]
     raise InputError(400, "unsupported URL scheme; send a data: URL", param)
 
 
-def parts_to_turn(role: str, content, index: int, options: dict, fetched: dict[str, bytes]) -> Turn:
+def part_upload(kind: str, part: dict, where: str, fetched: Fetched) -> Upload:
+    """A media content part -> its upload: the bytes inline (a data URL, base64 `data`), a stored
+    file's (`file_id`), or none at all when the part carries only a `uuid` sent before."""
+    body = part.get(kind)
+    uuid = part.get("uuid")
+    if uuid is not None and not (isinstance(uuid, str) and SANE_UUID.fullmatch(uuid)):
+        raise InputError(400, "a uuid is 1 to 128 letters, digits or ._:@/+=-", f"{where}.uuid")
+    if kind == "file":
+        return _file_part(body, uuid, where, fetched)
+    field_name = PART_FIELDS.get(kind) or kind.removeprefix("input_")
+    inline = "url" if kind in ("image_url", "video_url") else "data"
+    if isinstance(body, dict) and "file_id" in body:
+        file_id, data = _stored(body["file_id"], f"{where}.{kind}.file_id", fetched)[::2]
+        return Upload(field_name, data, f"{where}.{kind}.file_id", uuid, file_id)
+    if isinstance(body, dict) and body.get(inline) is not None:
+        param = f"{where}.{kind}.{inline}"
+        data = url_bytes(body[inline], param, fetched) if inline == "url" else decode_base64(body[inline], param)
+        return Upload(field_name, data, param, uuid)
+    if body is not None and not isinstance(body, dict):
+        raise InputError(400, f"'{kind}' must be an object", f"{where}.{kind}")
+    if uuid is None:
+        raise InputError(400, f"the part carries no data: send '{kind}.{inline}', a '{kind}.file_id', or the "
+                              "'uuid' of an attachment sent before", where)
+    return Upload(field_name, None, where, uuid)
+
+
+def _file_part(body, uuid: str | None, where: str, fetched: Fetched) -> Upload:
+    """OpenAI's `{"type": "file", "file": {"file_id" | "file_data", "filename"}}`: the modality is
+    what the bytes are."""
+    if not isinstance(body, dict) or not ({"file_id", "file_data"} & body.keys()):
+        raise InputError(400, "a file part needs 'file.file_id' (from POST /v1/files) or 'file.file_data'", where)
+    if "file_id" in body:
+        param = f"{where}.file.file_id"
+        file_id, stored_kind, data = _stored(body["file_id"], param, fetched)
+    else:
+        param, file_id = f"{where}.file.file_data", None
+        data = url_bytes(body["file_data"], param, fetched) if str(body["file_data"]).startswith("data:") \
+            else decode_base64(body["file_data"], param)
+        stored_kind = (sniff(data) or Kind("", "")).family
+    if stored_kind not in FILE_FIELDS:
+        raise InputError(400, "a file part's bytes must be an image, a video, audio or a 3D mesh; send arrays "
+                              "and other files in the part of their modality (input_fmri, input_imu, "
+                              "input_point, input_depth, input_normal) with a file_id or data", param)
+    return Upload(FILE_FIELDS[stored_kind], data, param, uuid, file_id)
+
+
+def _stored(file_id: object, param: str, fetched: Fetched) -> tuple[str, str, bytes]:
+    """(id, kind, bytes) of a stored file the request names (read beforehand: see file_ids)."""
+    if not isinstance(file_id, str):
+        raise InputError(400, "a file_id is a string, from POST /v1/files", param)
+    return file_id, *fetched.files[file_id]
+
+
+def parts_to_turn(role: str, content, index: int, options: dict, fetched: Fetched) -> Turn:
     if content is None or isinstance(content, str):
         return Turn(role, content or "")
-    texts, uploads, wheres = [], [], []
+    texts, uploads = [], []
     for j, part in enumerate(content):
         where = f"messages[{index}].content[{j}]"
         kind = part.get("type")
-        body = part.get(kind) if isinstance(kind, str) else None
         if kind == "text":
             texts.append(str(part.get("text", "")))
-        elif kind == "image_url" and isinstance(body, dict):
-            uploads.append(("image", url_bytes(body.get("url"), f"{where}.image_url.url", fetched)))
-            wheres.append(f"{where}.image_url.url")
-        elif kind == "video_url" and isinstance(body, dict):
-            uploads.append(("video", url_bytes(body.get("url"), f"{where}.video_url.url", fetched)))
-            wheres.append(f"{where}.video_url.url")
-        elif kind == "input_audio" and isinstance(body, dict):
-            uploads.append(("audio", decode_base64(body.get("data"), f"{where}.input_audio.data")))
-            wheres.append(f"{where}.input_audio.data")
-        elif isinstance(kind, str) and kind.startswith("input_") and kind[6:] in UPLOAD_FIELDS and isinstance(body, dict):
-            uploads.append((kind[6:], decode_base64(body.get("data"), f"{where}.{kind}.data")))
-            wheres.append(f"{where}.{kind}.data")
-            if "sample_rate" in body:
+        elif kind in PART_FIELDS or kind == "file" or (
+                isinstance(kind, str) and kind.startswith("input_") and kind[6:] in UPLOAD_FIELDS):
+            uploads.append(part_upload(kind, part, where, fetched))
+            body = part.get(kind)
+            if isinstance(body, dict) and "sample_rate" in body:
                 options = {**options, "imu_sample_rate": _positive(body["sample_rate"], f"{where}.{kind}.sample_rate")}
         else:
             raise InputError(400, f"unsupported content part type {kind!r}", f"{where}.type")
     if uploads and role != "user":
         raise InputError(400, "only user messages may carry attachments", f"messages[{index}].content")
-    return Turn(role, "\n".join(texts), group_uploads(uploads, options, f"messages[{index}].content", wheres))
+    return Turn(role, "\n".join(texts), group_uploads(uploads, options, f"messages[{index}].content"))
 
 
 def _positive(value, param: str) -> float:
@@ -177,9 +279,9 @@ def _positive(value, param: str) -> float:
     return float(value)
 
 
-def chat_from_openai(request: ChatCompletionRequest, fetched: dict[str, bytes]) -> Chat:
-    """`fetched`: the bytes of the request's remote URLs (see remote_urls), fetched beforehand
-    because this runs in a worker thread: decoding base64 does not belong on the event loop."""
+def chat_from_openai(request: ChatCompletionRequest, fetched: Fetched) -> Chat:
+    """`fetched`: what the request's remote URLs and file ids point at, read beforehand because
+    this runs in a worker thread: decoding base64 does not belong on the event loop."""
     system, turns = None, []
     options = {"imu_sample_rate": request.imu_sample_rate}
     for i, message in enumerate(request.messages):
@@ -192,9 +294,11 @@ def chat_from_openai(request: ChatCompletionRequest, fetched: dict[str, bytes]) 
     return Chat(turns, system)
 
 
-def chat_from_form(prompt: str | None, messages: str | None, uploads: list[tuple[str, bytes]], options: dict) -> Chat:
+def chat_from_form(prompt: str | None, messages: str | None, uploads: list[Upload | tuple[str, bytes]],
+                   options: dict) -> Chat:
     """`/v1/chat`: a history message may name its files (`"attachments": ["image", ...]`); it takes
-    the first remaining uploads of those fields, in order. The other files belong to the last user turn."""
+    the first remaining uploads of those fields (files, references or stored files), in order. The
+    other files belong to the last user turn."""
     if messages is None and prompt is None:
         raise InputError(400, "send 'prompt' (text) or 'messages' (a JSON list of {role, content})", "prompt")
     system, turns, remaining = None, [], list(uploads)
@@ -223,7 +327,7 @@ def chat_from_form(prompt: str | None, messages: str | None, uploads: list[tuple
     return Chat(turns, system)
 
 
-def _take_uploads(remaining: list[tuple[str, bytes]], names, role: str, param: str) -> list[tuple[str, bytes]]:
+def _take_uploads(remaining: list, names, role: str, param: str) -> list:
     """Moves the first remaining upload of each named field, in order, out of `remaining`."""
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise InputError(400, "attachments must be a list of upload field names", param)
@@ -231,7 +335,7 @@ def _take_uploads(remaining: list[tuple[str, bytes]], names, role: str, param: s
         raise InputError(400, "only user messages may carry attachments", param)
     taken = []
     for name in names:
-        at = next((j for j, (field_name, _) in enumerate(remaining) if field_name == name), None)
+        at = next((j for j, upload in enumerate(remaining) if upload[0] == name), None)
         if at is None:
             raise InputError(400, f"names a '{name}' upload that the form does not hold", param)
         taken.append(remaining.pop(at))

@@ -1,0 +1,126 @@
+"""One chat being answered, for any endpoint's way of sending it: started once its first text is
+there (so a down engine is still a plain 503), and counted in the metrics once it ends, however it
+ends (done, failed, or the client gone)."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from server.api.metrics import Metrics
+from server.api.serving import ChatService, Generation
+from server.api.uploads import Chat
+from server.engines.base import EngineUnavailable, Sampling
+from server.errors import InputError
+
+log = logging.getLogger("onellm.gateway")
+
+
+@dataclass
+class Answer:
+    generation: Generation
+    deltas: AsyncIterator[str]  # the text after `first`
+    first: str | None  # None: the answer is empty
+    label: str  # the chat's modalities, as the metrics name them
+    metrics: Metrics
+
+
+async def start_answer(service: ChatService, chat: Chat, sampling_fields: dict, tenant: str,
+                       started: float) -> Answer:
+    metrics = service.metrics
+    label = "+".join(a.modality for t in chat.turns for a in t.attachments) or "text"
+    if log.isEnabledFor(logging.DEBUG):  # what people send is theirs: it is logged only when asked for
+        log.debug("chat of %d messages, the last %r, attachments %s", len(chat.turns), chat.turns[-1].text[:500],
+                  [(a.modality, a.reference or sum(map(len, a.files.values()))) for t in chat.turns for a in t.attachments])
+    metrics.in_flight.inc()
+    try:
+        prepared = await service.prepare(chat, sampling_fields.pop("max_tokens"), tenant)
+        sampling = Sampling(max_tokens=prepared.max_tokens, **sampling_fields)
+        generation = Generation(prepared, started=started)
+        deltas = service.generate(generation, sampling)
+        try:  # the first delta comes before the response starts, so a down engine is a plain 503
+            first = await anext(deltas, None)
+        except BaseException:
+            await deltas.aclose()
+            raise
+    except BaseException as e:  # cancelled too: the client left or the request timed out
+        metrics.requests.labels(label, status_label(e)).inc()
+        metrics.in_flight.dec()
+        raise
+    return Answer(generation, deltas, first, label, metrics)
+
+
+async def whole_text(answer: Answer) -> str:
+    try:
+        text = answer.first or ""
+        async with aclosing(answer.deltas):
+            async for delta in answer.deltas:
+                text += delta
+    except BaseException as e:
+        answer.metrics.requests.labels(answer.label, status_label(e)).inc()
+        raise
+    finally:
+        answer.metrics.in_flight.dec()
+    answer.metrics.requests.labels(answer.label, "200").inc()
+    return text
+
+
+async def text_deltas(answer: Answer) -> AsyncIterator[str]:
+    """The answer's text as it comes; an engine failing mid-answer raises InputError(503)."""
+    async with aclosing(answer.deltas):
+        if answer.first is None:
+            return
+        yield answer.first
+        try:
+            async for delta in answer.deltas:
+                yield delta
+        except EngineUnavailable as e:
+            raise InputError(503, f"the LLM engine failed mid-answer: {e}") from None
+
+
+class StreamFailed(Exception):
+    """Raised by an event stream after it has sent its error event."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+
+async def counted(events: AsyncIterator[str], answer: Answer) -> AsyncIterator[str]:
+    """`events` (the answer's stream, in some endpoint's events), counted once it ends."""
+    status = "499"  # nginx's "client closed request", kept if the client disconnects
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+        status = "200"
+    except StreamFailed as e:
+        status = str(e.status)
+    finally:
+        answer.metrics.requests.labels(answer.label, status).inc()
+        answer.metrics.in_flight.dec()
+
+
+def sampling_fields(max_tokens, temperature, top_p, stop, seed) -> dict:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise InputError(400, "stop takes up to 4 non-empty strings", "stop")
+    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+            "stop": tuple(dict.fromkeys(["###", *stops])), "seed": seed}
+
+
+def check_model(service: ChatService, name: str | None) -> None:
+    served = service.model.name
+    if name not in (None, "", served):
+        raise InputError(404, f"model '{name}' is not served here; this server serves '{served}'", "model")
+
+
+def status_label(error: BaseException) -> str:
+    """The status label of a request that ended with `error`."""
+    if isinstance(error, InputError):
+        return str(error.status)
+    if isinstance(error, EngineUnavailable):
+        return "503"
+    if isinstance(error, asyncio.CancelledError):
+        return "499"  # nginx's "client closed request"; a timeout also lands here (and in rejected)
+    return "500"

@@ -1,0 +1,82 @@
+"""Small records a gateway keeps for a while, each an API key's own: media references (a uuid ->
+the attachment's prefix key) and stored responses (for `previous_response_id`).
+
+A bounded local copy always; with a shared cache (Redis) configured, Redis is where they are
+looked up first, so that a chat's next turn finds them on any gateway, and the local copy is
+what answers while Redis is down."""
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+
+from server.api.shared_cache import SharedPrefixCache
+from server.errors import InputError
+
+
+class Records:
+    def __init__(self, namespace: str, capacity: int, ttl_s: int, shared: SharedPrefixCache | None):
+        self.namespace = namespace
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self.shared = shared
+        self.local: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # name -> (expires at, value)
+
+    def _name(self, tenant: str, key: str) -> str:
+        # keys and uuids are the client's text: hashed, they are always a safe Redis key
+        return self.namespace + hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()
+
+    async def get(self, tenant: str, key: str) -> bytes | None:
+        name = self._name(tenant, key)
+        if self.shared is not None:
+            answered, value = await self.shared.get_value(name)
+            if answered:  # Redis is the truth while it answers: a record deleted elsewhere is gone
+                return value
+        entry = self.local.get(name)
+        if entry is None or entry[0] <= time.monotonic():
+            self.local.pop(name, None)
+            return None
+        self.local.move_to_end(name)
+        return entry[1]
+
+    async def put(self, tenant: str, key: str, value: bytes) -> None:
+        name = self._name(tenant, key)
+        self.local[name] = (time.monotonic() + self.ttl_s, value)
+        self.local.move_to_end(name)
+        while len(self.local) > self.capacity:
+            self.local.popitem(last=False)
+        if self.shared is not None:
+            await self.shared.set_value(name, value, self.ttl_s)
+
+    async def delete(self, tenant: str, key: str) -> None:
+        name = self._name(tenant, key)
+        self.local.pop(name, None)
+        if self.shared is not None:
+            await self.shared.delete_value(name)
+
+
+class MediaReferences:
+    """What a media `uuid` stands for: the gateway's own (the attachment's content hash) and the
+    client's (any name it gave the part), each under the API key that sent the bytes."""
+
+    def __init__(self, records: Records):
+        self.records = records
+
+    async def remember(self, tenant: str, uuid: str, modality: str, key: str) -> None:
+        await self.records.put(tenant, uuid, json.dumps([modality, key]).encode())
+
+    async def resolve(self, tenant: str, uuid: str, param: str) -> tuple[str, str]:
+        """(modality, prefix key) of `uuid`, or the 400 that tells the client to send the data again."""
+        value = await self.records.get(tenant, uuid)
+        if value is not None:
+            try:
+                modality, key = json.loads(value)
+                return modality, key
+            except ValueError:
+                pass
+        raise gone(uuid, param)
+
+
+def gone(uuid: str, param: str) -> InputError:
+    return InputError(400, f"no attachment with uuid '{uuid}' is held for this API key (it may have expired); "
+                           "send the part with its data again", param, code="media_not_found")

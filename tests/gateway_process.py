@@ -38,7 +38,8 @@ class GatewayProcess:
         self.tmpdir.mkdir()
         self.args = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port), *args]
         # uploaded files stay in the test's folder, and a restart with the same workdir finds them
-        self.env = {"ONELLM_FILES_DIR": str(workdir / "files"), **(env or {})}
+        self.files_dir = workdir / "files"
+        self.env = {"ONELLM_FILES_DIR": str(self.files_dir), **(env or {})}
         self.process: subprocess.Popen | None = None
 
     @property

@@ -93,7 +93,7 @@ async def upload_file(request: Request) -> schemas.FileObject:
 @files_router.get("/v1/files", response_model=schemas.FileList)
 async def list_files(request: Request, purpose: str | None = None, limit: int = Query(10_000, ge=1, le=10_000),
                      order: Literal["asc", "desc"] = "desc", after: str | None = None) -> schemas.FileList:
-    records = sorted(await request.app.state.files.list(tenant_of(request)), key=lambda r: (r.created_at, r.id),
+    records = sorted(await request.app.state.files.list(tenant_of(request)), key=lambda r: r.uploaded_at,
                      reverse=order == "desc")
     if purpose is not None:
         records = [r for r in records if r.purpose == purpose]

@@ -44,6 +44,7 @@ class StoredFile:
     purpose: str
     sha256: str
     kind: str  # what sniffing found: image, video, audio, array, mesh, text; "" when unrecognised
+    uploaded_at: float  # created_at to the microsecond: lists keep the upload order within a second
 
     def openai(self) -> dict:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
@@ -54,8 +55,10 @@ class StoredFile:
         return self.expires_at <= now
 
 
-def new_file_id() -> str:
-    return "file-" + secrets.token_hex(12)
+def new_record(data: bytes, filename: str, purpose: str, ttl_s: int, kind: str) -> StoredFile:
+    now = time.time()
+    return StoredFile("file-" + secrets.token_hex(12), len(data), int(now), int(now) + ttl_s, filename, purpose,
+                      hashlib.sha256(data).hexdigest(), kind, now)
 
 
 def check_upload(data: bytes, limits: dict) -> str:
@@ -109,10 +112,7 @@ class LocalFileStore:
             return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     async def add(self, tenant: str, data: bytes, filename: str, purpose: str, ttl_s: int, kind: str) -> StoredFile:
-        now = int(time.time())
-        record = StoredFile(new_file_id(), len(data), now, now + ttl_s, filename, purpose,
-                            hashlib.sha256(data).hexdigest(), kind)
-        return await self._run(self._add, tenant, record, data)
+        return await self._run(self._add, tenant, new_record(data, filename, purpose, ttl_s, kind), data)
 
     async def get(self, tenant: str, file_id: str) -> StoredFile | None:
         return await self._run(self._get, tenant, file_id)
@@ -262,11 +262,9 @@ class RedisFileStore:
                 f"{self.ns}list:{t}"]
 
     async def add(self, tenant: str, data: bytes, filename: str, purpose: str, ttl_s: int, kind: str) -> StoredFile:
-        now = int(time.time())
-        record = StoredFile(new_file_id(), len(data), now, now + ttl_s, filename, purpose,
-                            hashlib.sha256(data).hexdigest(), kind)
+        record = new_record(data, filename, purpose, ttl_s, kind)
         keys = self._keys(tenant, record)
-        args = [record.id, record.expires_at, json.dumps(asdict(record)), record.created_at]
+        args = [record.id, record.expires_at, json.dumps(asdict(record)), record.uploaded_at]
         async with _unavailable_as_503():
             if not await self._link(keys, args):  # bytes not held yet (or expiring just now): send them once
                 await self.client.set(keys[0], data, exat=record.expires_at, nx=True)

@@ -31,7 +31,7 @@ from server.api.quotas import CallerQuotas, Quota
 from server.api.records import MediaReferences, Records
 from server.api.responses import responses_router
 from server.api.serving import ChatService
-from server.api.settings import Settings
+from server.api.settings import MiB, Settings
 from server.api.shared_cache import shared_cache_for
 from server.api.uploads import (SANE_UUID, SINGLE_FIELDS, UPLOAD_FIELDS, Chat, Upload, chat_from_form, chat_from_openai,
                                 parse_json_body)
@@ -135,9 +135,9 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
             shared_cache = shared_cache_for(settings.cache_url, model, settings.cache_ttl_s,
                                             settings.cache_timeout_ms / 1000, app.state.metrics)
             await shared_cache.start()  # a Redis that is down does not stop the gateway from serving
-        references = MediaReferences(Records(f"onellm:ref:{model.name}:", settings.max_media_references,
+        references = MediaReferences(Records(f"onellm:ref:{model.name}:", int(settings.references_mb * MiB),
                                              settings.cache_ttl_s, shared_cache))
-        app.state.stored_responses = Records(f"onellm:response:{model.name}:", settings.max_stored_responses,
+        app.state.stored_responses = Records(f"onellm:response:{model.name}:", int(settings.stored_responses_mb * MiB),
                                              settings.response_ttl_s, shared_cache)
         app.state.files = file_store_for(settings)
         await app.state.files.start()

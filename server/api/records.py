@@ -15,12 +15,16 @@ from server.errors import InputError
 
 
 class Records:
-    def __init__(self, namespace: str, capacity: int, ttl_s: int, shared: SharedPrefixCache | None):
+    """Values by (tenant, key); the local copy holds up to `capacity_bytes` of them, least recently
+    used first out."""
+
+    def __init__(self, namespace: str, capacity_bytes: int, ttl_s: int, shared: SharedPrefixCache | None):
         self.namespace = namespace
-        self.capacity = capacity
+        self.capacity = capacity_bytes
         self.ttl_s = ttl_s
         self.shared = shared
         self.local: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # name -> (expires at, value)
+        self.size = 0  # bytes of names and values held locally
 
     def _name(self, tenant: str, key: str) -> str:
         # keys and uuids are the client's text: hashed, they are always a safe Redis key
@@ -34,25 +38,32 @@ class Records:
                 return value
         entry = self.local.get(name)
         if entry is None or entry[0] <= time.monotonic():
-            self.local.pop(name, None)
+            self._drop(name)
             return None
         self.local.move_to_end(name)
         return entry[1]
 
     async def put(self, tenant: str, key: str, value: bytes) -> None:
         name = self._name(tenant, key)
-        self.local[name] = (time.monotonic() + self.ttl_s, value)
-        self.local.move_to_end(name)
-        while len(self.local) > self.capacity:
-            self.local.popitem(last=False)
+        self._drop(name)
+        if len(name) + len(value) <= self.capacity:
+            self.local[name] = (time.monotonic() + self.ttl_s, value)
+            self.size += len(name) + len(value)
+            while self.size > self.capacity:
+                self._drop(next(iter(self.local)))
         if self.shared is not None:
             await self.shared.set_value(name, value, self.ttl_s)
 
     async def delete(self, tenant: str, key: str) -> None:
         name = self._name(tenant, key)
-        self.local.pop(name, None)
+        self._drop(name)
         if self.shared is not None:
             await self.shared.delete_value(name)
+
+    def _drop(self, name: str) -> None:
+        entry = self.local.pop(name, None)
+        if entry is not None:
+            self.size -= len(name) + len(entry[1])
 
 
 class MediaReferences:

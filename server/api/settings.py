@@ -60,10 +60,11 @@ class Settings:
     file_ttl_s: int = _limit(7 * 86_400, "lifetime of an uploaded file when the upload sets no expires_after")
     max_file_ttl_s: int = _limit(30 * 86_400, "longest expires_after an upload may ask for")
     max_files_per_key: int = _limit(1000, "files one API key may keep stored at once")
-    max_media_references: int = _limit(100_000, "media uuids a gateway remembers itself (the shared cache "
-                                                "holds them for cache_ttl_s)")
-    max_stored_responses: int = _limit(10_000, "responses a gateway keeps for previous_response_id itself "
-                                               "(the shared cache holds them for response_ttl_s)")
+    references_mb: float = _limit(16.0, "memory for the media uuids a gateway remembers itself, ~200 bytes "
+                                        "each (the shared cache holds them for cache_ttl_s)")
+    stored_responses_mb: float = _limit(64.0, "memory for the responses a gateway keeps for "
+                                              "previous_response_id itself (the shared cache holds them "
+                                              "for response_ttl_s)")
     response_ttl_s: int = _limit(86_400, "how long a stored response can be continued or read back")
 
     # Overload

@@ -20,6 +20,9 @@ class Metrics:
                                     ["modality"], registry=self.registry)
         self.prefix_cache_hits = Counter("onellm_prefix_cache_hits", "Attachments served from the prefix cache",
                                          ["modality"], registry=self.registry)
+        self.media_references = Counter("onellm_media_references", "Attachments sent by uuid, by outcome: served, "
+                                        "or not_found (the client has to send the data again)", ["outcome"],
+                                        registry=self.registry)
         self.prefix_shared_runs = Counter("onellm_prefix_shared_runs", "Attachments that waited for the run "
                                           "already making the same bytes' prefix", ["modality"], registry=self.registry)
         # where the time before the first token goes: with TTFT they split it into decoding, the

@@ -89,9 +89,13 @@ class ChatService:
             return await self.prefix_key(attachment)
         part_field = MODALITIES[attachment.modality].fields[0]
         param = attachment.params.get(part_field, part_field)
-        if self.references is None:
-            raise gone(attachment.reference, param)
-        modality, key = await self.references.resolve(tenant, attachment.reference, param)
+        try:
+            if self.references is None:
+                raise gone(attachment.reference, param)
+            modality, key = await self.references.resolve(tenant, attachment.reference, param)
+        except InputError:
+            self.metrics.media_references.labels("not_found").inc()
+            raise
         if MODALITIES[modality].fields[0] != part_field:
             raise InputError(400, f"uuid '{attachment.reference}' is a '{modality}' attachment, sent here as "
                                   f"'{part_field}': refer to it in the part it came in", param)
@@ -123,6 +127,7 @@ class ChatService:
             self.cache.put(key, shared)
             return shared
         if attachment.reference is not None:  # evicted since: only the bytes can make it again
+            self.metrics.media_references.labels("not_found").inc()
             field_name = MODALITIES[m].fields[0]
             raise gone(attachment.reference, attachment.params.get(field_name, field_name))
         inputs = await self.off_loop(_preprocess, attachment, self.decoder_limits,
@@ -159,6 +164,7 @@ class ChatService:
         attachments = [a for t in chat.turns[start:] for a in t.attachments]
         keys = await asyncio.gather(*(self.attachment_key(a, tenant) for a in attachments))
         prefixes = await asyncio.gather(*(self.prefix(a, key) for a, key in zip(attachments, keys)))
+        self.metrics.media_references.labels("served").inc(sum(a.reference is not None for a in attachments))
         if self.references is not None:  # each use keeps a reference alive for another TTL
             for a, key in zip(attachments, keys):
                 for uuid in {key, a.uuid or key, a.reference or key}:

@@ -5,7 +5,7 @@ import base64
 import re
 
 import media
-from gateway_helpers import assert_error
+from gateway_helpers import assert_error, metric
 
 VIDEO = media.video("mp4", seed=41)
 IMAGE = media.image("png", seed=42)
@@ -62,7 +62,10 @@ def test_follow_ups_by_uuid_answer_as_resending(client):
     video = media.video("mp4", seed=43)
     resent = conversation(video_part(video), video_part(video), client)
     uuid = complete(client, [turn("What happens?", video_part(video))]).headers["X-Media-UUIDs"]
+    served = metric(client, "onellm_media_references_total", outcome="served")
     assert conversation(video_part(video), video_part(uuid=uuid), client) == resent
+    # each earlier turn of the history is a reference too: 2 in turn 2, 3 in turn 3
+    assert metric(client, "onellm_media_references_total", outcome="served") == served + 5
 
 
 def test_a_client_may_name_the_bytes_itself(client):
@@ -80,10 +83,12 @@ def test_a_name_given_again_with_other_bytes_means_the_new_bytes(client):
 
 
 def test_an_unknown_uuid_asks_for_the_data_again_naming_the_part(client):
+    not_found = metric(client, "onellm_media_references_total", outcome="not_found")
     response = complete(client, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                                  turn("And this?", video_part(uuid="never-sent"))])
     error = assert_error(response, 400, "messages[2].content[0]")
     assert error["code"] == "media_not_found" and "never-sent" in error["message"] and "again" in error["message"]
+    assert metric(client, "onellm_media_references_total", outcome="not_found") == not_found + 1
 
 
 def test_a_uuid_in_a_part_of_another_modality_is_refused(client):

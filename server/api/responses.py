@@ -7,12 +7,12 @@ stored file when it had one, else by its uuid from the prefix caches."""
 
 import itertools
 import json
+import re
 import secrets
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 
 from server.api import schemas
 from server.api.access import tenant_of
@@ -39,54 +39,84 @@ def chat_messages(body: schemas.ResponsesRequest) -> list[dict]:
     """The input items as chat-completions messages, one per item, so that errors about a message
     name the same index as the item (`input[i]`)."""
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
-    messages = []
-    for i, item in enumerate(items):
-        kind = item.get("type", "message")
-        if kind != "message":
-            raise InputError(400, f"input items of type {kind!r} are not supported; send messages", f"input[{i}].type")
-        role = {"developer": "system"}.get(item.get("role"), item.get("role"))
-        if role not in ("system", "user", "assistant"):
-            raise InputError(400, "an input message's role is user, assistant, system or developer", f"input[{i}].role")
-        content = item.get("content")
-        if isinstance(content, list):
-            content = [_chat_part(part, f"input[{i}].content[{j}]") for j, part in enumerate(content)]
-        messages.append({"role": role, "content": content})
-    return messages
+    if not isinstance(items, list) or not items:
+        raise InputError(400, "input is text or a list of messages, at least one", "input")
+    return [_chat_message(item, f"input[{i}]") for i, item in enumerate(items)]
+
+
+def _chat_message(item, where: str) -> dict:
+    # any JSON value may come here: beyond the type checks, only == comparisons, which never raise
+    if not isinstance(item, dict):
+        raise InputError(400, "an input item is a message: an object with a 'role' and 'content'", where)
+    kind = item.get("type", "message")
+    if kind != "message":
+        raise InputError(400, f"input items of type {kind!r} are not supported; send messages", f"{where}.type")
+    role = "system" if item.get("role") == "developer" else item.get("role")
+    if role not in ("system", "user", "assistant"):
+        raise InputError(400, "an input message's role is user, assistant, system or developer", f"{where}.role")
+    content = item.get("content")
+    if isinstance(content, list):
+        content = [_chat_part(part, f"{where}.content[{j}]") for j, part in enumerate(content)]
+    elif content is not None and not isinstance(content, str):
+        raise InputError(400, "a message's content is text or a list of content parts", f"{where}.content")
+    return {"role": role, "content": content}
+
+
+def _nested(part: dict) -> bool:
+    """Whether a media part nests its body as chat parts do ({"input_fmri": {"data": ...}}) rather
+    than carrying it flat as Responses parts do."""
+    return part["type"] not in URL_PARTS and isinstance(part.get(part["type"]), dict)
+
+
+def _given(part: dict, *keys: str) -> dict:
+    # a client may send a key it does not use as null
+    return {k: part[k] for k in keys if part.get(k) is not None}
 
 
 def _chat_part(part, where: str) -> dict:
     """One Responses content part -> the chat-completions part that carries the same thing."""
-    if not isinstance(part, dict):
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
         raise InputError(400, "a content part is an object with a 'type'", where)
-    kind = part.get("type")
-    uuid = {"uuid": part["uuid"]} if "uuid" in part else {}
+    kind = part["type"]
+    uuid = _given(part, "uuid")
     if kind in ("input_text", "output_text"):
         return {"type": "text", "text": part.get("text", "")}
     if kind in URL_PARTS:
         chat_kind, url_key = URL_PARTS[kind]
-        body = {"file_id": part["file_id"]} if "file_id" in part else \
-            {"url": part[url_key]} if part.get(url_key) is not None else None
+        body = _given(part, "file_id") or ({"url": part[url_key]} if part.get(url_key) is not None else None)
         return {"type": chat_kind, chat_kind: body, **uuid}
     if kind == "input_file":
-        return {"type": "file", "file": {k: part[k] for k in ("file_id", "file_data", "filename") if k in part}, **uuid}
-    if isinstance(kind, str) and kind.startswith("input_") and kind[6:] in UPLOAD_FIELDS:
-        # nested as in chat parts ({"input_fmri": {"data": ...}}) or flat as Responses parts are
-        body = part.get(kind) if isinstance(part.get(kind), dict) else \
-            {k: part[k] for k in ("data", "file_id", "sample_rate", "format") if k in part} or None
+        return {"type": "file", "file": _given(part, "file_id", "file_data", "filename"), **uuid}
+    if kind.startswith("input_") and kind[6:] in UPLOAD_FIELDS:
+        body = part[kind] if _nested(part) else _given(part, "data", "file_id", "sample_rate", "format") or None
         return {"type": kind, kind: body, **uuid}
     raise InputError(400, f"unsupported content part type {kind!r}", f"{where}.type")
 
 
-def _renamed(error: InputError, text_input: bool) -> InputError:
-    """An error about the chat made of the input, naming the input instead."""
+# a param inside a media part of the chat made of the input: the part, its body's key, the key in it
+PART_PARAM = re.compile(r"(input\[(\d+)\]\.content\[(\d+)\])\.(\w+)\.(\w+)")
+
+
+def _renamed(error: InputError, body: schemas.ResponsesRequest) -> InputError:
+    """An error about the chat made of the input, naming the input instead: the item, and the
+    place in a flat part (`image_url`, `data`, `file_id`) where its chat part nests it."""
     param = error.param
-    if param and param.startswith("messages"):
-        param = "input" + (param[len("messages[0]"):] if text_input else param[len("messages"):])
-    return InputError(error.status, error.message, param or None, error.headers, error.code)
+    if not param or not param.startswith("messages"):
+        return error
+    if isinstance(body.input, str):  # the one message the text became
+        return InputError(error.status, error.message, "input" + param.removeprefix("messages").removeprefix("[0]"),
+                          error.headers, error.code)
+    param = "input" + param.removeprefix("messages")
+    if match := PART_PARAM.fullmatch(param):
+        where, item, index, body_key, key = match.groups()
+        if not _nested(body.input[int(item)]["content"][int(index)]):
+            param = f"{where}.{body_key if key == 'url' else key}"
+    return InputError(error.status, error.message, param, error.headers, error.code)
 
 
-def _record_turns(chat: Chat, answer: Answer, text: str) -> list[dict]:
-    """The conversation as a stored response keeps it: the turns that were in the prompt, each
+def _record(chat: Chat, system: str | None, answer: Answer, text: str) -> dict:
+    """The conversation as a stored response keeps it: the input's system message (instructions
+    belong to their request alone, as in OpenAI's API), the turns that were in the prompt, each
     attachment as its modality, uuid and stored files, and the answer."""
     prepared = answer.generation.prepared
     keys = iter(prepared.media)
@@ -94,7 +124,7 @@ def _record_turns(chat: Chat, answer: Answer, text: str) -> list[dict]:
               "attachments": [{"modality": a.modality, "uuid": next(keys), "options": a.options,
                                "file_ids": a.file_ids} for a in t.attachments]}
              for t in chat.turns[prepared.first_turn:]]
-    return turns + [{"role": "assistant", "text": text, "attachments": []}]
+    return {"system": system, "turns": turns + [{"role": "assistant", "text": text, "attachments": []}]}
 
 
 async def _stored_turns(request: Request, record: dict) -> list[Turn]:
@@ -113,6 +143,44 @@ async def _stored_turns(request: Request, record: dict) -> list[Turn]:
     return turns
 
 
+async def _previous(request: Request, response_id: str) -> dict:
+    record = await request.app.state.stored_responses.get(tenant_of(request), response_id)
+    if record is None:
+        raise InputError(400, f"no stored response '{response_id}' for this API key (it may have expired, been "
+                              "deleted, or been made with store=false)", "previous_response_id",
+                         code="previous_response_not_found")
+    return json.loads(record)
+
+
+async def _read_chat(request: Request, body: schemas.ResponsesRequest) -> tuple[Chat, str | None]:
+    """The chat to answer (the stored conversation previous_response_id names, then the input, with
+    the instructions first in its system prompt) and the conversation's own system message."""
+    completion = schemas.ChatCompletionRequest.model_validate(
+        {"messages": chat_messages(body), "imu_sample_rate": body.imu_sample_rate})
+    chat = await request.app.state.service.off_loop(chat_from_openai, completion, await fetch_all(request, completion))
+    system = chat.system
+    if body.previous_response_id:
+        record = await _previous(request, body.previous_response_id)
+        chat.turns = await _stored_turns(request, record) + chat.turns
+        system = system or record.get("system")  # records made before system messages were kept have none
+    chat.system = "\n".join(filter(None, [body.instructions, system])) or None
+    return chat, system
+
+
+def _response(base: dict, message_id: str, answer: Answer, text: str) -> schemas.ResponseObject:
+    """The finished response; incomplete when the answer was cut at max_output_tokens (or at the
+    end of the context window)."""
+    usage, prepared = answer.generation.usage, answer.generation.prepared
+    status = "incomplete" if usage.finish_reason == "length" else "completed"
+    return schemas.ResponseObject(
+        **base, status=status,
+        output=[schemas.OutputMessage(id=message_id, status=status, content=[schemas.OutputText(text=text)])],
+        usage=schemas.ResponseUsage(input_tokens=prepared.prompt_tokens, output_tokens=usage.completion_tokens,
+                                    total_tokens=prepared.prompt_tokens + usage.completion_tokens,
+                                    media=prepared.media or None),
+        incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None)
+
+
 @responses_router.post("/v1/responses", response_model=schemas.ResponseObject, responses=STREAM_RESPONSE,
                        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                            "schema": {"$ref": "#/components/schemas/ResponsesRequest"}}}}})
@@ -125,28 +193,15 @@ async def create_response(request: Request) -> Response:
     check_model(service, body.model)
     if body.tools:
         raise InputError(400, "this server runs no tools: send the request without 'tools'", "tools")
-    text_input = isinstance(body.input, str)
-    try:
-        completion = schemas.ChatCompletionRequest.model_validate(
-            {"messages": chat_messages(body), "imu_sample_rate": body.imu_sample_rate})
-        chat = await service.off_loop(chat_from_openai, completion, await fetch_all(request, completion))
-    except ValidationError as e:
-        raise InputError(400, f"input: {e.errors()[0]['msg']}", "input") from None
-    except InputError as e:
-        raise _renamed(e, text_input) from None
-    chat.system = "\n".join(filter(None, [body.instructions, chat.system])) or None
-    if body.previous_response_id:
-        record = await request.app.state.stored_responses.get(tenant, body.previous_response_id)
-        if record is None:
-            raise InputError(400, f"no stored response '{body.previous_response_id}' for this API key (it may have "
-                                  "expired, been deleted, or been made with store=false)", "previous_response_id",
-                             code="previous_response_not_found")
-        chat.turns = await _stored_turns(request, json.loads(record)) + chat.turns
-    check_chat(chat, settings, body.max_output_tokens, "max_output_tokens", "input")
     temperature, top_p = body.temperature if body.temperature is not None else 0.0, body.top_p or 1.0
-    request.state.counted = True
-    answer = await start_answer(service, chat, sampling_fields(body.max_output_tokens, temperature, top_p, None,
-                                                               body.seed), tenant, time.monotonic())
+    try:  # until the answer starts, errors about the chat name the input it was made of
+        chat, system = await _read_chat(request, body)
+        check_chat(chat, settings, body.max_output_tokens, "max_output_tokens", "input")
+        request.state.counted = True
+        answer = await start_answer(service, chat, sampling_fields(body.max_output_tokens, temperature, top_p, None,
+                                                                   body.seed), tenant, time.monotonic())
+    except InputError as e:
+        raise _renamed(e, body) from None
     media = answer.generation.prepared.media
     header = {"X-Media-UUIDs": ",".join(media)} if media else {}
     base = dict(id=_new_id("resp_"), created_at=schemas.now(), model=service.model.name, instructions=body.instructions,
@@ -156,17 +211,9 @@ async def create_response(request: Request) -> Response:
     message_id = _new_id("msg_")
 
     async def finish(text: str) -> schemas.ResponseObject:
-        cut = answer.generation.usage.finish_reason == "length"
-        status = "incomplete" if cut else "completed"
-        prepared, done = answer.generation.prepared, answer.generation.usage.completion_tokens
-        response = schemas.ResponseObject(
-            **base, status=status, output=[schemas.OutputMessage(id=message_id, status=status,
-                                                                 content=[schemas.OutputText(text=text)])],
-            usage=schemas.ResponseUsage(input_tokens=prepared.prompt_tokens, output_tokens=done,
-                                        total_tokens=prepared.prompt_tokens + done, media=media or None),
-            incomplete_details={"reason": "max_output_tokens"} if cut else None)
+        response = _response(base, message_id, answer, text)
         if body.store:
-            record = {"response": response.model_dump(), "turns": _record_turns(chat, answer, text)}
+            record = {"response": response.model_dump(), **_record(chat, system, answer, text)}
             await request.app.state.stored_responses.put(tenant, response.id, json.dumps(record).encode())
         return response
 

@@ -4,7 +4,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
 
 class ErrorDetail(BaseModel):
@@ -144,15 +144,73 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
+class InputText(BaseModel):
+    type: Literal["input_text", "output_text"]  # output_text: an earlier answer sent back
+    text: str
+
+
+class MediaPart(BaseModel):
+    """What every media part may carry instead of its data: a stored file, or the uuid of an
+    attachment sent before (or, with its data, a name of the client's own for it)."""
+
+    model_config = ConfigDict(extra="allow")
+    file_id: str | None = None
+    uuid: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+class InputImage(MediaPart):
+    type: Literal["input_image"]
+    image_url: str | None = None  # a data: URL, or http(s) from an allowed host
+
+
+class InputVideo(MediaPart):
+    type: Literal["input_video"]
+    video_url: str | None = None
+
+
+class InputFile(MediaPart):
+    """A file whose bytes tell its modality: an image, a video, audio or a 3D mesh."""
+
+    type: Literal["input_file"]
+    file_data: str | None = None  # base64, or a data: URL
+    filename: str | None = None
+
+
+class AudioData(BaseModel):
+    data: str  # base64
+    format: str | None = None
+
+
+class InputAudio(MediaPart):
+    type: Literal["input_audio"]
+    input_audio: AudioData | None = None
+
+
+class InputArray(MediaPart):
+    """The other uploads; each may also nest its body as chat parts do ({"input_fmri": {"data": ...}})."""
+
+    type: Literal["input_point", "input_depth", "input_normal", "input_fmri", "input_imu"]
+    data: str | None = None  # base64 of the file
+    sample_rate: float | None = Field(default=None, gt=0.0, le=10000.0)  # IMU, Hz
+
+
+class InputMessage(BaseModel):
+    """One input item; an output message of an earlier response, sent back, is one too."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputText | InputImage | InputVideo | InputFile | InputAudio | InputArray]
+
+
 class ResponsesRequest(BaseModel):
-    """`POST /v1/responses`. `input` is text or a list of items: messages (`role`, `content` as text
-    or parts: `input_text`, `input_image` with `image_url` or `file_id`, `input_file` with `file_id`
-    or `file_data`, `input_audio`, `input_video`, and `input_<field>` for the other uploads, each
-    with base64 `data` or a `file_id`; any may carry a `uuid`) and earlier answers (`output_text`)."""
+    """`POST /v1/responses`. `input` is text or a list of messages."""
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    input: str | list[dict[str, Any]]
+    # documented as it is, read as it came: server/api/responses.py checks it item by item, so
+    # that an error names the item and part it is about as the client sent them
+    input: SkipValidation[str | list[InputMessage]]
     instructions: str | None = None
     previous_response_id: str | None = None
     store: bool = True

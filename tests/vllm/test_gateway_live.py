@@ -1,6 +1,7 @@
 """The production path, gateway -> live vLLM, on the model converted from the reference fixture."""
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -107,3 +108,39 @@ def test_a_client_leaving_mid_stream_ends_the_request_in_vllm(gateway, vllm_serv
         assert time.monotonic() < deadline, "vLLM still runs the request the client left"
         time.sleep(0.5)
     assert httpx.get(f"{gateway}/ready", timeout=5).status_code == 200
+
+
+def test_follow_ups_by_reference_and_by_previous_response_answer_as_resending(gateway):
+    """A video sent once, then named by its uuid (chat completions) or carried by the stored
+    conversation (Responses API): vLLM gets the same prompt, so greedy answers are the same."""
+    openai = pytest.importorskip("openai")
+    sdk = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused")
+    clip = "data:video/mp4;base64," + base64.b64encode(media.video("mp4", seed=9)).decode()
+    questions = ["What happens?", "And then?", "Why?"]
+
+    def turns(first_part: dict, later_part: dict) -> list[str]:
+        """The video in the first turn only: `first_part` when first sent, `later_part` in the history."""
+        messages, answers = [], []
+        for i, question in enumerate(questions):
+            messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
+            if i == 0:
+                messages[0]["content"].insert(0, first_part)
+            reply = sdk.chat.completions.create(messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                                model="onellm-ref-tiny")
+            answers.append(reply.choices[0].message.content)
+            messages[0]["content"][0] = later_part
+            messages.append({"role": "assistant", "content": answers[-1]})
+        return answers
+
+    with_data = {"type": "video_url", "video_url": {"url": clip}}
+    resent = turns(with_data, with_data)
+    assert turns({**with_data, "uuid": "clip-9"}, {"type": "video_url", "uuid": "clip-9"}) == resent
+
+    response = sdk.responses.create(model="onellm-ref-tiny", max_output_tokens=MAX_TOKENS, input=[{"role": "user", "content": [
+        {"type": "input_video", "video_url": clip}, {"type": "input_text", "text": questions[0]}]}])
+    chained = [response.output_text]
+    for question in questions[1:]:
+        response = sdk.responses.create(model="onellm-ref-tiny", max_output_tokens=MAX_TOKENS, input=question,
+                                        previous_response_id=response.id)
+        chained.append(response.output_text)
+    assert chained == resent

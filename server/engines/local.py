@@ -20,7 +20,10 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     """Greedy when temperature is 0, else temperature + nucleus (top-p) sampling."""
     if sampling.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    # from the largest logit down, so that a tiny temperature scales the others to -inf, never the
+    # largest to inf (inf - inf in the softmax is NaN)
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.max()) / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p  # always keeps the top token

@@ -65,6 +65,12 @@ def test_top_p_keeps_only_the_nucleus():
     assert picks == {0, 1}
 
 
+def test_a_tiny_temperature_samples_the_largest_logit():
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    generator = torch.Generator().manual_seed(0)
+    assert {pick_token(logits, Sampling(temperature=1e-300), generator) for _ in range(20)} == {1}
+
+
 def test_greedy_stream_starts_with_the_argmax_of_the_first_logits(engine, embeddings):
     _, usage = collect(engine, embeddings, Sampling(max_tokens=5, stop=(), ignore_eos=True))
     assert usage.token_ids[0] == int(engine.first_logits(embeddings).argmax())

@@ -16,14 +16,15 @@ from transformers import LlamaForCausalLM
 from server.engines.base import Sampling, Usage
 
 
+# as vLLM's sampler: smaller temperatures are greedy (dividing by them overflows float32 logits)
+GREEDY_BELOW = 1e-5
+
+
 def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """Greedy when temperature is 0, else temperature + nucleus (top-p) sampling."""
-    if sampling.temperature <= 0:
+    """Greedy when temperature is (about) 0, else temperature + nucleus (top-p) sampling."""
+    if sampling.temperature < GREEDY_BELOW:
         return int(logits.argmax())
-    # from the largest logit down, so that a tiny temperature scales the others to -inf, never the
-    # largest to inf (inf - inf in the softmax is NaN)
-    logits = logits.float()
-    probs = torch.softmax((logits - logits.max()) / sampling.temperature, dim=-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p  # always keeps the top token

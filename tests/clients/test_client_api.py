@@ -7,9 +7,10 @@ import httpx
 import numpy as np
 import pytest
 
+from client_helpers import metric
 from onellm_client import (APIConnectionError, AsyncChatStream, AsyncClient, BadRequestError, ChatResult, ChatStream,
-                           Client, NotFoundError, OneLLMError, ServiceUnavailableError, UnprocessableError,
-                           UnsupportedMediaError)
+                           Client, MediaNotFoundError, NotFoundError, OneLLMError, ServiceUnavailableError,
+                           UnprocessableError, UnsupportedMediaError)
 
 # the upload fields of each modality; depth and normal maps travel with an image
 MODALITIES = {"image": ["image"], "video": ["video"], "audio": ["audio"], "point": ["point"], "fmri": ["fmri"],
@@ -70,18 +71,24 @@ def test_sampling_options_reach_the_server(client):
     assert error.value.param == "stop"
 
 
-def test_session_second_turn_carries_the_first(client, media):
+def test_session_second_turn_carries_the_first_by_its_uuid(client, gateway, media):
     session = client.session()
     first = session.chat("What is in this image?", image=media["image"], max_tokens=MAX_TOKENS)
     first_text = first.result().text
+    [uuid] = first.media  # the server's name for the image (X-Media-UUIDs)
     image = media["image"].read_bytes()
-    assert session.history == [{"role": "user", "content": "What is in this image?", "files": [("image", image)]},
+    assert session.history == [{"role": "user", "content": "What is in this image?", "files": [("image", image)],
+                                "media": [uuid]},
                                {"role": "assistant", "content": first_text}]
+    served = metric(gateway, "onellm_media_references_total", outcome="served")
     second = session.chat("What colour is it?", max_tokens=MAX_TOKENS, stream=False)
+    assert metric(gateway, "onellm_media_references_total", outcome="served") == served + 1  # not sent again
+    assert second.media == [uuid]
 
-    # the same turn sent with that history by hand gives the same prompt and the same greedy answer
-    by_hand = client.chat("What colour is it?", history=session.history[:2], max_tokens=MAX_TOKENS, stream=False)
-    text_only = [{k: v for k, v in m.items() if k != "files"} for m in session.history[:2]]
+    # the same turn with the image's bytes in the history gives the same prompt and greedy answer
+    with_bytes = [{k: v for k, v in m.items() if k != "media"} for m in session.history[:2]]
+    by_hand = client.chat("What colour is it?", history=with_bytes, max_tokens=MAX_TOKENS, stream=False)
+    text_only = [{k: v for k, v in m.items() if k not in ("files", "media")} for m in session.history[:2]]
     without_image = client.chat("What colour is it?", history=text_only, max_tokens=MAX_TOKENS, stream=False)
     alone = client.chat("What colour is it?", max_tokens=MAX_TOKENS, stream=False)
     assert second.text == by_hand.text
@@ -92,6 +99,40 @@ def test_session_second_turn_carries_the_first(client, media):
 
     session.clear()
     assert client.chat("What colour is it?", max_tokens=MAX_TOKENS, stream=False).text == alone.text
+
+
+def test_session_sends_the_files_again_when_the_server_no_longer_holds_them(client, gateway, media):
+    session = client.session()
+    session.chat("What happens?", video=media["video"], max_tokens=MAX_TOKENS, stream=False)
+    [uuid] = session.history[0]["media"]
+    session.history[0]["media"] = ["expired-long-ago"]  # as the server sees a uuid whose entry is gone
+    not_found = metric(gateway, "onellm_media_references_total", outcome="not_found")
+    second = session.chat("And then?", max_tokens=MAX_TOKENS)
+    text = second.result().text
+    assert metric(gateway, "onellm_media_references_total", outcome="not_found") == not_found + 1
+    assert session.history[0]["media"] == [uuid]  # the bytes went up again, and their uuid came back
+    resent = [{k: v for k, v in m.items() if k != "media"} for m in session.history[:2]]
+    assert text == client.chat("And then?", history=resent, max_tokens=MAX_TOKENS, stream=False).text
+
+    with pytest.raises(MediaNotFoundError) as caught:  # a uuid the client sent itself is its own to fix
+        client.chat("And then?", history=[{"role": "user", "content": "Look.", "files": [("video", b"")],
+                                           "media": ["never-sent"]}, {"role": "assistant", "content": "Ok."}],
+                    stream=False)
+    assert (caught.value.status, caught.value.code) == (400, "media_not_found")
+    assert isinstance(caught.value, BadRequestError)
+
+
+def test_session_refers_to_an_image_and_its_depth_map_by_one_uuid(client, gateway, media):
+    session = client.session()
+    session.chat("How far is the wall?", image=media["image"], depth=media["depth"], audio=media["audio"],
+                 max_tokens=MAX_TOKENS, stream=False)
+    image_uuid, audio_uuid = session.history[0]["media"]  # rgbd, then the audio: the order the server made them
+    served = metric(gateway, "onellm_media_references_total", outcome="served")
+    second = session.chat("And the sound?", max_tokens=MAX_TOKENS, stream=False)
+    assert metric(gateway, "onellm_media_references_total", outcome="served") == served + 2
+    assert second.media == [image_uuid, audio_uuid]
+    resent = [{k: v for k, v in m.items() if k != "media"} for m in session.history[:2]]
+    assert second.text == client.chat("And the sound?", history=resent, max_tokens=MAX_TOKENS, stream=False).text
 
 
 def test_a_failed_turn_is_not_remembered(client, media):
@@ -108,7 +149,7 @@ def test_png_sent_as_audio_is_415(client, media):
     error = caught.value
     assert (error.status, error.type, error.param) == (415, "unsupported_media_type", "audio")
     assert "image" in error.message
-    assert error.body == {"error": {"type": error.type, "message": error.message, "param": "audio"}}
+    assert error.body == {"error": {"type": error.type, "message": error.message, "param": "audio", "code": None}}
     assert str(error) == f"{error.message} (param: audio)"
 
 
@@ -185,9 +226,13 @@ def test_async_client(gateway, media):
             assert "".join(deltas) == whole.text and deltas
 
             session = client.session()
-            await (await session.chat("What is in this image?", image=media["image"], max_tokens=MAX_TOKENS)).result()
+            first = await session.chat("What is in this image?", image=media["image"], max_tokens=MAX_TOKENS)
+            await first.result()
+            assert session.history[0]["media"] == first.media and len(first.media) == 1
+            session.history[0]["media"] = ["expired-long-ago"]  # gone: the session sends the image again
             second = await session.chat("And its colour?", max_tokens=MAX_TOKENS, stream=False)
             assert len(session.history) == 4 and session.history[3]["content"] == second.text
+            assert session.history[0]["media"] == first.media
 
             with pytest.raises(UnsupportedMediaError):
                 await client.chat("Hear?", audio=media["image"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from client_helpers import REPO
+from client_helpers import REPO, metric
 from onellm_client import Client
 
 pytestmark = pytest.mark.browser
@@ -59,22 +59,47 @@ def test_image_question_streams_an_answer_and_the_conversation_continues(page, m
     assert page.locator(".message.user img").count() == 1
     assert page.locator("#attachments .attachment").count() == 0
 
+    served = metric(gateway, "onellm_media_references_total", outcome="served")
     ask(page, "What colour is it?")
     second = wait_for_answer(page, 1)
+    # the image went up once: the second turn named it by its uuid
+    assert metric(gateway, "onellm_media_references_total", outcome="served") == served + 1
     # Playwright keeps no body for requests that carry files, so check what the page sent by its effect:
     # the same greedy turn from the Python client, with the first turn's image in the history
-    with Client(gateway) as client:
-        history = [{"role": "user", "content": "What is in this image?", "files": [("image", media["image"])]},
-                   {"role": "assistant", "content": first}]
-        expected = client.chat("What colour is it?", history=history, max_tokens=12, stream=False).text
-        without_image = client.chat("What colour is it?", history=[{k: v for k, v in m.items() if k != "files"}
-                                                                   for m in history], max_tokens=12, stream=False).text
+    expected, without_image = second_turn_by_client(gateway, media, first, "What colour is it?")
     assert second == expected
     assert second != without_image
     assert second.strip()
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
+
+
+def second_turn_by_client(gateway, media, first: str, prompt: str) -> tuple[str, str]:
+    """(the answer with the image's bytes in the history, the answer without the image)."""
+    with Client(gateway) as client:
+        history = [{"role": "user", "content": "What is in this image?", "files": [("image", media["image"])]},
+                   {"role": "assistant", "content": first}]
+        with_image = client.chat(prompt, history=history, max_tokens=12, stream=False).text
+        without_image = client.chat(prompt, history=[{k: v for k, v in m.items() if k != "files"}
+                                                     for m in history], max_tokens=12, stream=False).text
+    return with_image, without_image
+
+
+def test_a_file_the_server_no_longer_holds_goes_up_again(page, media, gateway):
+    page.click("summary")
+    page.fill("#max-tokens", "12")
+    ask(page, "What is in this image?", media["image"])
+    first = wait_for_answer(page, 0)
+    [uuid] = page.evaluate("history[0].media")
+    page.evaluate("history[0].media = ['expired-long-ago']")  # as the server sees a uuid whose entry is gone
+    not_found = metric(gateway, "onellm_media_references_total", outcome="not_found")
+    ask(page, "Where was it taken?")
+    second = wait_for_answer(page, 1)
+    assert metric(gateway, "onellm_media_references_total", outcome="not_found") == not_found + 1
+    assert page.locator(".message.error").count() == 0  # the page sent the image again by itself
+    assert second == second_turn_by_client(gateway, media, first, "Where was it taken?")[0]
+    assert page.evaluate("history[0].media") == [uuid]
 
 
 def test_server_errors_are_shown_plainly(page, media):

@@ -84,6 +84,11 @@ def test_cors_allows_only_the_configured_origin(hardened):
     # a refused key still carries CORS headers, so the page can read why
     denied = httpx.get(f"{hardened.url}/v1/models", headers={"Origin": ORIGIN})
     assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ORIGIN
+    # a page may read the uuids of what it sent, and delete its stored files and responses
+    assert "x-media-uuids" in denied.headers["access-control-expose-headers"].lower()
+    delete = httpx.options(f"{hardened.url}/v1/files/file-x", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "DELETE", "Access-Control-Request-Headers": "authorization"})
+    assert delete.status_code == 200 and "DELETE" in delete.headers["access-control-allow-methods"]
 
 
 def test_cors_is_closed_by_default(tiny_model):

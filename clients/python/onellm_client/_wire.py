@@ -14,6 +14,9 @@ from onellm_client.errors import OneLLMError, error_from_body
 FileInput = str | os.PathLike | bytes | IO[bytes]
 # the upload fields of `POST /v1/chat`; depth and normal pair with the image of the same turn
 UPLOAD_FIELDS = ("image", "video", "audio", "point", "depth", "normal", "fmri", "imu")
+# the fields that make an attachment on their own: a depth or normal map is part of its image's
+ATTACHMENT_FIELDS = tuple(name for name in UPLOAD_FIELDS if name not in ("depth", "normal"))
+MEDIA_HEADER = "x-media-uuids"
 
 
 @dataclass
@@ -26,6 +29,9 @@ class ChatResult:
     model: str | None = None
     id: str | None = None
     raw: dict | None = field(default=None, repr=False)  # the server's chat.completion body, when not streamed
+    # the uuid of each attachment of the prompt, in order (earlier turns' first): a later turn can
+    # send `<field>_ref=<uuid>` instead of the file
+    media: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -43,13 +49,13 @@ def build_request(prompt: str | None, history: Sequence[dict] | None, uploads: d
         data["prompt"] = prompt
     files = []
     if history:
-        # a history turn's files go up again, before this turn's, and the turn names their fields
+        # a history turn's uploads go before this turn's, and the turn names their fields
         messages = []
         for message in history:
-            turn_files = [(name, read_file(value, name)) for name, value in message.get("files", [])]
-            files += turn_files
-            messages.append({k: v for k, v in message.items() if k != "files"}
-                            | ({"attachments": [name for name, _ in turn_files]} if turn_files else {}))
+            uploads_of_turn, names = history_uploads(message)
+            files += uploads_of_turn
+            messages.append({k: v for k, v in message.items() if k not in ("files", "media")}
+                            | ({"attachments": names} if names else {}))
         data["messages"] = json.dumps(messages)
     if stop is not None:
         data["stop"] = stop if isinstance(stop, str) else json.dumps(list(stop))
@@ -59,6 +65,23 @@ def build_request(prompt: str | None, history: Sequence[dict] | None, uploads: d
             data[name] = str(value)
     files += [(name, read_file(value, name)) for name, value in uploads.items() if value is not None]
     return ChatRequest(data, files)
+
+
+def history_uploads(message: dict) -> tuple[list, list[str]]:
+    """(form parts, field names) of an earlier turn's attachments: their uuids (`<field>_ref`)
+    when the message has one for each (`media`), the files themselves otherwise. A depth or normal
+    map is part of its image's attachment, so the image's uuid stands for both."""
+    files = message.get("files", [])
+    fields = [name for name, _ in files if name in ATTACHMENT_FIELDS]
+    media = message.get("media") or []
+    if fields and len(media) == len(fields):
+        # (None, text): a plain form field, kept in order among the files
+        return [(f"{name}_ref", (None, uuid)) for name, uuid in zip(fields, media)], fields
+    return [(name, read_file(value, name)) for name, value in files], [name for name, _ in files]
+
+
+def media_uuids(headers) -> list[str]:
+    return [uuid for uuid in headers.get(MEDIA_HEADER, "").split(",") if uuid]
 
 
 def read_file(value: FileInput, name: str) -> tuple[str, bytes, str]:
@@ -82,6 +105,7 @@ class StreamState:
         self.usage: dict | None = None
         self.model: str | None = None
         self.id: str | None = None
+        self.media: list[str] = []
         self.done = False
         self._event = "message"
         self._data: list[str] = []
@@ -125,10 +149,10 @@ class StreamState:
         return deltas
 
     def result(self) -> ChatResult:
-        return ChatResult(self.text, self.finish_reason, self.usage, self.model, self.id)
+        return ChatResult(self.text, self.finish_reason, self.usage, self.model, self.id, media=self.media)
 
 
-def result_from_completion(body: dict) -> ChatResult:
+def result_from_completion(body: dict, headers) -> ChatResult:
     choice = body["choices"][0]
     return ChatResult(choice["message"]["content"], choice.get("finish_reason"), body.get("usage"),
-                      body.get("model"), body.get("id"), body)
+                      body.get("model"), body.get("id"), body, media_uuids(headers))

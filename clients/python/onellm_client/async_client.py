@@ -6,7 +6,7 @@ import httpx
 
 from onellm_client._wire import ChatResult, FileInput, build_request, result_from_completion
 from onellm_client.client import DEFAULT_TIMEOUT, Conversation, client_settings
-from onellm_client.errors import error_from_response, transport_errors
+from onellm_client.errors import MediaNotFoundError, error_from_response, transport_errors
 from onellm_client.streams import AsyncChatStream
 
 
@@ -34,7 +34,7 @@ class AsyncClient:
         response = await self._send("POST", "/v1/chat", stream, data=request.data, files=request.files)
         if stream:
             return AsyncChatStream(response)
-        return result_from_completion(response.json())
+        return result_from_completion(response.json(), response.headers)
 
     def session(self, system: str | None = None) -> "AsyncSession":
         return AsyncSession(self, system)
@@ -78,5 +78,10 @@ class AsyncSession(Conversation):
 
     async def chat(self, prompt: str, *, stream: bool = True, **options) -> AsyncChatStream | ChatResult:
         files = self._read_uploads(options)
-        answer = await self.client.chat(prompt, history=self._messages(), stream=stream, **options)
+        try:
+            answer = await self.client.chat(prompt, history=self._messages(), stream=stream, **options)
+        except MediaNotFoundError:
+            if not self._forget_media():
+                raise
+            answer = await self.client.chat(prompt, history=self._messages(), stream=stream, **options)
         return self._track(prompt, answer, files)

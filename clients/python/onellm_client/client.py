@@ -6,8 +6,9 @@ from collections.abc import Sequence
 import httpx
 
 from onellm_client import __version__
-from onellm_client._wire import UPLOAD_FIELDS, ChatResult, FileInput, build_request, read_file, result_from_completion
-from onellm_client.errors import error_from_response, transport_errors
+from onellm_client._wire import (ATTACHMENT_FIELDS, UPLOAD_FIELDS, ChatResult, FileInput, build_request, read_file,
+                                 result_from_completion)
+from onellm_client.errors import MediaNotFoundError, error_from_response, transport_errors
 from onellm_client.streams import ChatStream
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -41,7 +42,9 @@ class Client:
              stop: str | Sequence[str] | None = None, seed: int | None = None, model: str | None = None,
              stream: bool = True) -> ChatStream | ChatResult:
         """One turn. Files are paths, bytes or open binary files; `depth`/`normal` go with `image`.
-        `history` holds earlier turns as [{"role", "content"}] (text only).
+        `history` holds earlier turns as [{"role", "content"}], a user turn optionally with its
+        `files` ([(field, file)]) and their `media` (the uuids the server returned for them: see
+        ChatResult.media), which are then sent instead of the files.
 
         Streaming returns a ChatStream yielding text deltas; otherwise a ChatResult.
         Errors, including one the server reports mid-stream, raise a OneLLMError subclass."""
@@ -52,7 +55,7 @@ class Client:
         response = self._send("POST", "/v1/chat", stream, data=request.data, files=request.files)
         if stream:
             return ChatStream(response)
-        return result_from_completion(response.json())
+        return result_from_completion(response.json(), response.headers)
 
     def session(self, system: str | None = None) -> "Session":
         return Session(self, system)
@@ -98,8 +101,9 @@ class Conversation:
     """History kept by Session and AsyncSession.
 
     A turn is remembered once its answer is complete, so a failed or abandoned turn can be retried.
-    Files belong to their turn and go up again with every later turn, so the model keeps seeing
-    them (the server caches their encodings, so resending costs upload time, not compute)."""
+    Files belong to their turn and stay in the conversation, so the model keeps seeing them: later
+    turns send the uuids the server returned for them instead of their bytes, and when the server
+    no longer holds one (MediaNotFoundError), the turn goes again with the files themselves."""
 
     def __init__(self, client, system: str | None = None):
         self.client = client
@@ -126,12 +130,30 @@ class Conversation:
         def remember(result: ChatResult) -> None:
             user = {"role": "user", "content": prompt} | ({"files": files} if files else {})
             self.history += [user, {"role": "assistant", "content": result.text}]
+            self._remember_media(result.media)
 
         if isinstance(answer, ChatResult):
             remember(answer)
         else:
             answer.on_done = remember
         return answer
+
+    def _remember_media(self, media: list[str]) -> None:
+        """Gives each turn's files the uuids the server returned: the prompt's attachments in order,
+        so the newest turn's are last (turns dropped to fit the context window get none)."""
+        rest = list(media)
+        for message in reversed(self.history):
+            count = sum(name in ATTACHMENT_FIELDS for name, _ in message.get("files", ()))
+            if not count:
+                continue
+            if len(rest) < count:
+                break
+            message["media"], rest = rest[-count:], rest[:-count]
+
+    def _forget_media(self) -> bool:
+        """Back to sending every earlier turn's files; False when none was sent by uuid."""
+        forgotten = [message.pop("media") for message in self.history if "media" in message]
+        return bool(forgotten)
 
 
 class Session(Conversation):
@@ -140,4 +162,10 @@ class Session(Conversation):
     def chat(self, prompt: str, *, stream: bool = True, **options) -> ChatStream | ChatResult:
         """As `Client.chat`, with this session's history."""
         files = self._read_uploads(options)
-        return self._track(prompt, self.client.chat(prompt, history=self._messages(), stream=stream, **options), files)
+        try:
+            answer = self.client.chat(prompt, history=self._messages(), stream=stream, **options)
+        except MediaNotFoundError:
+            if not self._forget_media():
+                raise
+            answer = self.client.chat(prompt, history=self._messages(), stream=stream, **options)
+        return self._track(prompt, answer, files)

@@ -1,4 +1,4 @@
-"""Typed errors carrying the server's `{"error": {"type", "message", "param"}}` body."""
+"""Typed errors carrying the server's `{"error": {"type", "message", "param", "code"}}` body."""
 
 import json
 from contextlib import contextmanager
@@ -10,13 +10,14 @@ class OneLLMError(Exception):
     """Any failure talking to OneLLM Serve. `status` is the HTTP status (None when no response came)."""
 
     def __init__(self, message: str, status: int | None = None, type: str | None = None,
-                 param: str | None = None, body: object = None):
+                 param: str | None = None, body: object = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.type = type
         self.param = param
         self.body = body
+        self.code = code  # the server's finer reason, e.g. "media_not_found"; None for most errors
 
     def __str__(self) -> str:
         return f"{self.message} (param: {self.param})" if self.param else self.message
@@ -32,6 +33,10 @@ class APITimeoutError(APIConnectionError):
 
 class BadRequestError(OneLLMError):  # 400
     pass
+
+
+class MediaNotFoundError(BadRequestError):
+    """A reference (`<field>_ref`, a part's `uuid`) the server no longer holds: send the file's bytes again."""
 
 
 class AuthenticationError(OneLLMError):  # 401, 403
@@ -73,6 +78,8 @@ _BY_STATUS = {400: BadRequestError, 401: AuthenticationError, 403: Authenticatio
 _STATUS_BY_TYPE = {"invalid_request_error": 400, "authentication_error": 401, "not_found_error": 404,
                    "request_too_large": 413, "unsupported_media_type": 415, "unprocessable_content": 422,
                    "rate_limit_exceeded": 429, "internal_error": 500, "service_unavailable": 503}
+# codes that a caller acts on, so they get a class of their own
+_BY_CODE = {"media_not_found": MediaNotFoundError}
 
 
 def error_from_body(body: object, status: int | None = None) -> OneLLMError:
@@ -85,7 +92,9 @@ def error_from_body(body: object, status: int | None = None) -> OneLLMError:
     if status is None:
         status = _STATUS_BY_TYPE.get(kind)
     message = str(detail.get("message") or kind or f"HTTP {status}")
-    return _class_for(status)(message, status, kind, detail.get("param"), body)
+    code = detail.get("code")
+    cls = _BY_CODE.get(code) or _class_for(status)
+    return cls(message, status, kind, detail.get("param"), body, code)
 
 
 def error_from_response(response: httpx.Response) -> OneLLMError:

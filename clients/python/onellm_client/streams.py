@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 
-from onellm_client._wire import ChatResult, StreamState
+from onellm_client._wire import ChatResult, StreamState, media_uuids
 from onellm_client.errors import APIConnectionError, transport_errors
 
 OnDone = Callable[[ChatResult], None]
@@ -14,6 +14,7 @@ class _StreamBase:
     def __init__(self, response: httpx.Response):
         self.response = response
         self._state = StreamState()
+        self._state.media = media_uuids(response.headers)
         self.on_done: OnDone | None = None  # called with the whole answer once the server said [DONE]
         self._deltas = self._read()
 
@@ -25,6 +26,11 @@ class _StreamBase:
     @property
     def finish_reason(self) -> str | None:
         return self._state.finish_reason
+
+    @property
+    def media(self) -> list[str]:
+        """The uuids of the prompt's attachments, known from the response's headers on."""
+        return self._state.media
 
     @property
     def done(self) -> bool:

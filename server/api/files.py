@@ -222,9 +222,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
 _LINK = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('SADD', KEYS[2], ARGV[1])
-local until = math.max(tonumber(ARGV[2]), redis.call('EXPIRETIME', KEYS[1]))
-redis.call('EXPIREAT', KEYS[1], until)
-redis.call('EXPIREAT', KEYS[2], until)
+local expires = math.max(tonumber(ARGV[2]), redis.call('EXPIRETIME', KEYS[1]))
+redis.call('EXPIREAT', KEYS[1], expires)
+redis.call('EXPIREAT', KEYS[2], expires)
 redis.call('SET', KEYS[3], ARGV[3], 'EXAT', ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 return 1

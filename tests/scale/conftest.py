@@ -1,5 +1,6 @@
 """The scale-out tier: on loopback, two vLLM CPU servers, Redis, two gateways decoding on both
-vLLMs and sharing prefixes through Redis, and HAProxy in front of the gateways, with the shared
+vLLMs and sharing through Redis their prefixes, media references, stored responses (--cache-url)
+and uploaded files (--files-url), and HAProxy in front of the gateways, with the shared
 deploy/haproxy/haproxy.cfg and a servers file of this tier's own. All started once, for the tier's
 one module, and stopped after it, so that the rest of a session does not share the CPU with them.
 
@@ -106,8 +107,8 @@ def cluster(vllm_installed, vllm_model_dir, tmp_path_factory) -> Cluster:
     try:
         with ThreadPoolExecutor(2) as pool:  # each waits on its own server's start
             list(pool.map(VLLMServer.start, vllms))
-        args = ["--vllm-url", ",".join(v.url for v in vllms), "--cache-url", redis.url, "--log-level", "info",
-                "--request-timeout-s", "120", "--stall-timeout-s", "30"]
+        args = ["--vllm-url", ",".join(v.url for v in vllms), "--cache-url", redis.url, "--files-url", redis.url,
+                "--log-level", "info", "--request-timeout-s", "120", "--stall-timeout-s", "30"]
         gateways = [GatewayProcess(vllm_model_dir, tmp_path_factory.mktemp("scale-gateway"), args,
                                    {"ONELLM_PREPROCESS_WORKERS": "1"}) for _ in range(2)]
         with ThreadPoolExecutor(2) as pool:

@@ -1,9 +1,11 @@
 """Two gateways over two vLLMs, sharing Redis, behind HAProxy (tests/scale/conftest.py), driven
-over HTTP. In file order: first what leaves every server running, then Redis stopped (and
-started again), a vLLM killed (and started again), and last a gateway killed."""
+over HTTP. In file order: first what leaves every server running (among it, what one gateway
+keeps being used through the other: media uuids, uploaded files, stored responses), then Redis
+stopped (and started again), a vLLM killed (and started again), and last a gateway killed."""
 
 import base64
 import contextlib
+import hashlib
 import os
 import signal
 import threading
@@ -38,19 +40,39 @@ def backend_requests(cluster) -> dict[str, float]:
     return {b: gateways_total(cluster, "onellm_vllm_backend_requests_total", backend=b) for b in cluster.backends}
 
 
+def data_url(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
 def picture(seed: int) -> dict:
-    data = base64.b64encode(media.image("png", seed=seed)).decode()
-    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+    return {"type": "image_url", "image_url": {"url": data_url(media.image("png", seed=seed), "image/png")}}
+
+
+def clip(data: bytes | None = None, uuid: str | None = None) -> dict:
+    """A video part: its bytes, the uuid it is known by, or both."""
+    part = {"type": "video_url"} | ({"uuid": uuid} if uuid else {})
+    return part | ({"video_url": {"url": data_url(data, "video/mp4")}} if data is not None else {})
+
+
+def turn(text: str, *parts: dict) -> dict:
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
 def body(messages: list[dict], max_tokens: int = 8, stream: bool = False) -> dict:
     return {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
 
 
-def complete(base_url: str, messages: list[dict], max_tokens: int = 8) -> str:
-    response = httpx.post(f"{base_url}/v1/chat/completions", json=body(messages, max_tokens), timeout=TIMEOUT)
+def answer(response: httpx.Response) -> str:
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"]
+
+
+def post_chat(base_url: str, messages: list[dict], max_tokens: int = 8) -> httpx.Response:
+    return httpx.post(f"{base_url}/v1/chat/completions", json=body(messages, max_tokens), timeout=TIMEOUT)
+
+
+def complete(base_url: str, messages: list[dict], max_tokens: int = 8) -> str:
+    return answer(post_chat(base_url, messages, max_tokens))
 
 
 def text_chat(text: str) -> list[dict]:
@@ -109,6 +131,109 @@ def test_a_file_encoded_through_one_gateway_is_not_encoded_again_through_the_oth
     assert total(b.url, "onellm_encoder_runs_total", modality="image") == runs_b
     assert total(b.url, "onellm_shared_cache_hits_total", modality="image") == hits_b + 1
     assert second == first  # the same prefix, bit for bit: the same greedy answer
+
+
+@contextlib.contextmanager
+def served_by_reference(gateway, modality: str):
+    """Asserts that what runs in the block sent `gateway` one attachment by uuid, and that its
+    prefix came from Redis: no `modality` encoder run there."""
+    served = total(gateway.url, "onellm_media_references_total", outcome="served")
+    runs = total(gateway.url, "onellm_encoder_runs_total", modality=modality)
+    yield
+    assert total(gateway.url, "onellm_media_references_total", outcome="served") == served + 1
+    assert total(gateway.url, "onellm_encoder_runs_total", modality=modality) == runs
+
+
+def test_a_media_uuid_made_by_one_gateway_is_served_by_the_other(cluster):
+    a, b = cluster.gateways
+    video = media.video("mp4", seed=1720)
+    sent = post_chat(a.url, [turn("What happens?", clip(video))])
+
+    def follow_up(part: dict) -> list[dict]:
+        return [turn("What happens?", part), {"role": "assistant", "content": answer(sent)},
+                {"role": "user", "content": "And then?"}]
+
+    with served_by_reference(b, "video"):
+        by_uuid = complete(b.url, follow_up(clip(uuid=sent.headers["X-Media-UUIDs"])))
+    assert by_uuid == complete(b.url, follow_up(clip(video)))
+
+
+def test_a_uuid_a_client_gave_its_bytes_on_one_gateway_is_served_by_the_other(cluster):
+    a, b = cluster.gateways
+    first = complete(a.url, [turn("What happens?", clip(media.video("mp4", seed=1721), uuid="my-clip"))])
+    with served_by_reference(b, "video"):
+        assert complete(b.url, [turn("What happens?", clip(uuid="my-clip"))]) == first
+
+
+def test_the_form_endpoint_takes_a_uuid_made_by_the_other_gateway(cluster):
+    a, b = cluster.gateways
+    form = {"prompt": "What happens?", "stream": "false", "max_tokens": "8", "temperature": "0"}
+    sent = httpx.post(f"{a.url}/v1/chat", data=form, files={"video": ("clip.mp4", media.video("mp4", seed=1722))},
+                      timeout=TIMEOUT)
+    with served_by_reference(b, "video"):
+        by_uuid = httpx.post(f"{b.url}/v1/chat", data={**form, "video_ref": sent.headers["X-Media-UUIDs"]},
+                             timeout=TIMEOUT)
+    assert answer(by_uuid) == answer(sent)
+
+
+def upload(gateway, data: bytes) -> dict:
+    response = httpx.post(f"{gateway.url}/v1/files", files={"file": ("upload.bin", data)},
+                          data={"purpose": "user_data"}, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_file_uploaded_through_one_gateway_is_listed_used_and_deleted_through_the_other(cluster):
+    a, b = cluster.gateways
+    data = media.image("png", seed=1723)
+    created = upload(a, data)
+    url = f"/v1/files/{created['id']}"
+    assert httpx.get(b.url + url, timeout=TIMEOUT).json() == created
+    assert created in httpx.get(f"{b.url}/v1/files", timeout=TIMEOUT).json()["data"]
+    assert httpx.get(f"{b.url}{url}/content", timeout=TIMEOUT).content == data
+    by_file = [turn("What is it?", {"type": "file", "file": {"file_id": created["id"]}})]
+    complete(b.url, by_file)
+    assert httpx.delete(b.url + url, timeout=TIMEOUT).json() == {"id": created["id"], "object": "file", "deleted": True}
+    gone = httpx.get(a.url + url, timeout=TIMEOUT)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "file_not_found"
+    refused = post_chat(a.url, by_file)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "file_not_found"
+
+
+def test_the_same_bytes_uploaded_through_both_gateways_are_stored_once(cluster):
+    a, b = cluster.gateways
+    data = media.video("mp4", seed=1724)
+    sha = hashlib.sha256(data).hexdigest()
+    with cluster.redis.client() as redis:
+        blobs = len(list(redis.scan_iter("onellm:files:blob:*")))
+        first, second = upload(a, data), upload(b, data)
+        assert first["id"] != second["id"]
+        assert len(list(redis.scan_iter("onellm:files:blob:*"))) == blobs + 1
+        assert redis.get(f"onellm:files:blob:{sha}") == data
+        assert redis.smembers(f"onellm:files:refs:{sha}") == {first["id"].encode(), second["id"].encode()}
+        httpx.delete(f"{b.url}/v1/files/{first['id']}", timeout=TIMEOUT).raise_for_status()
+        # still held for the other upload
+        assert httpx.get(f"{a.url}/v1/files/{second['id']}/content", timeout=TIMEOUT).content == data
+        httpx.delete(f"{a.url}/v1/files/{second['id']}", timeout=TIMEOUT).raise_for_status()
+        assert not redis.exists(f"onellm:files:blob:{sha}", f"onellm:files:refs:{sha}")
+
+
+def respond(base_url: str, **fields) -> dict:
+    response = httpx.post(f"{base_url}/v1/responses", json={"max_output_tokens": 4, "temperature": 0, **fields},
+                          timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_response_stored_by_one_gateway_is_continued_and_read_through_the_other(cluster):
+    a, b = cluster.gateways
+    image = {"type": "input_image", "image_url": picture(1725)["image_url"]["url"]}
+    first = respond(a.url, input=[{"role": "user", "content": [image, {"type": "input_text", "text": "What is it?"}]}])
+    with served_by_reference(b, "image"):  # the stored conversation names its picture by uuid, never by bytes
+        second = respond(b.url, input="And its colours?", previous_response_id=first["id"])
+    assert second["previous_response_id"] == first["id"]
+    assert second["usage"]["input_tokens"] > first["usage"]["total_tokens"]  # the first turn is in its prompt
+    assert httpx.get(f"{b.url}/v1/responses/{first['id']}", timeout=TIMEOUT).json() == first
 
 
 def test_requests_keep_succeeding_when_redis_stops_mid_run(cluster):

@@ -5,6 +5,10 @@ N concurrent streaming clients, side by side with the way OneLLM's authors serve
     uv run python bench/load.py --url http://127.0.0.1:8180 --model model_repo/tiny \\
         --concurrency 1,2,4,8,16 --baseline --direct http://127.0.0.1:8100 --turns 8 \\
         --chats 32 --chat-turns 4 --out docs/bench-load.json --chart docs/bench-load.png
+    # a four-turn video chat, resending the video every turn against sending its uuid (embedded engine)
+    uv run onellm serve --model model_repo/tiny --port 8180 &
+    uv run python bench/load.py --url http://127.0.0.1:8180 --references 5 --video-mb 0,5,50 \\
+        --out docs/bench-references.json
     # gateway memory over 1000 requests
     uv run python bench/load.py --url http://127.0.0.1:8180 --soak 1000 --pid <gateway pid> \\
         --out docs/bench-soak.json
@@ -26,11 +30,15 @@ cache never answers), streamed with greedy decoding and `max_tokens` (the API ha
 - `--chats N`: N chats of `--chat-turns` turns over the mix, every turn resending the chat with
   its attachment, held by as many clients as the largest level; with `--baseline` the same chats
   served the authors' way, which encodes the attachment again at every turn.
+- `--references N`: for each size in `--video-mb`, N chats of `--chat-turns` turns over one video,
+  once resending the video every turn and once sending it in turn 1 and only the uuid the gateway
+  returned (`X-Media-UUIDs`) after: per turn, the request body's bytes, TTFT and total time.
 """
 
 import argparse
 import asyncio
 import base64
+import io
 import json
 import os
 import platform
@@ -40,6 +48,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
 import httpx
 import numpy as np
 import torch
@@ -52,7 +61,8 @@ from server.model.repo import OneLLM, load_model
 
 FOLLOW_UP = "Tell me more."
 # each phase draws its files from its own seed range, so no two phases send the same bytes
-SEEDS = {"warmup": 0, "sweep": 100_000, "overhead": 200_000, "turns": 300_000, "soak": 400_000, "chats": 500_000}
+SEEDS = {"warmup": 0, "sweep": 100_000, "overhead": 200_000, "turns": 300_000, "soak": 400_000, "chats": 500_000,
+         "references": 600_000}
 
 
 @dataclass
@@ -65,6 +75,8 @@ class Result:
     tokens: int = 0
     text: str = ""
     error: str | None = None
+    prompt_tokens: int = 0
+    media: str = ""  # the X-Media-UUIDs header: the uuids of the prompt's attachments
 
 
 # ---------------------------------------------------------------- requests
@@ -100,6 +112,7 @@ async def stream(client: httpx.AsyncClient, url: str, body: bytes) -> Result:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
+            result.media = response.headers.get("x-media-uuids", "")
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -108,6 +121,7 @@ async def stream(client: httpx.AsyncClient, url: str, body: bytes) -> Result:
                     result.error = str(event["error"])
                 if event.get("usage"):
                     result.tokens = event["usage"]["completion_tokens"]
+                    result.prompt_tokens = event["usage"]["prompt_tokens"]
                 for choice in event.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") or choice.get("text")
                     if text:
@@ -395,6 +409,112 @@ async def chats(args, model: OneLLM | None) -> dict:
     return out
 
 
+LINK_BITS_PER_S = 10e6  # the issue's 10 Mbit/s link, for the computed upload times
+
+
+def sized_mp4(megabytes: float, seed: int, width: int = 320, height: int = 240, fps: int = 25) -> bytes:
+    """An H.264 MP4 of at least `megabytes` MB (10^6 bytes): frames of uniform noise, which x264
+    cannot shrink, so the file gets large at a frame size the gateway decodes quickly. zerolatency
+    turns off x264's lookahead, which held back ~40 frames and overshot the size by 40 %."""
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "10", "preset": "ultrafast",
+                                                                    "tune": "zerolatency"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        while out.tell() < megabytes * 1e6:
+            frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return out.getvalue()
+
+
+def video_item(megabytes: float, seed: int) -> Item:
+    """0 MB: the 2-second 64x48 clip the other phases send, to compare with --turns."""
+    if megabytes == 0:
+        return make_item("video", seed)
+    return Item("video", {"video": sized_mp4(megabytes, seed)}, "What happens in this video?")
+
+
+async def video_chat(client: httpx.AsyncClient, base_url: str, item: Item, by_reference: bool, turns: int,
+                     max_tokens: int) -> list[dict]:
+    """One chat over `item`'s video; from turn 2 on, the opening message carries the video's uuid
+    instead of its bytes when `by_reference`. One row per turn."""
+    opening = content_parts(item)
+    messages, rows = [{"role": "user", "content": opening}], []
+    for turn in range(1, turns + 1):
+        body = chat_body(messages, max_tokens)
+        before = await scrape(client, base_url)
+        r = await stream(client, f"{base_url}/v1/chat/completions", body)
+        after = await scrape(client, base_url)
+        if r.error:
+            raise SystemExit(f"references pass failed at turn {turn}: {r.error}")
+        delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
+        rows.append({
+            "turn": turn, "body_bytes": len(body), "ttft_ms": round(r.ttft * 1e3, 2),
+            "latency_ms": round(r.latency * 1e3, 2),
+            # the gateway's own TTFT starts once the body is in and parsed: the rest of the
+            # client's is the body's way in
+            "gateway_ttft_ms": round(delta("onellm_time_to_first_token_seconds_sum") * 1e3, 2),
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.tokens, "media": r.media,
+            "encoder_runs": delta("onellm_encoder_runs_total", modality="video"),
+            "prefix_cache_hits": delta("onellm_prefix_cache_hits_total", modality="video"),
+            "references_served": delta("onellm_media_references_total", outcome="served"),
+        })
+        if by_reference and turn == 1:
+            messages[0] = {"role": "user", "content": [opening[0], {"type": "video_url", "uuid": r.media}]}
+        messages += [{"role": "assistant", "content": r.text}, {"role": "user", "content": FOLLOW_UP}]
+    return rows
+
+
+def per_turn(rows: list[dict]) -> list[dict]:
+    """Medians over the chats, turn by turn, and what the bytes would take on a 10 Mbit/s link."""
+    summary = []
+    for turn in sorted({r["turn"] for r in rows}):
+        of_turn = [r for r in rows if r["turn"] == turn]
+        median = lambda name: round(statistics.median(r[name] for r in of_turn), 2)  # noqa: E731
+        summary.append({"turn": turn, "chats": len(of_turn), "body_bytes": median("body_bytes"),
+                        "ttft_ms_p50": median("ttft_ms"), "latency_ms_p50": median("latency_ms"),
+                        "gateway_ttft_ms_p50": median("gateway_ttft_ms"),
+                        "prompt_tokens_p50": median("prompt_tokens"),
+                        "computed_10mbit_upload_s": round(median("body_bytes") * 8 / LINK_BITS_PER_S, 3),
+                        "encoder_runs": sum(r["encoder_runs"] for r in of_turn),
+                        "prefix_cache_hits": sum(r["prefix_cache_hits"] for r in of_turn),
+                        "references_served": sum(r["references_served"] for r in of_turn),
+                        "same_uuid_as_turn_1": all(r["media"] == r["turn_1_media"] for r in of_turn)})
+    return summary
+
+
+async def references(args) -> dict:
+    """--references chats per video size and way of sending it. The two ways alternate which goes
+    first, so that drift in the machine's load falls on both; every chat has a video of its own,
+    so that turn 1 always decodes and encodes."""
+    out = {"sizes": []}
+    async with httpx.AsyncClient(timeout=600) as client:
+        # the first chat's calls allocate and pick kernels: not what is measured
+        await video_chat(client, args.url, make_item("video", SEEDS["warmup"]), True, args.chat_turns, args.max_tokens)
+        for n, megabytes in enumerate(args.video_mb):
+            rows = {"resend": [], "reference": []}
+            for rep in range(args.references):
+                order = ("resend", "reference") if rep % 2 == 0 else ("reference", "resend")
+                for way in order:
+                    item = video_item(megabytes, SEEDS["references"] + 1000 * n + 2 * rep + (way == "reference"))
+                    chat = await video_chat(client, args.url, item, way == "reference", args.chat_turns,
+                                            args.max_tokens)
+                    rows[way] += [{**r, "chat": rep, "video_bytes": len(item.files["video"]),
+                                   "turn_1_media": chat[0]["media"]} for r in chat]
+            videos = [r["video_bytes"] for r in rows["resend"] + rows["reference"]]
+            size = {"video_mb": megabytes, "video_bytes_min_max": [min(videos), max(videos)],
+                    **{way: {"turns": per_turn(r), "rows": r} for way, r in rows.items()}}
+            for way in rows:
+                for t in size[way]["turns"]:
+                    print(f"references {megabytes:>4} MB {way:>9} turn {t['turn']}: body {t['body_bytes']:>11,.0f} B  "
+                          f"TTFT p50 {t['ttft_ms_p50']:8.1f} ms (gateway's {t['gateway_ttft_ms_p50']:7.1f})  "
+                          f"total p50 {t['latency_ms_p50']:8.1f} ms  encoder runs {t['encoder_runs']:.0f}", flush=True)
+            out["sizes"].append(size)
+    return out
+
+
 def rss_kib(pid: int) -> int:
     for row in Path(f"/proc/{pid}/status").read_text().splitlines():
         if row.startswith("VmRSS:"):
@@ -485,6 +605,10 @@ async def main() -> None:
     parser.add_argument("--chats", type=int, default=0, help="chats of the mix to hold at the largest concurrency "
                         "(with --baseline, also served the authors' way)")
     parser.add_argument("--chat-turns", type=int, default=4, help="turns of each of --chats")
+    parser.add_argument("--references", type=int, default=0, help="chats per video size, each way (resending "
+                        "the video, sending its uuid), of --chat-turns turns")
+    parser.add_argument("--video-mb", default=[5.0], type=lambda s: [float(m) for m in s.split(",")],
+                        help="video sizes for --references, MB (10^6 bytes); 0: the small clip of --turns")
     parser.add_argument("--soak", type=int, default=0, help="requests to send while watching the gateway's RSS")
     parser.add_argument("--pid", type=int, help="the gateway's process id, for --soak")
     parser.add_argument("--soak-concurrency", type=int, default=8)
@@ -503,6 +627,8 @@ async def main() -> None:
             parser.error("--soak needs --pid, the gateway's process id")
         results["soak"] = await soak(args)
         print(json.dumps({k: v for k, v in results["soak"].items() if k != "samples_kib"}))
+    elif args.references:
+        results["references"] = await references(args)
     else:
         chat_url = f"{args.url}/v1/chat/completions"
         warm = [chat_body([{"role": "user", "content": content_parts(i)}], args.max_tokens)

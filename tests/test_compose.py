@@ -15,16 +15,21 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.api.settings import Settings
+
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 MULTI_GPU_FILE = REPO / "docker" / "compose.multi-gpu.yml"
+CPU_FILE = REPO / "docker" / "compose.cpu.yml"
+MULTI_GPU_CPU_FILE = REPO / "docker" / "compose.multi-gpu.cpu.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 # the variables the compose file reads: unset, so that the defaults are what is checked
 VLLM_SLOT_GPUS = tuple(f"VLLM_GPU_{k}" for k in range(1, 8))
 COMPOSE_VARIABLES = ("ONELLM_MODEL_NAME", "VLLM_GPU", "GATEWAY_GPU", "VLLM_GPU_MEMORY_UTILIZATION",
                      "ONELLM_PUBLISH_PORT", "HF_TOKEN", "COMPOSE_PROFILES", "COMPOSE_FILE",
-                     *VLLM_SLOT_GPUS, "GATEWAY_REPLICAS", "REDIS_MAXMEMORY", "HAPROXY_STATS_PORT")
+                     *VLLM_SLOT_GPUS, "GATEWAY_REPLICAS", "REDIS_MAXMEMORY", "FILES_MAXMEMORY",
+                     "HAPROXY_STATS_PORT", "ONELLM_UID")
 
 
 def docker_compose() -> str:
@@ -56,6 +61,14 @@ def option(command: list[str], name: str) -> str:
     """The value after `name` in an argument list."""
     assert name in command, f"{name} missing from {command}"
     return command[command.index(name) + 1]
+
+
+def named_volume_at(service: dict, target: str, declared: dict) -> dict:
+    """The writable mount at `target`, of a named volume the compose file declares."""
+    [mount] = [m for m in service.get("volumes", []) if m["target"] == target]
+    assert mount["type"] == "volume" and mount["source"] in declared, mount
+    assert not mount.get("read_only", False), mount
+    return mount
 
 
 def test_services_and_the_convert_profile(services):
@@ -136,11 +149,27 @@ def test_gateway_waits_for_a_healthy_vllm_and_is_configured_by_environment(servi
         "ONELLM_PORT": "8080",
         "ONELLM_DEVICE": "cuda",
         "ONELLM_DTYPE": "float16",
+        "ONELLM_FILES_DIR": "/var/lib/onellm-serve/files",
     }
     [port] = gateway["ports"]
     assert (port["target"], port["published"]) == (8080, "8080")
     assert gateway["build"]["dockerfile"] == "docker/Dockerfile"
     assert Path(gateway["build"]["context"]) == REPO
+
+
+@pytest.mark.parametrize("files", [(COMPOSE_FILE,), (COMPOSE_FILE, CPU_FILE)], ids=["cuda", "cpu"])
+def test_uploaded_files_are_kept_on_a_named_volume_the_gateway_user_owns(files):
+    """Files outlive the container, which `up` re-creates for a new image or setting: the files
+    directory is a named volume, which takes its owner from the image's directory when first
+    mounted, and the image makes that directory its non-root user's."""
+    config = compose_config(files=files)
+    gateway = config["services"]["gateway"]
+    settings = Settings.from_env(gateway["environment"])
+    assert settings.files_url is None
+    named_volume_at(gateway, settings.files_dir, config["volumes"])
+    dockerfile = DOCKERFILE.read_text().replace("\\\n", " ")
+    [user] = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)
+    assert re.search(rf"^RUN .*\bchown {user}\s[^&;]*\s{re.escape(settings.files_dir)}(\s|$)", dockerfile, re.M)
 
 
 def test_convert_downloads_and_converts_onellm_7b(services):
@@ -229,9 +258,9 @@ def assert_wired(services: dict) -> None:
     assert len({ids[0] for ids in gpus}) == len(gpus), gpus
 
 
-def test_multi_gpu_default_is_two_vllms_two_gateways_redis_and_haproxy():
+def test_multi_gpu_default_is_two_vllms_two_gateways_two_redis_and_haproxy():
     services = multi_gpu()
-    assert set(running(services)) == {"vllm", "vllm-1", "gateway", "redis", "haproxy"}
+    assert set(running(services)) == {"vllm", "vllm-1", "gateway", "redis", "files-store", "haproxy"}
     assert set(vllm_services(services)) == {"vllm", "vllm-1"}
     assert services["gateway"]["deploy"]["replicas"] == 2
     assert_wired(services)
@@ -245,13 +274,14 @@ def test_multi_gpu_leaves_the_one_gpu_layout_the_default():
 
 def test_multi_gpu_sizes_come_from_the_environment():
     services = multi_gpu(VLLM_GPU_2="2", VLLM_GPU_3="3", VLLM_GPU_7="7", GATEWAY_GPU="4",
-                         GATEWAY_REPLICAS="5", REDIS_MAXMEMORY="12gb")
+                         GATEWAY_REPLICAS="5", REDIS_MAXMEMORY="12gb", FILES_MAXMEMORY="32gb")
     assert set(vllm_services(services)) == {"vllm", "vllm-1", "vllm-2", "vllm-3", "vllm-7"}
     assert_wired(services)
     assert gpu_devices(services["vllm-7"])[0]["device_ids"] == ["7"]
     assert gpu_devices(services["gateway"])[0]["device_ids"] == ["4"]
     assert services["gateway"]["deploy"]["replicas"] == 5
     assert option(services["redis"]["command"], "--maxmemory") == "12gb"
+    assert option(services["files-store"]["command"], "--maxmemory") == "32gb"
 
 
 def test_every_vllm_replica_is_the_base_service_on_its_own_gpu():
@@ -294,6 +324,49 @@ def test_redis_is_a_bounded_cache():
     assert "redis-cli" in redis["healthcheck"]["test"]
 
 
+def test_multi_gpu_gateways_share_files_through_a_durable_redis_apart_from_the_cache():
+    config = compose_config(files=(COMPOSE_FILE, MULTI_GPU_FILE))
+    services = config["services"]
+    gateway = services["gateway"]
+    settings = Settings.from_env(gateway["environment"])
+    # a directory is one gateway's: the replicas get neither the base file's setting nor its volume
+    assert "ONELLM_FILES_DIR" not in gateway["environment"]
+    assert [m["target"] for m in gateway["volumes"]] == ["/models"]
+    files, cache = httpx.URL(settings.files_url), httpx.URL(settings.cache_url)
+    assert files.scheme == "redis" and files.host != cache.host
+    # not needed to start (file requests are 503s while it is down), as the cache is not
+    assert gateway["depends_on"][files.host]["condition"] == "service_started"
+    store = services[files.host]
+    command = store["command"]
+    assert command[0] == "redis-server"
+    assert files.port == 6379 and "--port" not in command and "ports" not in store
+    # the cache's opposite: nothing evicted, every write appended to a file on a named volume
+    assert option(command, "--maxmemory-policy") == "noeviction"
+    assert option(command, "--maxmemory") == "8gb"
+    assert option(command, "--appendonly") == "yes"
+    named_volume_at(store, option(command, "--dir"), config["volumes"])
+    # healthy once the append-only file is loaded: Redis answers LOADING until then, and
+    # redis-cli exits 0 on that error reply too
+    assert "redis-cli ping" in " ".join(store["healthcheck"]["test"])
+    assert "PONG" in " ".join(store["healthcheck"]["test"])
+    assert store["restart"] == "unless-stopped"
+    assert store["image"] == services["redis"]["image"]
+
+
+def test_the_cpu_layout_runs_the_files_store_on_the_cache_redis_image():
+    """docker/compose.multi-gpu.cpu.yml swaps the files store's image as it swaps the cache's,
+    and changes nothing else of it or of the gateways' file settings."""
+    cpu = compose_config(files=(COMPOSE_FILE, MULTI_GPU_FILE, CPU_FILE, MULTI_GPU_CPU_FILE))["services"]
+    gpu = multi_gpu()
+    assert (cpu["files-store"]["image"], cpu["files-store"]["user"]) == (cpu["redis"]["image"], cpu["redis"]["user"])
+    assert cpu["files-store"]["image"] != gpu["files-store"]["image"]
+    for key in ("command", "volumes", "healthcheck", "restart"):
+        assert cpu["files-store"][key] == gpu["files-store"][key], key
+    for name in ("ONELLM_FILES_URL", "ONELLM_FILES_DIR"):
+        assert cpu["gateway"]["environment"].get(name) == gpu["gateway"]["environment"].get(name), name
+    assert cpu["gateway"]["volumes"] == gpu["gateway"]["volumes"]
+
+
 def installed_release(command: list[str], pattern: str) -> str:
     """major.minor of a locally installed tool, the one the tests exercise."""
     found = shutil.which(command[0], path=f"/usr/sbin{os.pathsep}{os.environ['PATH']}")
@@ -311,7 +384,7 @@ def test_haproxy_and_redis_images_are_the_releases_the_tests_run():
     haproxy = installed_release(["haproxy", "-v"], r"version (\d+\.\d+)")
     redis = installed_release(["redis-server", "--version"], r"v=(\d+\.\d+)")
     assert services["haproxy"]["image"] == f"haproxy:{haproxy}"
-    assert services["redis"]["image"] == f"redis:{redis}"
+    assert services["redis"]["image"] == services["files-store"]["image"] == f"redis:{redis}"
 
 
 def test_haproxy_runs_the_shared_config_with_the_compose_servers():

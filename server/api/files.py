@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as ClosedConnection, RedisError
 
 from server.errors import InputError
 from server.inputs.arrays import load_array
@@ -245,7 +247,10 @@ class RedisFileStore:
     name = "redis"
 
     def __init__(self, url: str, timeout_s: float = 10.0, namespace: str = "onellm:files:"):
-        self.client = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        # one retry on a closed connection, which is what every pooled one is after Redis restarted
+        # (else a 503 each); none on a timeout, which would be one more for the request to wait out
+        self.client = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                     retry=Retry(NoBackoff(), 1, supported_errors=(ClosedConnection,)))
         self.ns = namespace
         self._link = self.client.register_script(_LINK)
         self._unlink = self.client.register_script(_UNLINK)

@@ -127,7 +127,8 @@ class Stack:
         self.up_seconds = time.monotonic() - started
 
     def down(self) -> None:
-        self.compose("down", "--timeout", "30", check=False, timeout=180)
+        # the named volumes too: each run starts on fresh ones, as a first `up` does
+        self.compose("down", "--volumes", "--timeout", "30", check=False, timeout=180)
 
 
 def wait_ready(url: str, timeout: float) -> None:

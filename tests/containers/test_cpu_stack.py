@@ -107,3 +107,21 @@ def test_docker_stop_drains_the_stream_in_flight_and_the_server_exits_0(cpu_stac
     finally:
         cpu_stack.compose("start", "gateway")
         wait_ready(url, timeout=300)
+
+
+def test_an_uploaded_file_outlives_the_gateway_container(cpu_stack):
+    """The files directory is a named volume that the non-root user writes: a file uploaded
+    before `up --force-recreate` (what a new image or a changed setting does) is there after,
+    in a new container."""
+    url = gateway_url(cpu_stack)
+    data = image("png", seed=7)
+    upload = httpx.post(f"{url}/v1/files", timeout=60, data={"purpose": "user_data"},
+                        files={"file": ("photo.png", data, "image/png")})
+    assert upload.status_code == 200, upload.text
+    before = cpu_stack.container("gateway")
+    cpu_stack.compose("up", "-d", "--no-deps", "--force-recreate", "--wait", "--wait-timeout", "300", "gateway",
+                      timeout=360)
+    assert cpu_stack.container("gateway") != before
+    content = httpx.get(f"{url}/v1/files/{upload.json()['id']}/content", timeout=60)
+    assert content.status_code == 200, content.text
+    assert content.content == data

@@ -1,6 +1,8 @@
-"""The multi-GPU layout on the CPU, up for real: two vLLM stand-ins, two gateways sharing Redis,
-HAProxy in front; one vLLM killed and restarted under the clients' feet."""
+"""The multi-GPU layout on the CPU, up for real: two vLLM stand-ins, two gateways sharing the
+cache Redis and the files store, HAProxy in front; one vLLM killed and restarted under the
+clients' feet, the files store re-created under the files."""
 
+import hashlib
 import os
 import shutil
 
@@ -89,3 +91,33 @@ def test_a_killed_vllm_costs_no_request_and_takes_traffic_again_once_restarted(m
     for seed in range(200, 216):
         assert chat(multi_stack, seed).status_code == 200
     assert backend_requests(multi_stack)["http://vllm-1:8000"] > before
+
+
+def test_both_gateways_reach_the_cache_redis(multi_stack):
+    """A gateway that cannot reach it serves from its own cache and fails no request: only its
+    metric tells (a Redis in protected mode, Debian's default, refuses every client but loopback)."""
+    for replica in (1, 2):
+        assert gateway_metrics(multi_stack, replica)[("onellm_shared_cache_up", ())] == 1.0, replica
+
+
+def stored_digest(stack: Stack, replica: int, file_id: str) -> str:
+    """sha256 of a stored file's bytes, read through one gateway replica."""
+    read = f"curl -fsS http://127.0.0.1:8080/v1/files/{file_id}/content | sha256sum"
+    return stack.compose("exec", "-T", "--index", str(replica), "gateway", "sh", "-c", read).stdout.split()[0]
+
+
+def test_a_file_uploaded_through_one_gateway_is_read_through_both_and_outlives_the_files_store(multi_stack):
+    """Uploaded through HAProxy to whichever gateway, read through each; then the files store is
+    re-created (a new container, its process restarted): its append-only file on the named
+    volume brings the file back."""
+    data = image("png", seed=300)
+    upload = httpx.post(f"{api(multi_stack)}/v1/files", timeout=60, data={"purpose": "user_data"},
+                        files={"file": ("photo.png", data, "image/png")})
+    assert upload.status_code == 200, upload.text
+    file_id, digest = upload.json()["id"], hashlib.sha256(data).hexdigest()
+    assert [stored_digest(multi_stack, replica, file_id) for replica in (1, 2)] == [digest, digest]
+    before = multi_stack.container("files-store")
+    multi_stack.compose("up", "-d", "--no-deps", "--force-recreate", "--wait", "--wait-timeout", "120", "files-store",
+                        timeout=180)
+    assert multi_stack.container("files-store") != before
+    assert [stored_digest(multi_stack, replica, file_id) for replica in (1, 2)] == [digest, digest]

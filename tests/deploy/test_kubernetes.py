@@ -21,6 +21,7 @@ KUSTOMIZATIONS = [KUBERNETES / "base", *sorted(p for p in (KUBERNETES / "overlay
 GATEWAY = "onellm-gateway"
 VLLM = "onellm-vllm"
 REDIS = "onellm-redis"
+FILES_STORE = "onellm-files-store"
 
 
 def render(path: Path) -> list[dict]:
@@ -99,6 +100,19 @@ def option(arguments: list[str], name: str) -> str:
     return value
 
 
+def flag(arguments: list[str], name: str) -> str:
+    """The value after `name` in Redis's arguments."""
+    assert name in arguments, f"{name} missing from {arguments}"
+    return arguments[arguments.index(name) + 1]
+
+
+def quantity_bytes(value: str) -> int:
+    """A Kubernetes quantity with a binary suffix, or a Redis size (its kb, mb, gb are powers of 1024)."""
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", value).groups()
+    return int(number) * {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+                          "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}[unit]
+
+
 def validation_error(obj: dict) -> str | None:
     import kubernetes_validate
     try:
@@ -169,10 +183,10 @@ def test_the_grace_period_outlasts_the_prestop_sleep_and_the_drain(manifests):
     assert pod_spec(gateway_workload)["terminationGracePeriodSeconds"] > drain + sleep
 
 
-def test_network_policies_let_only_gateways_reach_vllm_and_redis(manifests):
+def test_network_policies_let_only_gateways_reach_vllm_and_both_redis(manifests):
     gateway_labels = pod_labels(manifests.workload(GATEWAY))
     convert_labels = pod_labels(manifests.workload("onellm-convert"))
-    for guarded in (VLLM, REDIS):
+    for guarded in (VLLM, REDIS, FILES_STORE):
         workload = manifests.workload(guarded)
         [policy] = [p for p in manifests.of_kind("NetworkPolicy") if selects(p["spec"]["podSelector"], pod_labels(workload))]
         assert policy["spec"]["policyTypes"] == ["Ingress"]
@@ -222,6 +236,39 @@ def test_the_cache_url_names_the_redis_service(manifests):
     arguments = main_container(redis)["args"]
     assert arguments[arguments.index("--maxmemory-policy") + 1] == "allkeys-lru"
     assert "--maxmemory" in arguments
+
+
+def test_the_files_url_names_a_durable_redis_apart_from_the_cache(manifests):
+    """A gateway pod's own disk is neither shared with the other gateways nor kept when the pod
+    is replaced: files live in a Redis of their own, which evicts nothing and appends every
+    write to a file on a volume claimed for it, with room for its maxmemory in memory and on disk."""
+    settings = Settings.from_env(manifests.environment(main_container(manifests.workload(GATEWAY))))
+    url = httpx.URL(settings.files_url)
+    assert url.scheme == "redis" and url.host != httpx.URL(settings.cache_url).host
+    service = manifests.get("Service", url.host)
+    assert [p["port"] for p in service["spec"]["ports"]] == [url.port]
+    store = manifests.workload(FILES_STORE)
+    assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels(store))
+    assert store["kind"] == "StatefulSet" and store["spec"]["serviceName"] == service["metadata"]["name"]
+    redis = main_container(store)
+    arguments = redis["args"]
+    assert arguments[0] == "redis-server"
+    assert flag(arguments, "--maxmemory-policy") == "noeviction"
+    assert flag(arguments, "--appendonly") == "yes"
+    [mount] = [m for m in redis["volumeMounts"] if m["mountPath"] == flag(arguments, "--dir")]
+    assert not mount.get("readOnly")
+    [claim] = [c for c in store["spec"]["volumeClaimTemplates"] if c["metadata"]["name"] == mount["name"]]
+    maxmemory = quantity_bytes(flag(arguments, "--maxmemory"))
+    # the append-only file grows to twice its base before Redis rewrites it
+    assert quantity_bytes(claim["spec"]["resources"]["requests"]["storage"]) >= 2 * maxmemory
+    assert quantity_bytes(redis["resources"]["limits"]["memory"]) > maxmemory
+    # the redis user writes the volume through its group
+    security = pod_spec(store)["securityContext"]
+    assert security["runAsNonRoot"] and security["fsGroup"]
+    # ready once the append-only file is loaded: Redis answers LOADING until then, and
+    # redis-cli exits 0 on that error reply too
+    assert "PONG" in " ".join(redis["readinessProbe"]["exec"]["command"])
+    assert redis["image"] == main_container(manifests.workload(REDIS))["image"]
 
 
 def mounts_of(workload: dict, claim: str) -> list[dict]:

@@ -83,6 +83,8 @@ class GatewayProcess:
         return self.process.returncode
 
     def open_fds(self) -> list[str]:
+        """What each open descriptor is; a TCP socket also says its ports and state, so that a
+        leak names the connection it is."""
         fd_dir = Path(f"/proc/{self.pid}/fd")
         links = []
         for fd in fd_dir.iterdir():
@@ -90,7 +92,27 @@ class GatewayProcess:
                 links.append(os.readlink(fd))
             except FileNotFoundError:  # closed while we looked
                 pass
-        return links
+        tcp = tcp_sockets(self.pid)
+        return sorted(f"{link} {tcp[link]}" if link in tcp else link for link in links)
 
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
+
+
+# the states of /proc/net/tcp's `st` column, by their hex code
+TCP_STATES = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+
+
+def tcp_sockets(pid: int) -> dict[str, str]:
+    """`socket:[inode]` -> "tcp :local_port->:remote_port STATE" for the process's network namespace."""
+    found = {}
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/{pid}/net/{table}")
+        if not path.exists():
+            continue
+        for row in path.read_text().splitlines()[1:]:
+            fields = row.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            found[f"socket:[{inode}]"] = (f"tcp :{int(local.split(':')[1], 16)}->:{int(remote.split(':')[1], 16)} "
+                                          f"{TCP_STATES.get(state, state)}")
+    return found

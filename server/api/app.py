@@ -113,7 +113,8 @@ def add_guards(app: FastAPI, settings: Settings) -> None:
                        keys=keys, metrics=metrics)
     app.add_middleware(Gate, keys=keys, draining=lambda: app.state.draining)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST", "DELETE"],
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After", MEDIA_HEADER])
     app.add_middleware(RequestIds)

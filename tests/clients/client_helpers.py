@@ -1,11 +1,8 @@
-"""Helpers of the clients tier: one real file of each kind on disk (named as people name them), the
-environment the CLI subprocesses run in, and the gateway's metrics."""
+"""Helpers of the clients tier: one real file of each kind on disk (named as people name them), and
+the environment the CLI subprocesses run in."""
 
 import os
 from pathlib import Path
-
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 import media
 
@@ -30,10 +27,3 @@ def write_media(folder: Path) -> dict[str, Path]:
         paths[field] = folder / name
         paths[field].write_bytes(data)
     return paths
-
-
-def metric(base_url: str, name: str, **labels) -> float:
-    """The sum of the gateway's samples called `name` whose labels include `labels`."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and labels.items() <= s.labels.items())

@@ -7,10 +7,10 @@ import httpx
 import numpy as np
 import pytest
 
-from client_helpers import metric
 from onellm_client import (APIConnectionError, AsyncChatStream, AsyncClient, BadRequestError, ChatResult, ChatStream,
                            Client, MediaNotFoundError, NotFoundError, OneLLMError, ServiceUnavailableError,
                            UnprocessableError, UnsupportedMediaError)
+from scraped_metrics import total
 
 # the upload fields of each modality; depth and normal maps travel with an image
 MODALITIES = {"image": ["image"], "video": ["video"], "audio": ["audio"], "point": ["point"], "fmri": ["fmri"],
@@ -80,9 +80,9 @@ def test_session_second_turn_carries_the_first_by_its_uuid(client, gateway, medi
     assert session.history == [{"role": "user", "content": "What is in this image?", "files": [("image", image)],
                                 "media": [uuid]},
                                {"role": "assistant", "content": first_text}]
-    served = metric(gateway, "onellm_media_references_total", outcome="served")
+    served = total(gateway, "onellm_media_references_total", outcome="served")
     second = session.chat("What colour is it?", max_tokens=MAX_TOKENS, stream=False)
-    assert metric(gateway, "onellm_media_references_total", outcome="served") == served + 1  # not sent again
+    assert total(gateway, "onellm_media_references_total", outcome="served") == served + 1  # not sent again
     assert second.media == [uuid]
 
     # the same turn with the image's bytes in the history gives the same prompt and greedy answer
@@ -106,10 +106,10 @@ def test_session_sends_the_files_again_when_the_server_no_longer_holds_them(clie
     session.chat("What happens?", video=media["video"], max_tokens=MAX_TOKENS, stream=False)
     [uuid] = session.history[0]["media"]
     session.history[0]["media"] = ["expired-long-ago"]  # as the server sees a uuid whose entry is gone
-    not_found = metric(gateway, "onellm_media_references_total", outcome="not_found")
+    not_found = total(gateway, "onellm_media_references_total", outcome="not_found")
     second = session.chat("And then?", max_tokens=MAX_TOKENS)
     text = second.result().text
-    assert metric(gateway, "onellm_media_references_total", outcome="not_found") == not_found + 1
+    assert total(gateway, "onellm_media_references_total", outcome="not_found") == not_found + 1
     assert session.history[0]["media"] == [uuid]  # the bytes went up again, and their uuid came back
     resent = [{k: v for k, v in m.items() if k != "media"} for m in session.history[:2]]
     assert text == client.chat("And then?", history=resent, max_tokens=MAX_TOKENS, stream=False).text
@@ -127,9 +127,9 @@ def test_session_refers_to_an_image_and_its_depth_map_by_one_uuid(client, gatewa
     session.chat("How far is the wall?", image=media["image"], depth=media["depth"], audio=media["audio"],
                  max_tokens=MAX_TOKENS, stream=False)
     image_uuid, audio_uuid = session.history[0]["media"]  # rgbd, then the audio: the order the server made them
-    served = metric(gateway, "onellm_media_references_total", outcome="served")
+    served = total(gateway, "onellm_media_references_total", outcome="served")
     second = session.chat("And the sound?", max_tokens=MAX_TOKENS, stream=False)
-    assert metric(gateway, "onellm_media_references_total", outcome="served") == served + 2
+    assert total(gateway, "onellm_media_references_total", outcome="served") == served + 2
     assert second.media == [image_uuid, audio_uuid]
     resent = [{k: v for k, v in m.items() if k != "media"} for m in session.history[:2]]
     assert second.text == client.chat("And the sound?", history=resent, max_tokens=MAX_TOKENS, stream=False).text

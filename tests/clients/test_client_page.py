@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from client_helpers import REPO, metric
+from client_helpers import REPO
 from onellm_client import Client
+from scraped_metrics import total
 
 pytestmark = pytest.mark.browser
 
@@ -59,11 +60,11 @@ def test_image_question_streams_an_answer_and_the_conversation_continues(page, m
     assert page.locator(".message.user img").count() == 1
     assert page.locator("#attachments .attachment").count() == 0
 
-    served = metric(gateway, "onellm_media_references_total", outcome="served")
+    served = total(gateway, "onellm_media_references_total", outcome="served")
     ask(page, "What colour is it?")
     second = wait_for_answer(page, 1)
     # the image went up once: the second turn named it by its uuid
-    assert metric(gateway, "onellm_media_references_total", outcome="served") == served + 1
+    assert total(gateway, "onellm_media_references_total", outcome="served") == served + 1
     # Playwright keeps no body for requests that carry files, so check what the page sent by its effect:
     # the same greedy turn from the Python client, with the first turn's image in the history
     expected, without_image = second_turn_by_client(gateway, media, first, "What colour is it?")
@@ -93,10 +94,10 @@ def test_a_file_the_server_no_longer_holds_goes_up_again(page, media, gateway):
     first = wait_for_answer(page, 0)
     [uuid] = page.evaluate("history[0].media")
     page.evaluate("history[0].media = ['expired-long-ago']")  # as the server sees a uuid whose entry is gone
-    not_found = metric(gateway, "onellm_media_references_total", outcome="not_found")
+    not_found = total(gateway, "onellm_media_references_total", outcome="not_found")
     ask(page, "Where was it taken?")
     second = wait_for_answer(page, 1)
-    assert metric(gateway, "onellm_media_references_total", outcome="not_found") == not_found + 1
+    assert total(gateway, "onellm_media_references_total", outcome="not_found") == not_found + 1
     assert page.locator(".message.error").count() == 0  # the page sent the image again by itself
     assert second == second_turn_by_client(gateway, media, first, "Where was it taken?")[0]
     assert page.evaluate("history[0].media") == [uuid]

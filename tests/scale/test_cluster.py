@@ -13,22 +13,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 import media
+from scraped_metrics import total
 
 TIMEOUT = httpx.Timeout(120, connect=10)  # every wait of this tier is bounded
 FOLLOW_UPS = ["And what colour is the sky in it, and is there any text?",
               "Thanks. Now describe it again in one short sentence for a child."]
 QUESTION = ("Look at this picture carefully and describe what you see in it, from the left edge to the "
             "right edge, naming every colour, shape and object, and say what it might be a photograph of.")
-
-
-def total(base_url: str, name: str, **labels) -> float:
-    """The sum of the samples called `name` at `base_url`/metrics whose labels include `labels`."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and labels.items() <= s.labels.items())
 
 
 def gateways_total(cluster, name: str, **labels) -> float:

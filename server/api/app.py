@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from server.api import schemas
 from server.api.access import Gate, RequestIds, load_api_keys, tenant_of
 from server.api.admission import CHAT_PATHS, Admission, ChatGuard, sse_error
+from server.api.budget import split_of
 from server.api.answers import (Answer, StreamFailed, check_model, counted, sampling_fields, start_answer, text_deltas,
                                 whole_text)
 from server.api.fetch import fetch_all
@@ -129,6 +130,11 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         dtype = getattr(torch, settings.dtype) if settings.dtype else None
         model = model or load_model(settings.model, device=settings.device, dtype=dtype)
         engine = engine or build_engine(settings, model, app.state.metrics)
+        split = split_of(settings)
+        log.info("memory budget %.0f MiB: %s", settings.memory_budget_mb, split.describe())
+        if split.total > settings.memory_budget_mb * MiB:
+            log.warning("the memory limits set add up to %.0f MiB, more than memory_budget_mb (%.0f MiB)",
+                        split.total / MiB, settings.memory_budget_mb)
         if model.config.get("random_weights"):
             log.warning("model '%s' has random weights: its answers are meaningless", model.name)
         shared_cache = None

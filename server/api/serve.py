@@ -55,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         if "help" in f.metadata:
             env = f"ONELLM_{f.name.upper()}"
-            limits.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
-                                help=f"{f.metadata['help']} (env {env}; default {f.default})")
+            default = "" if f.default is None else f"; default {f.default}"
+            limits.add_argument(f"--{f.name.replace('_', '-')}", type=f.metadata["type"],
+                                help=f"{f.metadata['help']} (env {env}{default})")
 
 
 def _list(value: str) -> tuple[str, ...]:

@@ -3,6 +3,8 @@
 import os
 from dataclasses import dataclass, field, fields
 
+from server.api.budget import shares
+
 
 def _env_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
@@ -10,7 +12,13 @@ def _env_list(value: str) -> tuple[str, ...]:
 
 def _limit(default, help_text: str):
     """A setting that `onellm serve` offers as a flag of its own (see serve.add_arguments)."""
-    return field(default=default, metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text, "type": type(default)})
+
+
+def _share(kind: type, help_text: str):
+    """A limit that follows from memory_budget_mb unless it is given (server/api/budget.py)."""
+    return field(default=None, metadata={"help": help_text + " (default: its share of memory_budget_mb)",
+                                         "type": kind})
 
 
 MiB = 1 << 20
@@ -27,7 +35,7 @@ class Settings:
     dtype: str | None = None  # None: the dtype the encoder weights are stored in
     default_max_tokens: int = 256
     preprocess_workers: int = max(1, min(8, os.cpu_count() or 1))
-    prefix_cache_mb: float = 256.0
+    prefix_cache_mb: float | None = None  # its share of memory_budget_mb unless given
     cache_url: str | None = None  # redis://host:port/db: prefixes shared with other gateways; None: local only
     cache_timeout_ms: float = 100.0  # a Redis slower than this is treated as down until it answers again
     cache_ttl_s: int = 86_400  # how long a prefix stays in Redis (its eviction policy may drop it sooner)
@@ -41,6 +49,13 @@ class Settings:
     files_url: str | None = None
     allowed_url_hosts: tuple[str, ...] = ()  # remote attachment URLs are refused unless their host is listed
     log_level: str = "info"
+
+    # Memory: what requests may hold, split among the stages that hold it (server/api/budget.py)
+    memory_budget_mb: float = _limit(4096.0, "memory the gateway's requests may hold on top of the model: "
+                                             "bodies and fetched files, decoding, caches; each such limit "
+                                             "not given is its share of it")
+    max_decode_mb: float | None = _share(float, "memory one attachment's decoding may use, estimated from its "
+                                                "headers before it starts (413)")
 
     # Limits: each refusal is a 4xx naming the limit and the field.
     max_request_bytes: int = _limit(96 * MiB, "bytes of one request body, counted while it arrives")
@@ -60,11 +75,11 @@ class Settings:
     file_ttl_s: int = _limit(7 * 86_400, "lifetime of an uploaded file when the upload sets no expires_after")
     max_file_ttl_s: int = _limit(30 * 86_400, "longest expires_after an upload may ask for")
     max_files_per_key: int = _limit(1000, "files one API key may keep stored at once")
-    references_mb: float = _limit(16.0, "memory for the media uuids a gateway remembers itself, ~200 bytes "
-                                        "each (the shared cache holds them for cache_ttl_s)")
-    stored_responses_mb: float = _limit(64.0, "memory for the responses a gateway keeps for "
-                                              "previous_response_id itself (the shared cache holds them "
-                                              "for response_ttl_s)")
+    references_mb: float | None = _share(float, "memory for the media uuids a gateway remembers itself, ~200 "
+                                                "bytes each (the shared cache holds them for cache_ttl_s)")
+    stored_responses_mb: float | None = _share(float, "memory for the responses a gateway keeps for "
+                                                      "previous_response_id itself (the shared cache holds "
+                                                      "them for response_ttl_s)")
     response_ttl_s: int = _limit(86_400, "how long a stored response can be continued or read back")
 
     # Overload
@@ -85,8 +100,9 @@ class Settings:
                                          "it has grace + bytes/min_upload_bytes_per_s seconds to arrive")
     max_uploads: int = _limit(256, "request bodies being received at once; more get 429")
     max_uploads_per_client: int = _limit(32, "request bodies one client address sends at once; more get 429")
-    max_buffered_bytes: int = _limit(1024 * MiB, "bytes of request bodies the gateway holds at once, "
-                                                 "reserved from Content-Length (503)")
+    max_buffered_bytes: int | None = _share(int, "bytes of request bodies and fetched files (stored, remote) "
+                                                 "the gateway holds at once, reserved from Content-Length "
+                                                 "or the file's size (503)")
     max_connections: int = _limit(1024, "open connections; past it the longest-idle one is closed, "
                                         "or the new one gets 503 if none is idle")
     keep_alive_timeout_s: float = _limit(5.0, "how long an idle kept-alive connection stays open")
@@ -110,10 +126,15 @@ class Settings:
             raw = environ.get(f"ONELLM_{f.name.upper()}")
             if raw is None:
                 continue
-            kind = type(f.default) if f.default is not None else str
+            kind = f.metadata.get("type") or (type(f.default) if f.default is not None else str)
             values[f.name] = _env_list(raw) if kind is tuple else kind(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def __post_init__(self):
+        for name, value in shares(self.memory_budget_mb, self.preprocess_workers).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
 
     def vllm_urls(self) -> list[str]:
         return list(_env_list(self.vllm_url or ""))

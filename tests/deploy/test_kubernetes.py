@@ -317,6 +317,14 @@ def test_the_gateway_decodes_on_as_many_threads_as_it_has_cpus(manifests):
     assert workers == int(gateway["resources"]["requests"]["cpu"])
 
 
+def test_the_gateway_memory_budget_leaves_its_pod_room_for_the_runtime_and_the_model(manifests):
+    gateway = main_container(manifests.workload(GATEWAY))
+    budget = float(manifests.environment(gateway).get("ONELLM_MEMORY_BUDGET_MB", Settings.memory_budget_mb)) * (1 << 20)
+    # torch, the CUDA runtime and the encoder's 1.8 GiB of weights on their way to the GPU
+    runtime = 4 << 30
+    assert budget + runtime <= quantity_bytes(gateway["resources"]["limits"]["memory"])
+
+
 def test_gateways_and_vllm_replicas_each_get_a_gpu(manifests):
     for name in (GATEWAY, VLLM):
         resources = main_container(manifests.workload(name))["resources"]

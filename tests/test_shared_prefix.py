@@ -139,11 +139,14 @@ def test_a_bad_file_shared_by_two_requests_is_each_ones_error_under_its_own_name
     where = "messages[0].content[1].video_url.url"
 
     async def both():
-        release = hold()
+        release_hashes = hold()
         requests = [asyncio.ensure_future(service.prepare(chat(broken, params), None))
                     for params in ({}, {"video": where})]
         await asyncio.sleep(0.05)
-        release.set()
+        release_decode = hold()  # the decode fails fast: held until both requests wait for it
+        release_hashes.set()
+        await until(lambda: count(service, "onellm_prefix_shared_runs_total") == 1)
+        release_decode.set()
         return await asyncio.gather(*requests, return_exceptions=True)
 
     multipart, openai = asyncio.run(both())

@@ -1,12 +1,16 @@
 """The records a gateway keeps itself (media uuids, stored responses): per tenant, bounded in bytes,
-least recently used out first, gone after their TTL."""
+least recently used out first, gone after their TTL; with a real redis-server stopped or paused,
+writes made meanwhile survive the outage."""
 
 import asyncio
 import time
 
 import pytest
+import torch
 
+from server.api.metrics import Metrics
 from server.api.records import MediaReferences, Records
+from server.api.shared_cache import SharedPrefixCache
 from server.errors import InputError
 
 
@@ -51,3 +55,56 @@ def test_a_reference_names_modality_and_key_and_an_unknown_one_is_media_not_foun
         run(references.resolve("other", "clip", "messages[0].content[0]"))
     assert raised.value.status == 400 and raised.value.code == "media_not_found"
     assert raised.value.param == "messages[0].content[0]"
+
+
+async def until(condition, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.05)
+
+
+async def shared_records(redis_server) -> tuple[SharedPrefixCache, Records]:
+    metrics = Metrics()
+    metrics.add_shared_cache()
+    shared = SharedPrefixCache(redis_server.url, "test:records:", (30, 64), torch.float32, 60, 0.3, metrics)
+    await shared.start()
+    return shared, Records("test:records:", 1 << 20, 60, shared)
+
+
+def test_a_record_stored_while_redis_is_down_outlives_the_outage(redis_server):
+    async def scenario():
+        shared, records = await shared_records(redis_server)
+        redis_server.stop()
+        try:
+            await records.put("-", "during", b"kept")  # Redis does not take it
+            assert not shared.up
+        finally:
+            redis_server.start()  # empty: it keeps nothing across a restart
+        await until(lambda: shared.up)
+        assert await records.get("-", "during") == b"kept"
+        with redis_server.client() as client:  # written back, so other gateways find it too
+            await until(lambda: client.get(records._name("-", "during")) == b"kept")
+        await shared.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_record_deleted_while_redis_is_slow_stays_deleted_once_it_answers(redis_server):
+    async def scenario():
+        shared, records = await shared_records(redis_server)
+        await records.put("-", "stored", b"old")
+        name = records._name("-", "stored")
+        with redis_server.client() as client:
+            assert client.get(name) == b"old"
+            client.execute_command("CLIENT", "PAUSE", 1500, "ALL")  # the delete waits past the timeout
+            await records.delete("-", "stored")
+            assert not shared.up
+            assert await records.get("-", "stored") is None
+            await until(lambda: shared.up)
+            assert await records.get("-", "stored") is None
+            await until(lambda: client.get(name) is None)  # the delete written back
+        assert await records.get("-", "stored") is None
+        await shared.close()
+
+    asyncio.run(scenario())

@@ -13,6 +13,7 @@ import torch
 
 import inputs_files as files
 from server.api.metrics import Metrics
+from server.api.prefix_cache import PrefixCache
 from server.api.serving import ChatService
 from server.api.uploads import Attachment, Chat, Turn
 from server.engines.local import LocalEngine
@@ -138,11 +139,14 @@ def test_a_bad_file_shared_by_two_requests_is_each_ones_error_under_its_own_name
     where = "messages[0].content[1].video_url.url"
 
     async def both():
-        release = hold()
+        release_hashes = hold()
         requests = [asyncio.ensure_future(service.prepare(chat(broken, params), None))
                     for params in ({}, {"video": where})]
         await asyncio.sleep(0.05)
-        release.set()
+        release_decode = hold()  # the decode fails fast: held until both requests wait for it
+        release_hashes.set()
+        await until(lambda: count(service, "onellm_prefix_shared_runs_total") == 1)
+        release_decode.set()
         return await asyncio.gather(*requests, return_exceptions=True)
 
     multipart, openai = asyncio.run(both())
@@ -152,3 +156,12 @@ def test_a_bad_file_shared_by_two_requests_is_each_ones_error_under_its_own_name
     assert (openai.status, openai.param) == (422, where)
     assert count(service, "onellm_preprocess_seconds_count") == 1
     assert count(service, "onellm_prefix_shared_runs_total") == 1
+
+
+def test_the_prefix_cache_counts_what_an_entry_keeps_alive():
+    batch = torch.zeros(4, 30, 8)
+    cache = PrefixCache(1 << 20)
+    cache.put("view", batch[0])  # a view keeps the whole batch
+    assert cache.size == batch.numel() * batch.element_size()
+    cache.put("own", batch[1].clone())
+    assert cache.size == 5 * 30 * 8 * batch.element_size()

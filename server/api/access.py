@@ -11,6 +11,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 # page holds no data and asks for a key
 OPEN_PATHS = {"/health", "/ready", "/"}
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+log = logging.getLogger("onellm.access")
 
 
 async def send_error(send: Send, error: InputError, close: bool = False) -> None:
@@ -96,15 +98,25 @@ class RequestIds:
 
 @dataclass(frozen=True)
 class ApiKey:
-    """A key, the id that stands for it in metrics and logs, and its own limits (None: the defaults)."""
+    """A key, the id that stands for it in metrics and logs (a display name), the tenant whose
+    files, media uuids and stored responses it sees, and its own limits (None: the defaults)."""
 
     secret: str = field(repr=False)
     id: str
     max_concurrent: int | None = None
     per_minute: int | None = None
+    project: str | None = None  # keys of one project share a tenant; None: the key is a tenant alone
+
+    @property
+    def tenant(self) -> str:
+        # prefixed, so that a project cannot be named like a key's tenant; the whole hash, so
+        # that two keys' tenants never collide
+        if self.project is not None:
+            return "project:" + self.project
+        return "key:" + hashlib.sha256(self.secret.encode()).hexdigest()
 
 
-_KEY_OPTIONS = {"name": str, "max_concurrent": int, "per_minute": int}
+_KEY_OPTIONS = {"name": str, "project": str, "max_concurrent": int, "per_minute": int}
 
 
 def key_id(secret: str) -> str:
@@ -113,8 +125,8 @@ def key_id(secret: str) -> str:
 
 
 def parse_key_line(line: str, where: str) -> ApiKey:
-    """`KEY` alone, or `KEY name=ID max_concurrent=N per_minute=N` (any of the options, in any
-    order): bearer tokens hold no spaces, so what follows the first space are options."""
+    """`KEY` alone, or `KEY name=ID project=P max_concurrent=N per_minute=N` (any of the options, in
+    any order): bearer tokens hold no spaces, so what follows the first space are options."""
     secret, *options = line.split()
     values = {}
     for option in options:
@@ -141,6 +153,24 @@ def load_api_keys(keys: tuple[str, ...], keys_file: str | None) -> tuple[ApiKey,
     return tuple(found)
 
 
+def log_shared_tenants(keys: tuple[ApiKey, ...]) -> None:
+    """Says which keys share their data (one project), and which share only a name: sharing is
+    meant for key rotation, and an operator must see it rather than find it out."""
+    projects, names = defaultdict(list), defaultdict(set)
+    for key in keys:
+        if key.project is not None:
+            projects[key.project].append(key.id)
+        names[key.id].add(key.tenant)
+    for project, ids in projects.items():
+        if len(ids) > 1:
+            log.info("API keys %s share project '%s': its files, media uuids and stored responses",
+                     ", ".join(ids), project)
+    for name, tenants in names.items():
+        if len(tenants) > 1:
+            log.warning("%d API keys are named '%s' but share no project: each sees only its own files, media "
+                        "uuids and stored responses (add project=... to share them)", len(tenants), name)
+
+
 def caller_of(scope: Scope) -> str:
     """Whom a request counts against: its API key's id, else the client's address (which
     uvicorn takes from X-Forwarded-For only for a peer in `trusted_proxies`)."""
@@ -148,9 +178,10 @@ def caller_of(scope: Scope) -> str:
 
 
 def tenant_of(request) -> str:
-    """Whose files, media references and stored responses a request sees: its API key's id; "-"
-    for all callers of a server without keys, which is open to everyone alike."""
-    return request.scope.get("state", {}).get("caller") or "-"
+    """Whose files, media references and stored responses a request sees: its API key's tenant
+    (its project's, or its own); "-" for all callers of a server without keys, which is open to
+    everyone alike."""
+    return request.scope.get("state", {}).get("tenant") or "-"
 
 
 def metric_key(scope: Scope) -> str:
@@ -167,6 +198,7 @@ class Gate:
         self.app = app
         self.keys = keys
         self.draining = draining
+        log_shared_tenants(keys)  # once, as the app starts: logging is set up by then
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -180,7 +212,8 @@ class Gate:
             return await send_error(send, InputError(503, "the server is shutting down; retry on another instance",
                                                      headers={"Retry-After": "1"}), close=True)
         if key is not None:
-            scope.setdefault("state", {})["caller"] = key.id
+            state = scope.setdefault("state", {})
+            state["caller"], state["tenant"] = key.id, key.tenant
         await self.app(scope, receive, send)
 
     def _key(self, header: bytes) -> ApiKey | None:

@@ -4,7 +4,7 @@ The encoder runs one batch at a time. When it is free, a modality's queue runs a
 holds `max_batch` requests or its oldest has waited `max_wait`; of several such queues the one
 with the oldest request goes first. While a batch runs the queues keep filling, so under load
 batches grow to what has arrived in the meantime instead of lining up one request each.
-Each request gets its own prefix rows back. Modalities batch separately (their inputs differ
+Each request gets its own prefix rows back, copied out of the batch. Modalities batch separately (their inputs differ
 in shape); a video batch sends all B·T frames through the CLIP trunk in one call.
 """
 
@@ -83,10 +83,12 @@ class EncoderBatcher:
             self.running = False
             self._dispatch()
 
-    def _encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+    def _encode(self, modality: str, inputs: torch.Tensor) -> list[torch.Tensor]:
         started = time.perf_counter()
         prefixes = self.model.encode(modality, inputs)
         if self.metrics is not None:
             self.metrics.encoder_seconds.labels(modality).observe(time.perf_counter() - started)
             self.metrics.encoder_batch_size.labels(modality).observe(len(inputs))
-        return prefixes
+        # each request's own copy: a row of the batch would keep all B rows alive in the prefix
+        # cache while it counts one; copied here, off the event loop
+        return [prefix.clone() for prefix in prefixes]

@@ -31,14 +31,19 @@ class PrefixCache:
         return value
 
     def put(self, key: str, value: torch.Tensor) -> None:
-        nbytes = value.numel() * value.element_size()
+        nbytes = held_bytes(value)
         if nbytes > self.capacity or key in self.entries:
             return
         self.entries[key] = value
         self.size += nbytes
         while self.size > self.capacity:
             _, old = self.entries.popitem(last=False)
-            self.size -= old.numel() * old.element_size()
+            self.size -= held_bytes(old)
+
+
+def held_bytes(tensor: torch.Tensor) -> int:
+    """What keeping `tensor` keeps alive: its whole storage, which a view shares with its base."""
+    return tensor.untyped_storage().nbytes()
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SkipValidation
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SkipValidation
 
 
 class ErrorDetail(BaseModel):
@@ -203,6 +203,19 @@ class InputMessage(BaseModel):
     content: str | list[InputText | InputImage | InputVideo | InputFile | InputAudio | InputArray]
 
 
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # as OpenAI bounds it
+
+
+def _bounded_metadata(metadata: dict[str, str] | None) -> dict[str, str] | None:
+    # checked here rather than per item: an error naming a key would echo all of it back
+    if metadata is not None and (len(metadata) > METADATA_PAIRS
+                                 or any(len(k) > METADATA_KEY_CHARS for k in metadata)
+                                 or any(len(v) > METADATA_VALUE_CHARS for v in metadata.values())):
+        raise ValueError(f"at most {METADATA_PAIRS} pairs, keys of at most {METADATA_KEY_CHARS} characters "
+                         f"and values of at most {METADATA_VALUE_CHARS}")
+    return metadata
+
+
 class ResponsesRequest(BaseModel):
     """`POST /v1/responses`. `input` is text or a list of messages."""
 
@@ -219,7 +232,8 @@ class ResponsesRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    metadata: dict[str, str] | None = None
+    # stored with the response, in Redis too: unbounded, one request could make its writes slow
+    metadata: Annotated[dict[str, str] | None, AfterValidator(_bounded_metadata)] = None
     tools: list[dict[str, Any]] | None = None
     imu_sample_rate: float = Field(default=200.0, gt=0.0, le=10000.0)
 

@@ -2,8 +2,9 @@
 
 import asyncio
 import hashlib
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -130,8 +131,14 @@ class ChatService:
             self.metrics.media_references.labels("not_found").inc()
             field_name = MODALITIES[m].fields[0]
             raise gone(attachment.reference, attachment.params.get(field_name, field_name))
-        inputs = await self.off_loop(_preprocess, attachment, self.decoder_limits,
-                                     self.metrics.preprocess_seconds.labels(m))
+        # asyncio cannot stop a decode that a pool thread has begun: the decoder checks `cancel`
+        cancel = threading.Event()
+        try:
+            inputs = await self.off_loop(_preprocess, attachment, {**self.decoder_limits, "cancel": cancel},
+                                         self.metrics.preprocess_seconds.labels(m))
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
         prefix = await self.batcher.encode(m, inputs)
         self.metrics.encoder_runs.labels(m).inc()
         self.cache.put(key, prefix)
@@ -159,11 +166,11 @@ class ChatService:
                               f"more than the context window of {self.context} tokens", "messages")
 
     async def prepare(self, chat: Chat, max_tokens: int | None, tenant: str = "-") -> Prepared:
-        """`tenant`: whose media references the chat may use and make (its API key's id)."""
+        """`tenant`: whose media references the chat may use and make (its API key's tenant)."""
         start, ids, max_tokens = self.fit_context(chat, max_tokens)
         attachments = [a for t in chat.turns[start:] for a in t.attachments]
-        keys = await asyncio.gather(*(self.attachment_key(a, tenant) for a in attachments))
-        prefixes = await asyncio.gather(*(self.prefix(a, key) for a, key in zip(attachments, keys)))
+        keys = await all_or_none([self.attachment_key(a, tenant) for a in attachments])
+        prefixes = await all_or_none([self.prefix(a, key) for a, key in zip(attachments, keys)])
         self.metrics.media_references.labels("served").inc(sum(a.reference is not None for a in attachments))
         if self.references is not None:  # each use keeps a reference alive for another TTL
             for a, key in zip(attachments, keys):
@@ -213,6 +220,18 @@ class ChatService:
                     self.metrics.ttft.observe(generation.first_token_at - generation.started)
                 yield delta
         self.metrics.tokens_out.inc(generation.usage.completion_tokens)
+
+
+async def all_or_none(coroutines: list[Awaitable]) -> list:
+    """The results of `coroutines`, run at once. The first to fail cancels the others, and its
+    error is raised once they have stopped: an attachment refused leaves no other decoding or
+    encoding for a request that has already been answered."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coroutines]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 def _preprocess(attachment: Attachment, limits: dict, timer) -> torch.Tensor:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import struct
+from collections.abc import Callable, Coroutine
 
 import redis.asyncio as redis
 import torch
@@ -71,6 +72,8 @@ class SharedPrefixCache:
         self.metrics = metrics
         self.up = False
         self._probe: asyncio.Task | None = None
+        self._on_back: list[Callable[[], Coroutine]] = []
+        self._catching_up: asyncio.Task | None = None
 
     async def start(self) -> None:
         try:
@@ -81,8 +84,9 @@ class SharedPrefixCache:
             self._on()
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
+        for task in (self._probe, self._catching_up):
+            if task is not None:
+                task.cancel()
         await self.client.aclose()
 
     async def get(self, key: str, modality: str) -> torch.Tensor | None:
@@ -123,19 +127,26 @@ class SharedPrefixCache:
             self._off("get", e)
             return False, None
 
-    async def set_value(self, name: str, value: bytes, ttl_s: int) -> None:
-        if self.up:
-            try:
-                await self.client.set(name, value, ex=ttl_s)
-            except (RedisError, OSError) as e:
-                self._off("set", e)
+    async def set_value(self, name: str, value: bytes, ttl_s: int) -> bool:
+        """Whether Redis took the write."""
+        return await self._write("set", lambda: self.client.set(name, value, ex=ttl_s))
 
-    async def delete_value(self, name: str) -> None:
-        if self.up:
-            try:
-                await self.client.delete(name)
-            except (RedisError, OSError) as e:
-                self._off("delete", e)
+    async def delete_value(self, name: str) -> bool:
+        return await self._write("delete", lambda: self.client.delete(name))
+
+    async def _write(self, operation: str, command: Callable[[], Coroutine]) -> bool:
+        if not self.up:
+            return False
+        try:
+            await command()
+        except (RedisError, OSError) as e:
+            self._off(operation, e)
+            return False
+        return True
+
+    def when_back(self, callback: Callable[[], Coroutine]) -> None:
+        """`callback()` runs each time Redis answers again after an outage."""
+        self._on_back.append(callback)
 
     def _on(self) -> None:
         self.up = True
@@ -160,7 +171,13 @@ class SharedPrefixCache:
                 continue
             log.info("the shared prefix cache (redis %s) answers again", self.where)
             self._on()
+            # in a task of its own: a write that fails now must find this probe done, to start the next
+            self._catching_up = asyncio.create_task(self._back())
             return
+
+    async def _back(self) -> None:
+        for callback in self._on_back:
+            await callback()
 
 
 def shared_cache_for(url: str, model: OneLLM, ttl_s: int, timeout_s: float, metrics: Metrics) -> SharedPrefixCache:

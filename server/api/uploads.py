@@ -47,6 +47,7 @@ class Upload(NamedTuple):
     where: str | None = None  # the content part that carried it, for errors about its bytes
     uuid: str | None = None
     file_id: str | None = None
+    options: dict | None = None  # this part's own preprocess options, over the request's
 
 
 @dataclass
@@ -93,6 +94,7 @@ def group_uploads(uploads: list[Upload | tuple[str, bytes]], options: dict, para
 
 def _attachment(upload: Upload, options: dict) -> Attachment:
     params = {upload.field: upload.where} if upload.where else {}
+    options = {**options, **(upload.options or {})}
     if upload.data is None:
         return Attachment(SINGLE_FIELDS[upload.field], {}, options, params, reference=upload.uuid)
     return Attachment(SINGLE_FIELDS[upload.field], {upload.field: upload.data}, options, params, uuid=upload.uuid,
@@ -262,10 +264,12 @@ def parts_to_turn(role: str, content, index: int, options: dict, fetched: Fetche
             texts.append(str(part.get("text", "")))
         elif kind in PART_FIELDS or kind == "file" or (
                 isinstance(kind, str) and kind.startswith("input_") and kind[6:] in UPLOAD_FIELDS):
-            uploads.append(part_upload(kind, part, where, fetched))
+            upload = part_upload(kind, part, where, fetched)
             body = part.get(kind)
-            if isinstance(body, dict) and "sample_rate" in body:
-                options = {**options, "imu_sample_rate": _positive(body["sample_rate"], f"{where}.{kind}.sample_rate")}
+            if isinstance(body, dict) and "sample_rate" in body:  # this part's rate, not the message's
+                upload = upload._replace(options={
+                    "imu_sample_rate": _positive(body["sample_rate"], f"{where}.{kind}.sample_rate")})
+            uploads.append(upload)
         else:
             raise InputError(400, f"unsupported content part type {kind!r}", f"{where}.type")
     if uploads and role != "user":

@@ -6,14 +6,16 @@ TMPDIR and its own log file.
 default megabytes), API keys from both the environment and a file, one CORS origin. The
 overload tests start gateways of their own; one of them they shut down with SIGTERM.
 `slow_gateway` has the way-in timeouts scaled down to seconds; `crowded` has keys with quotas
-of their own, two slots and a low connection cap.
+of their own, two slots and a low connection cap. `projects` has keys that share a name or a
+project, and two decoding workers.
 """
 
 import httpx
 import pytest
 
 from gateway_process import GatewayProcess, flags
-from gateways import CROWDED, ENV_KEYS, FILE_KEY, KEYS, KEYS_FILE, LIMITS, ORIGIN, SLOW_CLIENTS
+from gateways import (CROWDED, ENV_KEYS, FILE_KEY, KEYS, KEYS_FILE, LIMITS, ORIGIN, PROJECT_KEYS, PROJECT_KEYS_FILE,
+                      PROJECTS_ENV, SLOW_CLIENTS)
 
 
 def serving(server: GatewayProcess, ready_headers: dict | None = None):
@@ -54,3 +56,12 @@ def crowded(tiny_model, tmp_path_factory):
     keys_file.write_text(KEYS_FILE)
     yield from serving(GatewayProcess(tiny_model, workdir, [*flags(CROWDED), "--api-keys-file", str(keys_file)]),
                        {"Authorization": f"Bearer {KEYS['bob']}"})
+
+
+@pytest.fixture(scope="session")
+def projects(tiny_model, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("projects")
+    keys_file = workdir / "keys.txt"
+    keys_file.write_text(PROJECT_KEYS_FILE)
+    yield from serving(GatewayProcess(tiny_model, workdir, ["--api-keys-file", str(keys_file)], env=PROJECTS_ENV),
+                       {"Authorization": f"Bearer {PROJECT_KEYS['old']}"})

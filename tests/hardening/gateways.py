@@ -41,3 +41,14 @@ KEYS_FILE = f"""# one key a line; options after the key
 {KEYS["carol"]}   per_minute=3 name=carol
 """
 CROWDED = {"max_concurrent": 2, "max_queued": 30, "max_connections": 300, "trusted_proxies": "127.0.0.2"}
+
+# the projects gateway: two keys that share a name by accident, two that share a project on
+# purpose (a key being rotated); two decoding workers, so that a request's attachments decode at once
+PROJECT_KEYS = {"team-1": "key-team-1-5d0c7a", "team-2": "key-team-2-e14b96",
+                "old": "key-old-0a7f31", "new": "key-new-c3952e"}
+PROJECT_KEYS_FILE = f"""{PROJECT_KEYS["team-1"]} name=team
+{PROJECT_KEYS["team-2"]} name=team
+{PROJECT_KEYS["old"]} name=acme-old project=acme
+{PROJECT_KEYS["new"]} project=acme name=acme-new
+"""
+PROJECTS_ENV = {"ONELLM_PREPROCESS_WORKERS": "2"}  # an environment setting only

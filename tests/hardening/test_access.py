@@ -1,12 +1,16 @@
 """API keys, CORS, request ids and what the log may hold, on the main gateway (keys from
-ONELLM_API_KEYS and from --api-keys-file, CORS open to one origin)."""
+ONELLM_API_KEYS and from --api-keys-file, CORS open to one origin); which keys share a tenant,
+on the projects gateway (keys that share a name, keys that share a project)."""
 
+import itertools
 import re
 
 import httpx
 import pytest
 
-from gateways import ENV_KEYS, FILE_KEY, ORIGIN
+import media
+from gateways import ENV_KEYS, FILE_KEY, ORIGIN, PROJECT_KEYS
+from server.api.access import key_id, load_api_keys
 
 WRONG_KEYS = ["env-key-0f3a9", "env-key-0f3a9c0", "ENV-KEY-0F3A9C", "wrong-key-a7e2f1"]
 
@@ -142,3 +146,56 @@ def test_prompts_and_uploads_stay_out_of_the_log_below_debug(hardened, client):
     client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 7}], "max_tokens": 2})
     assert secret not in hardened.log()
     assert "scan.png" not in hardened.log()
+
+
+def key_client(gateway, name: str) -> httpx.Client:
+    return httpx.Client(base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {PROJECT_KEYS[name]}"})
+
+
+def stored_by(gateway, name: str) -> str:
+    with key_client(gateway, name) as client:
+        response = client.post("/v1/files", files={"file": ("a.png", media.image("png", seed=2501))},
+                               data={"purpose": "vision"})
+        assert response.status_code == 200, response.text
+        return response.json()["id"]
+
+
+def test_keys_that_share_only_a_name_see_none_of_each_others_files(projects):
+    file_id = stored_by(projects, "team-1")
+    with key_client(projects, "team-2") as other:
+        assert other.get(f"/v1/files/{file_id}").status_code == 404
+        assert other.get(f"/v1/files/{file_id}/content").status_code == 404
+        assert other.delete(f"/v1/files/{file_id}").status_code == 404
+    with key_client(projects, "team-1") as owner:
+        assert owner.get(f"/v1/files/{file_id}").status_code == 200
+
+
+def test_keys_of_one_project_share_its_files_and_stored_responses(projects):
+    file_id = stored_by(projects, "old")
+    with key_client(projects, "old") as old, key_client(projects, "new") as new:
+        assert new.get(f"/v1/files/{file_id}/content").status_code == 200
+        response = old.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 2})
+        assert response.status_code == 200, response.text
+        assert new.get(f"/v1/responses/{response.json()['id']}").status_code == 200
+        assert new.delete(f"/v1/files/{file_id}").status_code == 200
+        assert old.get(f"/v1/files/{file_id}").status_code == 404
+
+
+def test_the_start_up_log_says_which_keys_share_a_project_and_which_only_a_name(projects):
+    log = projects.log()
+    assert "API keys acme-old, acme-new share project 'acme'" in log
+    assert "2 API keys are named 'team' but share no project" in log
+    assert all(secret not in log for secret in PROJECT_KEYS.values())
+
+
+def test_keys_whose_short_ids_collide_are_still_tenants_apart():
+    """The id in metrics is 32 bits of the key's hash; a tenant is all of it."""
+    seen = {}
+    for n in itertools.count():
+        secret = f"sk-{n}"
+        if (short := key_id(secret)) in seen:
+            break
+        seen[short] = secret
+    first, second = load_api_keys((seen[short], secret), None)
+    assert first.id == second.id
+    assert first.tenant != second.tenant

@@ -1,13 +1,20 @@
-"""A request that ends early (its client left, its deadline passed) takes its work with it:
-what it queued for the decoders never runs and nothing reaches the encoder. In process, with
-the real ChatService on the tiny model, as ChatGuard cancels the task serving a request."""
+"""A request that ends early (its client left, its deadline passed, one of its attachments was
+refused) takes its work with it: what it queued for the decoders never runs and nothing reaches
+the encoder. In process, with the real ChatService on the tiny model, as ChatGuard cancels the
+task serving a request; and over a real gateway."""
 
 import asyncio
+import io
 import threading
+import time
 
+import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 import inputs_files as files
+import media
+from gateways import PROJECT_KEYS
 from server.api.metrics import Metrics
 from server.api.serving import ChatService
 from server.api.uploads import Attachment, Chat, Turn
@@ -50,3 +57,42 @@ def test_a_cancelled_request_runs_none_of_its_queued_decoding_and_nothing_in_the
     assert service.batcher.batch_sizes == []
     assert total(metrics, "onellm_encoder_runs_total") == 0
     service.close()
+
+
+def slow_mesh(vertices: int = 300_000) -> bytes:
+    """A 24 MB OBJ triangle soup that the decoder takes seconds to parse (~2.5 s on a busy 2-core machine)."""
+    rng = np.random.default_rng(2502)
+    out = io.BytesIO()
+    np.savetxt(out, rng.random((vertices, 3)), fmt="v %.6f %.6f %.6f")
+    np.savetxt(out, rng.integers(1, vertices + 1, (2 * vertices, 3)), fmt="f %d %d %d")
+    return out.getvalue()
+
+
+def metric(gateway, headers: dict, name: str, **labels) -> float:
+    text = httpx.get(f"{gateway.url}/metrics", headers=headers, timeout=30).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+def test_a_request_whose_other_attachment_is_refused_stops_the_slow_ones_decode_and_encoder_run(projects):
+    """Over a real gateway with two decoding workers: a new mesh (seconds to decode) and a file that
+    is no image, in one request. The 4xx comes while the mesh decodes; after it, the mesh never
+    reaches the encoder, and the decoding pool serves the next request."""
+    headers = {"Authorization": f"Bearer {PROJECT_KEYS['old']}"}
+    decodes, encodes = (metric(projects, headers, name, modality="point")
+                        for name in ("onellm_preprocess_seconds_count", "onellm_encoder_runs_total"))
+    refused = httpx.post(f"{projects.url}/v1/chat", headers=headers, timeout=120,
+                         files=[("point", ("mesh.obj", slow_mesh())), ("image", ("a.png", b"no image at all"))],
+                         data={"prompt": "What is it?", "max_tokens": "2"})
+    assert 400 <= refused.status_code < 500 and refused.json()["error"]["param"] == "image", refused.text
+    assert metric(projects, headers, "onellm_preprocess_seconds_count", modality="point") == decodes, \
+        "the mesh was decoded before the refusal: nothing left to stop"
+    deadline = time.monotonic() + 120
+    while metric(projects, headers, "onellm_preprocess_seconds_count", modality="point") == decodes:
+        assert time.monotonic() < deadline, "the mesh's decode never ended"
+        time.sleep(0.05)  # polling the state, not waiting it out
+    following = httpx.post(f"{projects.url}/v1/chat", headers=headers, timeout=120,
+                           files=[("image", ("b.png", media.image("png", seed=2503)))],
+                           data={"prompt": "What is it?", "max_tokens": "2"})
+    assert following.status_code == 200, following.text
+    assert metric(projects, headers, "onellm_encoder_runs_total", modality="point") == encodes

@@ -66,3 +66,12 @@ def test_a_cancelled_request_leaves_the_batch_before_it_runs(model):
 
     assert len(asyncio.run(main())) == 2
     assert batcher.batch_sizes == [2]
+
+
+def test_each_prefix_of_a_batch_holds_only_its_own_rows(model):
+    """The prefix cache counts 30 x D per entry: a row that kept its batch alive would hold B times that."""
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+    prefixes = run_concurrently(batcher, images(4))
+    assert batcher.batch_sizes == [4]
+    for prefix in prefixes:
+        assert prefix.untyped_storage().nbytes() == prefix.numel() * prefix.element_size()

@@ -137,7 +137,7 @@ def chat_naming(client, endpoint: str, ids: list[str]) -> httpx.Response:
 
 
 def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
-    assert response.status_code == status, response.text
+    assert response.status_code == status, response.text[:1000]
     error = response.json()["error"]
     for word in words:
         assert word in error["message"], error

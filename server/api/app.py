@@ -26,7 +26,7 @@ from server.api.fetch import fetch_all
 from server.api.file_routes import files_router, read_stored
 from server.api.files import file_store_for
 from server.api.intake import Intake
-from server.api.limits import BodyLimit, check_chat, read_form
+from server.api.limits import BodyLimit, check_attachment_count, check_chat, read_form
 from server.api.metrics import Metrics
 from server.api.quotas import CallerQuotas, Quota
 from server.api.records import MediaReferences, Records
@@ -34,8 +34,8 @@ from server.api.responses import responses_router
 from server.api.serving import ChatService
 from server.api.settings import MiB, Settings
 from server.api.shared_cache import shared_cache_for
-from server.api.uploads import (SANE_UUID, SINGLE_FIELDS, UPLOAD_FIELDS, Chat, Upload, chat_from_form, chat_from_openai,
-                                parse_json_body)
+from server.api.uploads import (SANE_UUID, SINGLE_FIELDS, UPLOAD_FIELDS, Chat, Upload, attachment_count, chat_from_form,
+                                chat_from_openai, parse_json_body)
 from server.engines.base import Engine, EngineUnavailable
 from server.errors import InputError
 from server.model.repo import OneLLM, load_model
@@ -245,6 +245,10 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
             raise InputError(415, "POST /v1/chat takes multipart/form-data (curl -F); JSON goes to /v1/chat/completions")
         # an image with its depth or normal map is one attachment in two files
         async with read_form(request, settings.max_file_bytes, 2 * settings.max_attachments, 64) as form:
+            # the attachments of its files, references and stored files, counted before any is read
+            media = [REF_FIELDS.get(name) or FILE_ID_FIELDS.get(name) or name for name, _ in form.multi_items()
+                     if name in REF_FIELDS or name in FILE_ID_FIELDS or name in UPLOAD_FIELDS]
+            check_attachment_count(attachment_count(media), settings.max_attachments)
             texts, uploads = {}, []
             for name, value in form.multi_items():
                 if isinstance(value, UploadFile):

@@ -11,7 +11,10 @@ when worker_connections run out):
   uvicorn's keep-alive timeout applies). Late: 408 and the connection closed, or a plain close
   if not a byte came;
 - past `max_connections`, the connection that has waited longest for a request is closed to
-  make room; only if every one is busy with a request does the new one get 503.
+  make room; only if every one is busy with a request does the new one get 503;
+- a response whose reader takes nothing for `send_timeout_s` (its bytes waiting past the write
+  buffer's high-water mark all that time) has its connection dropped, as nginx's send_timeout
+  does: a reader that stops reading holds one write buffer, never a whole download or answer.
 """
 
 import asyncio
@@ -35,12 +38,15 @@ def raw_response(error: InputError) -> bytes:
 
 
 class Connection(H11Protocol):
-    def __init__(self, *args, header_timeout_s: float, max_connections: int, metrics: Metrics, **kwargs):
+    def __init__(self, *args, header_timeout_s: float, max_connections: int, metrics: Metrics,
+                 send_timeout_s: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
         self.metrics = metrics
+        self.send_timeout_s = send_timeout_s
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
         self.idle_since: float | None = None  # waiting for a request since then; None while serving one
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -67,7 +73,22 @@ class Connection(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
+        self._reader_took_some()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_deadline is None:
+            self._send_deadline = self.loop.call_later(self.send_timeout_s, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        self._reader_took_some()
+        super().resume_writing()
+
+    def _reader_took_some(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
 
     def _await_headers(self) -> None:
         self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_late)
@@ -108,7 +129,7 @@ class Connection(H11Protocol):
         return True
 
 
-def connection_class(header_timeout_s: float, max_connections: int, metrics: Metrics):
+def connection_class(header_timeout_s: float, max_connections: int, metrics: Metrics, send_timeout_s: float):
     """What uvicorn's `http` setting takes: it calls this with its own arguments for each connection."""
     return functools.partial(Connection, header_timeout_s=header_timeout_s, max_connections=max_connections,
-                             metrics=metrics)
+                             metrics=metrics, send_timeout_s=send_timeout_s)

@@ -8,12 +8,13 @@ from pathlib import PurePosixPath
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from server.api import schemas
 from server.api.access import tenant_of
 from server.api.files import PURPOSES, check_upload
+from server.api.intake import charge_of
 from server.api.limits import read_form
 from server.errors import InputError
 
@@ -28,8 +29,13 @@ def _not_found(file_id: str) -> InputError:
 
 
 async def read_stored(request: Request, file_id: object, param: str) -> tuple[str, bytes]:
-    """(kind, bytes) of a stored file a chat names; one the caller cannot see is a 400 naming the part."""
-    found = await request.app.state.files.content(tenant_of(request), file_id) if isinstance(file_id, str) else None
+    """(kind, bytes) of a stored file a chat names; one the caller cannot see is a 400 naming the
+    part. Its size, from its record, counts against the memory budget before it is read."""
+    store, tenant = request.app.state.files, tenant_of(request)
+    record = await store.get(tenant, file_id) if isinstance(file_id, str) else None
+    if record is not None:
+        charge_of(request).reserve(record.bytes, param)
+    found = await store.content(tenant, file_id) if record is not None else None
     if found is None:
         raise InputError(400, f"no file '{file_id}' is stored for this API key (it may have expired or been "
                               "deleted); upload it again with POST /v1/files", param, code="file_not_found")
@@ -116,11 +122,15 @@ async def get_file(request: Request, file_id: str) -> schemas.FileObject:
 @files_router.get("/v1/files/{file_id}/content",
                   responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                        "format": "binary"}}}}})
-async def file_content(request: Request, file_id: str) -> Response:
-    found = await request.app.state.files.content(tenant_of(request), file_id)
+async def file_content(request: Request, file_id: str) -> StreamingResponse:
+    """The bytes a piece at a time as the client takes them, never the whole file: a reader that
+    stops taking them holds a piece, and is dropped after body_idle_timeout_s (connections.py)."""
+    found = await request.app.state.files.stream(tenant_of(request), file_id)
     if found is None:
         raise _not_found(file_id)
-    return Response(found[1], media_type="application/octet-stream")
+    record, pieces = found
+    return StreamingResponse(pieces, media_type="application/octet-stream",
+                             headers={"Content-Length": str(record.bytes)})
 
 
 @files_router.delete("/v1/files/{file_id}", response_model=schemas.FileDeleted)

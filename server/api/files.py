@@ -15,10 +15,12 @@ import os
 import secrets
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -34,6 +36,8 @@ PURPOSES = ("user_data", "vision")
 # what each modality's decoders read; anything else (pickles, archives, documents) is refused on upload
 ACCEPTED_FAMILIES = {"image", "video", "audio", "array", "mesh", "text"}
 SWEEP_S = 300.0  # how often expired files are looked for, besides on every read
+# a download is read and sent this much at a time: what one held by a reader that stopped reading costs
+PIECE_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,22 @@ class LocalFileStore:
     async def content(self, tenant: str, file_id: str) -> tuple[StoredFile, bytes] | None:
         return await self._run(self._content, tenant, file_id)
 
+    async def stream(self, tenant: str, file_id: str) -> tuple[StoredFile, AsyncIterator[bytes]] | None:
+        """The record and the bytes a piece at a time; the blob is open from here on, so a
+        delete meanwhile does not cut the download short."""
+        found = await self._run(self._open, tenant, file_id)
+        if found is None:
+            return None
+        record, blob = found
+        return record, self._pieces(blob)
+
+    async def _pieces(self, blob: BinaryIO) -> AsyncIterator[bytes]:
+        try:
+            while piece := await self._run(blob.read, PIECE_BYTES):
+                yield piece
+        finally:  # in the store's thread, after the read a cancelled download may have left running
+            self._io.submit(blob.close)
+
     async def list(self, tenant: str) -> list[StoredFile]:
         return await self._run(self._list, tenant)
 
@@ -164,6 +184,15 @@ class LocalFileStore:
             return None
         try:
             return record, (self.root / "blobs" / record.sha256).read_bytes()
+        except OSError:
+            return None
+
+    def _open(self, tenant: str, file_id: str) -> tuple[StoredFile, BinaryIO] | None:
+        record = self._get(tenant, file_id)
+        if record is None:
+            return None
+        try:
+            return record, open(self.root / "blobs" / record.sha256, "rb")
         except OSError:
             return None
 
@@ -289,6 +318,25 @@ class RedisFileStore:
         async with _unavailable_as_503():
             data = await self.client.get(f"{self.ns}blob:{record.sha256}")
         return None if data is None else (record, data)
+
+    async def stream(self, tenant: str, file_id: str) -> tuple[StoredFile, AsyncIterator[bytes]] | None:
+        """The record and the bytes a range at a time."""
+        record = await self.get(tenant, file_id)
+        if record is None:
+            return None
+        blob = f"{self.ns}blob:{record.sha256}"
+        async with _unavailable_as_503():
+            if not await self.client.exists(blob):
+                return None
+        return record, self._ranges(blob, record.bytes)
+
+    async def _ranges(self, blob: str, size: int) -> AsyncIterator[bytes]:
+        for start in range(0, size, PIECE_BYTES):
+            async with _unavailable_as_503():
+                piece = await self.client.getrange(blob, start, start + PIECE_BYTES - 1)
+            if not piece:  # the last record naming the bytes was deleted meanwhile
+                raise InputError(404, "the file was deleted while it was being downloaded")
+            yield piece
 
     async def list(self, tenant: str) -> list[StoredFile]:
         listing = f"{self.ns}list:{_tenant_dir(tenant)}"

@@ -6,12 +6,15 @@ client_body_timeout and Apache's mod_reqtimeout bound it: a gap between reads lo
 
 Refusals (429 past the upload places, 503 past the memory budget) come before any of the body
 is read. A body's bytes count against the budget from its arrival (its Content-Length is
-reserved at once) until its request ends: the gateway holds them that long.
+reserved at once) until its request ends: the gateway holds them that long. So do the bytes a
+request fetches (stored files, remote URLs): the route adds them to the request's `Charge`
+(`charge_of(request)`) before it reads them, and is refused with the same 503 past the budget.
 """
 
 import asyncio
 from collections import Counter
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.access import metric_key, send_error
@@ -33,7 +36,7 @@ class _OverBudget(Exception):
 
 
 class Intake:
-    """ASGI middleware around every request that has a body."""
+    """ASGI middleware around every request: the way in of its body, and what it holds."""
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics):
         self.app = app
@@ -49,7 +52,12 @@ class Intake:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
         if b"transfer-encoding" not in headers and declared in (b"", b"0"):
-            return await self.app(scope, receive, send)
+            charge = Charge(self, scope)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                charge.release()
+            return
         reserved = int(declared) if declared.isdigit() else 0
         client = (scope.get("client") or ("-",))[0]
         refusal = self._refusal(client, reserved)
@@ -57,7 +65,7 @@ class Intake:
             limit, error = refusal
             self.metrics.refusals.labels(limit, metric_key(scope)).inc()
             return await send_error(send, error, close=True)
-        upload = _Upload(self, client, reserved, receive)
+        upload = _Upload(self, scope, client, reserved, receive)
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -91,19 +99,54 @@ class Intake:
             return "max_buffered_bytes", self._over_budget()
         return None
 
-    def _over_budget(self) -> InputError:
-        return InputError(503, f"the server holds {_mib(self.settings.max_buffered_bytes)} of request bodies, "
-                               "its limit (max_buffered_bytes); retry shortly", headers={"Retry-After": "1"})
+    def _over_budget(self, param: str | None = None) -> InputError:
+        return InputError(503, f"the server holds {_mib(self.settings.max_buffered_bytes)} of request bodies and "
+                               "the files they fetch, its limit (max_buffered_bytes); retry shortly", param,
+                          headers={"Retry-After": "1"})
+
+
+class Charge:
+    """The bytes one request holds, counted against max_buffered_bytes from when they are known
+    until the request ends; the route reaches it as `charge_of(request)`."""
+
+    def __init__(self, intake: Intake, scope: Scope, reserved: int = 0):
+        self.intake = intake
+        self.scope = scope
+        self.held = reserved
+        intake.buffered += reserved
+        scope.setdefault("state", {})["charge"] = self
+
+    def reserve(self, nbytes: int, param: str) -> None:
+        """Counts `nbytes` more, before they are kept; past the budget a 503 naming `param`, the
+        part they are for, and nothing counted."""
+        if self.intake.buffered + nbytes > self.intake.settings.max_buffered_bytes:
+            self.intake.metrics.refusals.labels("max_buffered_bytes", metric_key(self.scope)).inc()
+            raise self.intake._over_budget(param)
+        self.grow(nbytes)
+
+    def grow(self, nbytes: int) -> None:
+        """Counts `nbytes` that have already arrived, whatever the budget says."""
+        self.intake.buffered += nbytes
+        self.held += nbytes
+
+    def release(self) -> None:
+        self.intake.buffered -= self.held
+        self.held = 0
+
+
+def charge_of(request: Request) -> Charge:
+    return request.scope["state"]["charge"]
 
 
 class _Upload:
     """One body arriving: its place among the uploads until its last byte, its bytes in the
     budget until its request ends, and the deadlines of its next read."""
 
-    def __init__(self, intake: Intake, client: str, reserved: int, receive: Receive):
+    def __init__(self, intake: Intake, scope: Scope, client: str, reserved: int, receive: Receive):
         self.intake = intake
         self.client = client
-        self.held = reserved  # bytes counted against the budget
+        self.charge = Charge(intake, scope, reserved)
+        self.body_held = reserved  # of the charge, what is the body's
         self.received = 0
         self._receive = receive
         self.loop = asyncio.get_running_loop()
@@ -111,7 +154,6 @@ class _Upload:
         self.arriving = True
         intake.uploading += 1
         intake.per_client[client] += 1
-        intake.buffered += reserved
         intake.metrics.uploads_in_progress.inc()
 
     async def receive(self) -> Message:
@@ -136,9 +178,9 @@ class _Upload:
                                         f"{s.min_upload_bytes_per_s} (min_upload_bytes_per_s)") from None
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
-            if self.received > self.held:  # a body without Content-Length grows as it comes
-                self.intake.buffered += self.received - self.held
-                self.held = self.received
+            if self.received > self.body_held:  # a body without Content-Length grows as it comes
+                self.charge.grow(self.received - self.body_held)
+                self.body_held = self.received
                 if self.intake.buffered > s.max_buffered_bytes:
                     self._arrived()
                     raise _OverBudget
@@ -159,5 +201,4 @@ class _Upload:
 
     def end(self) -> None:
         self._arrived()
-        self.intake.buffered -= self.held
-        self.held = 0
+        self.charge.release()

@@ -122,6 +122,13 @@ async def read_form(request: Request, max_file_bytes: int, max_files: int, max_f
         await form.close()
 
 
+def check_attachment_count(count: int, max_attachments: int) -> None:
+    """Checked on the parts before anything they name is fetched, and on the chat they made."""
+    if count > max_attachments:
+        raise InputError(400, f"the request carries {count} attachments, more than the limit of "
+                              f"{max_attachments} (max_attachments)", "messages")
+
+
 def check_chat(chat: Chat, limits, max_tokens: int | None, max_tokens_param: str = "max_tokens",
                text_param: str = "messages") -> None:
     """The limits on a parsed chat; `limits` is the gateway's Settings, the params name the
@@ -137,9 +144,7 @@ def check_chat(chat: Chat, limits, max_tokens: int | None, max_tokens_param: str
         raise InputError(413, f"the messages hold {chars} characters of text, more than the limit of "
                               f"{limits.max_text_chars} (max_text_chars)", text_param)
     attachments = [a for t in chat.turns for a in t.attachments]
-    if len(attachments) > limits.max_attachments:
-        raise InputError(400, f"the request carries {len(attachments)} attachments, more than the limit of "
-                              f"{limits.max_attachments} (max_attachments)", "messages")
+    check_attachment_count(len(attachments), limits.max_attachments)
     for attachment in attachments:
         for name, data in attachment.files.items():
             if len(data) > limits.max_file_bytes:

@@ -1,5 +1,6 @@
-"""Per-caller quotas on the chat endpoints: requests at once and requests a minute for each API
-key (without keys, each client address), answered 429 with Retry-After before the body is read.
+"""Per-caller quotas: chat requests at once and a minute for each API key (without keys, each
+client address), answered 429 with Retry-After before the body is read. File downloads count
+among the requests at once (each may hold a reader's connection for long), not among the minute's.
 
 The minute's quota is a token bucket (as nginx's limit_req and Envoy's local rate limit): it
 holds `per_minute` requests and refills at per_minute/60 a second, so a caller may burst up to
@@ -47,6 +48,15 @@ class _Bucket:
         return (1 - self.tokens) * 60 / self.capacity
 
 
+def _is_chat(scope: Scope) -> bool:
+    return scope["type"] == "http" and scope["path"] in CHAT_PATHS and scope["method"] == "POST"
+
+
+def _is_download(scope: Scope) -> bool:
+    path = scope["path"] if scope["type"] == "http" else ""
+    return path.startswith("/v1/files/") and path.endswith("/content") and scope["method"] == "GET"
+
+
 class CallerQuotas:
     """ASGI middleware: each caller's requests at once and a minute, from `default` or its key's own."""
 
@@ -61,11 +71,12 @@ class CallerQuotas:
         self._buckets: dict[str, _Bucket] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in CHAT_PATHS or scope["method"] != "POST":
+        chat = _is_chat(scope)
+        if not chat and not _is_download(scope):
             return await self.app(scope, receive, send)
         caller = caller_of(scope)
         quota = self.quotas.get(caller, self.default)
-        refusal = self._refusal(caller, quota)
+        refusal = self._refusal(caller, quota if chat else Quota(quota.max_concurrent, 0))
         if refusal is not None:
             limit, error = refusal
             self.metrics.refusals.labels(limit, metric_key(scope)).inc()

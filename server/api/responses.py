@@ -157,10 +157,12 @@ async def _read_chat(request: Request, body: schemas.ResponsesRequest) -> tuple[
     the instructions first in its system prompt) and the conversation's own system message."""
     completion = schemas.ChatCompletionRequest.model_validate(
         {"messages": chat_messages(body), "imu_sample_rate": body.imu_sample_rate})
-    chat = await request.app.state.service.off_loop(chat_from_openai, completion, await fetch_all(request, completion))
+    record = await _previous(request, body.previous_response_id) if body.previous_response_id else None
+    earlier = sum(len(turn["attachments"]) for turn in record["turns"]) if record else 0
+    fetched = await fetch_all(request, completion, earlier)
+    chat = await request.app.state.service.off_loop(chat_from_openai, completion, fetched)
     system = chat.system
-    if body.previous_response_id:
-        record = await _previous(request, body.previous_response_id)
+    if record:
         chat.turns = await _stored_turns(request, record) + chat.turns
         system = system or record.get("system")  # records made before system messages were kept have none
     chat.system = "\n".join(filter(None, [body.instructions, system])) or None

@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="encoder dtype (env ONELLM_DTYPE; default: as stored)")
     parser.add_argument("--allowed-url-hosts", type=_list,
-                        help="comma-separated hosts whose http(s) attachment URLs may be fetched "
+                        help="comma-separated hosts whose http(s) attachment URLs may be fetched: "
+                        "'host' on its scheme's default port (80, 443) only, 'host:port' on that port "
                         "(env ONELLM_ALLOWED_URL_HOSTS; default none)")
     parser.add_argument("--encoder-max-batch", type=int, help="requests of one modality encoded as one batch "
                         "(env ONELLM_ENCODER_MAX_BATCH; default 8)")
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                             log_config=logging_config(settings.log_level),
                             timeout_graceful_shutdown=settings.drain_timeout_s,
                             http=connection_class(settings.header_timeout_s, settings.max_connections,
-                                                  app.state.metrics),
+                                                  app.state.metrics, settings.body_idle_timeout_s),
                             timeout_keep_alive=settings.keep_alive_timeout_s,
                             # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise
                             proxy_headers=bool(settings.trusted_proxies),

@@ -47,7 +47,7 @@ class Settings:
     files_dir: str = os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"),
                                   "onellm-serve", "files")
     files_url: str | None = None
-    allowed_url_hosts: tuple[str, ...] = ()  # remote attachment URLs are refused unless their host is listed
+    allowed_url_hosts: tuple[str, ...] = ()  # remote attachment URLs are refused unless their host[:port] is listed
     log_level: str = "info"
 
     # Memory: what requests may hold, split among the stages that hold it (server/api/budget.py)
@@ -93,7 +93,8 @@ class Settings:
     # 2 Mbit/s link (250 kB/s, 200 s): well above the minimum rate, within request_timeout_s
     header_timeout_s: float = _limit(10.0, "longest wait for a request's headers, from the connection "
                                            "or its first byte (408, or a silent close if none came)")
-    body_idle_timeout_s: float = _limit(30.0, "longest gap between two reads of a request body (408)")
+    body_idle_timeout_s: float = _limit(30.0, "longest gap between two reads of a request body (408), "
+                                              "or a response's reader taking nothing (its connection is closed)")
     min_upload_bytes_per_s: int = _limit(10_000, "slowest average rate a body may arrive at, give or "
                                                  "take upload_grace_s (408; 0: no minimum)")
     upload_grace_s: float = _limit(10.0, "how far (s) a body may fall behind min_upload_bytes_per_s: "
@@ -106,11 +107,15 @@ class Settings:
     max_connections: int = _limit(1024, "open connections; past it the longest-idle one is closed, "
                                         "or the new one gets 503 if none is idle")
     keep_alive_timeout_s: float = _limit(5.0, "how long an idle kept-alive connection stays open")
-    key_max_concurrent: int = _limit(32, "chat requests of one API key (or client address) at once, "
-                                         "uploading, queued or running; more get 429 (0: no limit)")
+    key_max_concurrent: int = _limit(32, "chat requests and file downloads of one API key (or client "
+                                         "address) at once, uploading, queued, running or sending; more "
+                                         "get 429 (0: no limit)")
     key_requests_per_minute: int = _limit(0, "chat requests one API key (or client address) may start "
                                              "a minute, in bursts of up to that many; more get 429 "
                                              "(0: no limit)")
+    # What a request fetches: stored files and remote URLs count against max_buffered_bytes
+    url_fetch_timeout_s: float = _limit(10.0, "longest a remote attachment URL may take to download, "
+                                              "connection to last byte (422)")
     # peers whose X-Forwarded-For names the client (addresses or CIDRs); nobody else's is believed
     trusted_proxies: tuple[str, ...] = ()
 

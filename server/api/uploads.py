@@ -175,6 +175,30 @@ def file_ids(request: ChatCompletionRequest) -> dict[str, str]:
     return ids
 
 
+def _media_field(kind: object) -> str | None:
+    """The upload field a content part of this type carries; None for text and unknown types.
+    A `file` part's modality comes from its bytes, but it is one attachment whatever it is."""
+    if not isinstance(kind, str):  # any JSON value may come here
+        return None
+    if kind == "file" or kind in PART_FIELDS:
+        return PART_FIELDS.get(kind, "file")
+    return kind[6:] if kind.startswith("input_") and kind[6:] in UPLOAD_FIELDS else None
+
+
+def media_fields(request: ChatCompletionRequest) -> list[str]:
+    """The upload field of every media part of the request, whether it carries its bytes, a
+    file_id, a URL or only a uuid."""
+    return [name for _, kind, _ in _parts(request) if (name := _media_field(kind)) is not None]
+
+
+def attachment_count(fields: list[str]) -> int:
+    """The attachments that uploads of these fields make, known before any is read: a depth or
+    normal map joins an image, so the maps add to the count only where they outnumber the rest
+    (which is refused later anyway)."""
+    maps = sum(1 for name in fields if name in PAIRING_FIELDS)
+    return max(len(fields) - maps, maps)
+
+
 @dataclass(frozen=True)
 class Fetched:
     """What a request's parts point at, read before its parts are: remote URLs' bytes, and the

@@ -2,8 +2,9 @@
 port, talked to over HTTP; plus a second plain HTTP server on loopback that hosts files for the
 remote-URL tests.
 
-The gateway is started with `--allowed-url-hosts 127.0.0.1`: URLs on 127.0.0.1 may be fetched,
-URLs on any other host (`localhost` included, although it is the same machine) are refused.
+The gateway is started with `--allowed-url-hosts 127.0.0.1:<the file server's port>`: URLs on
+that host and port may be fetched, URLs on any other host (`localhost` included, although it is
+the same machine) or port are refused.
 """
 
 import http.server
@@ -24,9 +25,9 @@ def model_dir(request) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gateway(model_dir, tmp_path_factory):
+def gateway(model_dir, file_server, tmp_path_factory):
     server = GatewayProcess(model_dir, tmp_path_factory.mktemp("gateway"),
-                            ["--allowed-url-hosts", ALLOWED_HOST, "--log-level", "info"])
+                            ["--allowed-url-hosts", f"{ALLOWED_HOST}:{file_server.port}", "--log-level", "info"])
     server.start()
     yield server
     server.stop()

@@ -15,7 +15,7 @@ SYSTEM = ("A chat between a curious human and an artificial intelligence assista
           "detailed, and polite answers to the human's questions.")
 ROLES = {"user": "Human", "assistant": "Assistant"}
 BOS = 1
-ALLOWED_HOST = "127.0.0.1"  # the gateway under test runs with --allowed-url-hosts 127.0.0.1
+ALLOWED_HOST = "127.0.0.1"  # the gateway under test allows URLs of this host on its file server's port
 BLOCK = 32  # start tag + 30 prefix rows + end tag, per attachment
 
 

@@ -108,12 +108,16 @@ class ApiKey:
     project: str | None = None  # keys of one project share a tenant; None: the key is a tenant alone
 
     @property
+    def fingerprint(self) -> str:
+        """The whole hash of the key: unlike its display id, never the same for two keys."""
+        return hashlib.sha256(self.secret.encode()).hexdigest()
+
+    @property
     def tenant(self) -> str:
-        # prefixed, so that a project cannot be named like a key's tenant; the whole hash, so
-        # that two keys' tenants never collide
+        # prefixed, so that a project cannot be named like a key's tenant
         if self.project is not None:
             return "project:" + self.project
-        return "key:" + hashlib.sha256(self.secret.encode()).hexdigest()
+        return "key:" + self.fingerprint
 
 
 _KEY_OPTIONS = {"name": str, "project": str, "max_concurrent": int, "per_minute": int}
@@ -172,9 +176,10 @@ def log_shared_tenants(keys: tuple[ApiKey, ...]) -> None:
 
 
 def caller_of(scope: Scope) -> str:
-    """Whom a request counts against: its API key's id, else the client's address (which
-    uvicorn takes from X-Forwarded-For only for a peer in `trusted_proxies`)."""
-    return scope.get("state", {}).get("caller") or (scope.get("client") or ("-",))[0]
+    """Whom a request counts against in quotas and the fair queue: its API key (by fingerprint:
+    keys that share a display name still have quotas of their own), else the client's address
+    (which uvicorn takes from X-Forwarded-For only for a peer in `trusted_proxies`)."""
+    return scope.get("state", {}).get("fingerprint") or (scope.get("client") or ("-",))[0]
 
 
 def tenant_of(request) -> str:
@@ -213,7 +218,7 @@ class Gate:
                                                      headers={"Retry-After": "1"}), close=True)
         if key is not None:
             state = scope.setdefault("state", {})
-            state["caller"], state["tenant"] = key.id, key.tenant
+            state["caller"], state["fingerprint"], state["tenant"] = key.id, key.fingerprint, key.tenant
         await self.app(scope, receive, send)
 
     def _key(self, header: bytes) -> ApiKey | None:

@@ -63,9 +63,9 @@ class CallerQuotas:
     def __init__(self, app: ASGIApp, default: Quota, keys: tuple[ApiKey, ...], metrics: Metrics):
         self.app = app
         self.default = default
-        self.quotas = {key.id: Quota(default.max_concurrent if key.max_concurrent is None else key.max_concurrent,
-                                     default.per_minute if key.per_minute is None else key.per_minute)
-                       for key in keys}
+        self.quotas = {key.fingerprint: Quota(
+            default.max_concurrent if key.max_concurrent is None else key.max_concurrent,
+            default.per_minute if key.per_minute is None else key.per_minute) for key in keys}
         self.metrics = metrics
         self._active: Counter[str] = Counter()
         self._buckets: dict[str, _Bucket] = {}

@@ -46,7 +46,7 @@ CROWDED = {"max_concurrent": 2, "max_queued": 30, "max_connections": 300, "trust
 # purpose (a key being rotated); two decoding workers, so that a request's attachments decode at once
 PROJECT_KEYS = {"team-1": "key-team-1-5d0c7a", "team-2": "key-team-2-e14b96",
                 "old": "key-old-0a7f31", "new": "key-new-c3952e"}
-PROJECT_KEYS_FILE = f"""{PROJECT_KEYS["team-1"]} name=team
+PROJECT_KEYS_FILE = f"""{PROJECT_KEYS["team-1"]} name=team max_concurrent=1
 {PROJECT_KEYS["team-2"]} name=team
 {PROJECT_KEYS["old"]} name=acme-old project=acme
 {PROJECT_KEYS["new"]} project=acme name=acme-new

@@ -4,6 +4,8 @@ on the projects gateway (keys that share a name, keys that share a project)."""
 
 import itertools
 import re
+import socket
+import time
 
 import httpx
 import pytest
@@ -179,6 +181,23 @@ def test_keys_of_one_project_share_its_files_and_stored_responses(projects):
         assert new.get(f"/v1/responses/{response.json()['id']}").status_code == 200
         assert new.delete(f"/v1/files/{file_id}").status_code == 200
         assert old.get(f"/v1/files/{file_id}").status_code == 404
+
+
+def test_keys_that_share_only_a_name_have_quotas_of_their_own(projects):
+    """team-1 may have one request at once, team-2 the default: while team-1's one chat is still
+    uploading, its second request is refused and team-2's is served."""
+    with socket.create_connection(("127.0.0.1", projects.port)) as held:
+        held.sendall(f"POST /v1/chat HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {PROJECT_KEYS['team-1']}\r\n"
+                     f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000\r\n\r\n".encode())
+        with key_client(projects, "old") as watcher:  # the held chat counts once its body is arriving
+            deadline = time.monotonic() + 30
+            while "onellm_uploads_in_progress 1.0" not in watcher.get("/metrics").text:
+                assert time.monotonic() < deadline, "the held chat never started uploading"
+                time.sleep(0.05)
+        with key_client(projects, "team-1") as team_1, key_client(projects, "team-2") as team_2:
+            refused = team_1.get("/v1/files/file-none/content")
+            assert refused.status_code == 429 and "key_max_concurrent" in refused.text, refused.text
+            assert team_2.get("/v1/files/file-none/content").status_code == 404
 
 
 def test_the_start_up_log_says_which_keys_share_a_project_and_which_only_a_name(projects):

@@ -1,6 +1,9 @@
 """The embedded engine: stop handling, sampling, streaming through the Engine interface."""
 
 import asyncio
+import random
+import threading
+import time
 
 import pytest
 import sentencepiece as spm
@@ -103,3 +106,109 @@ def test_kv_cache_decoding_equals_full_recomputation(engine, embeddings):
         recomputed.append(token)
         x = torch.cat([x, engine.model.get_input_embeddings().weight[token][None]])
     assert usage.token_ids == recomputed
+
+
+# --- stop strings: matched on each push's new text only, with the same result as the definition -------
+
+def handed_out_by_definition(text: str, sent: int, stops: tuple[str, ...]) -> tuple[int, bool]:
+    """Where the text handed out so far ends, and whether a stop was reached, by the definition
+    (quadratic in a stop's length): everything before the earliest stop, else all but the longest
+    tail that begins a stop, else nothing new while a character's bytes are still coming."""
+    starts = [at for s in stops if (at := text.find(s)) >= 0]
+    if starts:
+        return min(starts), True
+    if text.endswith("\ufffd"):
+        return sent, False
+    held = max((n for s in stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+    return len(text) - held, False
+
+
+def test_text_stream_hands_out_what_the_definition_does(fixture_dir):
+    sp = spm.SentencePieceProcessor(model_file=str(fixture_dir / "tokenizer.model"))
+    rng = random.Random(0)
+    alphabet = ["a", "b", "ab", "#", "##", " ", "\n", "ñ", "🦙"]  # the llama is four byte tokens
+    for _ in range(300):
+        answer = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 40)))
+        stops = tuple(sorted({*(answer[i:i + rng.randrange(1, 6)] for i in rng.choices(range(len(answer)), k=2)),
+                              "".join(rng.choice(alphabet) for _ in range(3))}))
+        stream, ids, sent, stopped = TextStream(sp, stops), sp.encode(answer), 0, False
+        for n in range(1, len(ids) + 1):
+            delta = stream.push(ids[n - 1])
+            text = sp.decode(ids[:n])
+            end, stopped = handed_out_by_definition(text, sent, stops)
+            assert delta == text[sent:end], (answer, stops, n)
+            assert stream.stopped == stopped
+            sent = end
+            if stopped:
+                break
+        if not stopped:
+            assert stream.flush() == sp.decode(ids)[sent:]
+
+
+def test_text_stream_edge_cases(fixture_dir):
+    sp = spm.SentencePieceProcessor(model_file=str(fixture_dir / "tokenizer.model"))
+
+    def stream(answer: str, stops: tuple[str, ...]) -> tuple[list[str], TextStream]:
+        text = TextStream(sp, stops)
+        return [text.push(t) for t in sp.encode(answer)], text
+
+    # a stop that overlaps itself: "aab" in "aaab" begins at the second "a"
+    deltas, text = stream("x aaab y", ("aab",))
+    assert text.stopped and "".join(deltas) == "x a"
+    # of two stops, the one that begins first ends the text, whichever is listed first
+    deltas, text = stream("one two three", ("three", "two"))
+    assert text.stopped and "".join(deltas) == "one "
+    deltas, text = stream("one two three", ("wo thr", "three"))
+    assert text.stopped and "".join(deltas) == "one t"
+    # the answer begins with the stop
+    deltas, text = stream("### rest", ("###",))
+    assert text.stopped and "".join(deltas) == ""
+    # a stop whose character comes in byte tokens is found once the character is whole
+    deltas, text = stream("a 🦙 b", ("🦙",))
+    assert text.stopped and "".join(deltas) == "a "
+    # held text that does not become the stop is released at the end, and an empty stop is no stop
+    deltas, text = stream("a aa", ("aaa", ""))
+    assert not text.stopped and "".join(deltas) + text.flush() == "a aa"
+
+
+def test_a_stop_of_a_kilobyte_over_a_long_answer(fixture_dir):
+    sp = spm.SentencePieceProcessor(model_file=str(fixture_dir / "tokenizer.model"))
+    stop = "ab" * 511 + "!"
+    ids = sp.encode("ab" * 2000 + "!" + "ab" * 200 + "!")
+    text = TextStream(sp, (stop,))
+    deltas = []
+    for token in ids:
+        deltas.append(text.push(token))
+        if text.stopped:
+            break
+    # all but the stop's first 1022 characters' worth is handed out as it comes, then the stop ends it
+    assert text.stopped
+    assert "".join(deltas) == "ab" * (2000 - 511)
+    assert max(len("".join(deltas[:i])) for i in range(len(deltas) - 1)) >= 2 * 2000 - 1022 - 8
+
+
+def test_stops_are_read_in_time_linear_in_their_length(fixture_dir):
+    """A stop of 64k characters: the definition's cost, 64k prefixes compared on every token, would take
+    hours for these 600 tokens; read piece by piece it takes well under a second."""
+    sp = spm.SentencePieceProcessor(model_file=str(fixture_dir / "tokenizer.model"))
+    stop = "a" * 65535 + "b"
+    text = TextStream(sp, (stop,))
+    deadline = time.monotonic() + 60  # a generous one
+    deltas = []
+    for token in sp.encode("a" * 3000):
+        deltas.append(text.push(token))
+        assert time.monotonic() < deadline
+    assert "".join(deltas) == "" and text.flush() == "a" * 3000
+
+
+def test_stops_are_matched_on_the_engine_thread(engine, embeddings, monkeypatch):
+    threads = set()
+    push = TextStream.push
+
+    def recording_push(self, token):
+        threads.add(threading.current_thread().name)
+        return push(self, token)
+
+    monkeypatch.setattr(TextStream, "push", recording_push)
+    collect(engine, embeddings, Sampling(max_tokens=5, stop=("zzz",), ignore_eos=True))
+    assert threads and all(name.startswith("local-llm") for name in threads)

@@ -15,6 +15,8 @@ from server.engines.base import EngineUnavailable, Sampling
 from server.errors import InputError
 
 log = logging.getLogger("onellm.gateway")
+# each stop string is matched against the text of every token: its length bounds that work
+MAX_STOPS, MAX_STOP_CHARS = 4, 1024
 
 
 @dataclass
@@ -103,8 +105,9 @@ async def counted(events: AsyncIterator[str], answer: Answer) -> AsyncIterator[s
 
 def sampling_fields(max_tokens, temperature, top_p, stop, seed) -> dict:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 4 or any(not s for s in stops):
-        raise InputError(400, "stop takes up to 4 non-empty strings", "stop")
+    if len(stops) > MAX_STOPS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise InputError(400, f"stop takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                              "characters each", "stop")
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
             "stop": tuple(dict.fromkeys(["###", *stops])), "seed": seed}
 

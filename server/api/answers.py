@@ -24,14 +24,14 @@ class Answer:
     generation: Generation
     deltas: AsyncIterator[str]  # the text after `first`
     first: str | None  # None: the answer is empty
-    label: str  # the chat's modalities, as the metrics name them
+    label: str  # the chat's modality, as the metrics name it (modality_label)
     metrics: Metrics
 
 
 async def start_answer(service: ChatService, chat: Chat, sampling_fields: dict, tenant: str,
                        started: float) -> Answer:
     metrics = service.metrics
-    label = "+".join(a.modality for t in chat.turns for a in t.attachments) or "text"
+    label = modality_label(chat)
     if log.isEnabledFor(logging.DEBUG):  # what people send is theirs: it is logged only when asked for
         log.debug("chat of %d messages, the last %r, attachments %s", len(chat.turns), chat.turns[-1].text[:500],
                   [(a.modality, a.reference or sum(map(len, a.files.values()))) for t in chat.turns for a in t.attachments])
@@ -51,6 +51,16 @@ async def start_answer(service: ChatService, chat: Chat, sampling_fields: dict, 
         metrics.in_flight.dec()
         raise
     return Answer(generation, deltas, first, label, metrics)
+
+
+def modality_label(chat: Chat) -> str:
+    """The `modality` label of a chat: its attachments' one modality, "mixed" for several, "text"
+    for none. Never built from the order or number of attachments, which would let a client add
+    series to /metrics without bound."""
+    modalities = {a.modality for t in chat.turns for a in t.attachments}
+    if len(modalities) > 1:
+        return "mixed"
+    return next(iter(modalities), "text")
 
 
 async def whole_text(answer: Answer) -> str:

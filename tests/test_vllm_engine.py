@@ -233,14 +233,28 @@ def test_cancelling_the_consumer_closes_the_upstream_response():
     assert body.closed
 
 
-def test_prompt_too_long_is_the_clients_mistake():
+def test_prompt_too_long_is_the_clients_mistake_told_in_our_words(caplog):
     engine = VLLMEngine("http://vllm:8000", model="m",
                         transport=fake_vllm(lambda request: httpx.Response(400, content=TOO_LONG)))
     with pytest.raises(InputError) as error:
         collect(engine)
     assert error.value.status == 400
     assert error.value.param == "messages"
-    assert "maximum context length is 2048 tokens" in error.value.message
+    assert error.value.code == "context_length_exceeded"
+    assert "context window" in error.value.message
+    # vLLM's own text, which changes with its versions, is the operators' to read
+    assert "maximum context length" not in error.value.message
+    assert "maximum context length is 2048 tokens" in caplog.text
+
+
+def test_other_requests_vllm_refuses_are_told_without_its_text():
+    refusal = b'{"error": {"message": "prompt_embeds of /models/x: bad dtype", "param": null, "code": 400}}'
+    engine = VLLMEngine("http://vllm:8000", model="m",
+                        transport=fake_vllm(lambda request: httpx.Response(400, content=refusal)))
+    with pytest.raises(InputError) as error:
+        collect(engine)
+    assert (error.value.status, error.value.param, error.value.code) == (400, "messages", None)
+    assert "/models/x" not in error.value.message and "context window" not in error.value.message
 
 
 def test_server_errors_mean_unavailable():

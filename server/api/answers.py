@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from server.api.access import REQUEST_ID
 from server.api.metrics import Metrics
 from server.api.serving import ChatService, Generation
 from server.api.uploads import Chat
@@ -79,16 +80,34 @@ async def whole_text(answer: Answer) -> str:
 
 
 async def text_deltas(answer: Answer) -> AsyncIterator[str]:
-    """The answer's text as it comes; an engine failing mid-answer raises InputError(503)."""
+    """The answer's text as it comes."""
     async with aclosing(answer.deltas):
         if answer.first is None:
             return
         yield answer.first
-        try:
-            async for delta in answer.deltas:
-                yield delta
-        except EngineUnavailable as e:
-            raise InputError(503, f"the LLM engine failed mid-answer: {e}") from None
+        async for delta in answer.deltas:
+            yield delta
+
+
+def stream_failure(error: Exception) -> InputError:
+    """A failure after a stream started, as its client is told of it: a message that is the same
+    every time (the error's own status, 503 for an engine that failed, else 500), its detail in
+    the log."""
+    if isinstance(error, InputError):
+        log.warning("stream ended by an error: %s", error.message)
+        return error
+    if isinstance(error, EngineUnavailable):
+        log.warning("the LLM engine failed mid-answer: %s", error)
+        return engine_unavailable()
+    log.error("the answer failed mid-stream", exc_info=error)
+    return InputError(500, f"the answer failed on the server (request {REQUEST_ID.get()})")
+
+
+def engine_unavailable() -> InputError:
+    """What a client is told of an engine that is down or failed: why is for the operators to read
+    in the log (it names the backends' URLs); the request id tells them which line."""
+    return InputError(503, f"the LLM engine is unavailable; retry shortly (request {REQUEST_ID.get()})",
+                      headers={"Retry-After": "1"}, code="engine_unavailable")
 
 
 class StreamFailed(Exception):
@@ -108,6 +127,9 @@ async def counted(events: AsyncIterator[str], answer: Answer) -> AsyncIterator[s
         status = "200"
     except StreamFailed as e:
         status = str(e.status)
+    except Exception:  # an event stream's own fault, after its answer's: the client is cut off
+        status = "500"
+        raise
     finally:
         answer.metrics.requests.labels(answer.label, status).inc()
         answer.metrics.in_flight.dec()

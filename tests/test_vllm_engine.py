@@ -13,7 +13,7 @@ import torch
 from server.engines.base import EngineUnavailable, Sampling, Usage
 from server.engines.vllm import SSEParser, VLLMEngine, completion_request
 from server.errors import InputError
-from vllm_standin import MODELS, RECORDED_DELTAS, RECORDED_IDS, RECORDED_STREAM, TOO_LONG
+from vllm_standin import HOLD, MODELS, RECORDED_DELTAS, RECORDED_IDS, RECORDED_STREAM, TOO_LONG, StandInVLLM
 
 
 def decode_embeddings(body: dict) -> torch.Tensor:
@@ -328,3 +328,29 @@ def test_ready_follows_health():
         return answers
 
     assert asyncio.run(probe()) == [True, False]
+
+
+def test_the_health_probe_is_answered_while_requests_hold_every_connection():
+    """100 answers streaming (httpx's whole request pool) from a stand-in vLLM on loopback: the
+    probe has a connection of its own, so the busy backend is still seen to be up."""
+    standin = StandInVLLM(completions=HOLD)
+    engine = VLLMEngine(standin.url, model="m", health_timeout=2.0)
+    held = 100
+
+    async def run():
+        streams = [engine.stream(torch.zeros(3, 8), Sampling()) for _ in range(held)]
+        for stream in streams:  # one after the other: the stand-in's listen backlog is short
+            assert await anext(stream) == RECORDED_DELTAS[0]
+        assert len(standin.posted) == held
+        try:
+            return await engine.ready()
+        finally:
+            standin.release.set()
+            await asyncio.gather(*(s.aclose() for s in streams))
+            await engine.close()
+
+    try:
+        assert asyncio.run(run())
+    finally:
+        standin.release.set()
+        standin.stop()

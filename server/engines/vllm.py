@@ -134,22 +134,26 @@ class VLLMEngine:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.dtype = dtype
-        self.health_timeout = health_timeout
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             transport=transport,
         )
+        # its own connection: a probe waiting behind requests that hold every connection of their
+        # pool would time out and report a backend that is merely busy as down
+        self._probe_client = httpx.AsyncClient(base_url=self.base_url, timeout=health_timeout,
+                                               limits=httpx.Limits(max_connections=1), transport=transport)
 
     async def ready(self) -> bool:
         try:
-            response = await self._client.get("/health", timeout=self.health_timeout)
+            response = await self._probe_client.get("/health")
         except httpx.HTTPError:
             return False
         return response.status_code == 200
 
     async def close(self) -> None:
         await self._client.aclose()
+        await self._probe_client.aclose()
 
     async def _served_model(self) -> str:
         if self.model is None:

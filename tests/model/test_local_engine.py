@@ -1,6 +1,7 @@
 """The embedded engine: stop handling, sampling, streaming through the Engine interface."""
 
 import asyncio
+import json
 import random
 import threading
 import time
@@ -9,6 +10,10 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from fastapi.testclient import TestClient
+
+from server.api.app import create_app
+from server.api.settings import Settings
 from server.engines.base import Sampling, Usage
 from server.engines.local import LocalEngine, TextStream, pick_token
 from server.model.repo import load_model
@@ -212,3 +217,41 @@ def test_stops_are_matched_on_the_engine_thread(engine, embeddings, monkeypatch)
     monkeypatch.setattr(TextStream, "push", recording_push)
     collect(engine, embeddings, Sampling(max_tokens=5, stop=("zzz",), ignore_eos=True))
     assert threads and all(name.startswith("local-llm") for name in threads)
+
+
+class RunsOutOfMemory:
+    """The embedded engine, running out of memory after its first text: a fault no small test
+    machine shows on cue."""
+
+    name = "local"
+
+    def __init__(self, engine: LocalEngine):
+        self.engine = engine
+
+    async def stream(self, embeddings, sampling, usage=None, affinity=None):
+        async for delta in self.engine.stream(embeddings, sampling, usage, affinity):
+            yield delta
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    async def ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+
+def test_an_out_of_memory_mid_answer_ends_the_stream_with_its_error_event(tiny_model, caplog):
+    app = create_app(Settings(model=str(tiny_model)), engine=RunsOutOfMemory(LocalEngine(tiny_model / "llm")))
+    with TestClient(app) as client:
+        response = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8, "stream": True})
+        events = [e for e in response.text.split("\n\n") if e.strip()]
+        assert events[-1] == "data: [DONE]" and events[-2].startswith("event: error\n"), events
+        error = json.loads(events[-2].split("data: ", 1)[1])["error"]
+        assert error["type"] == "internal_error" and "out of memory" not in error["message"]
+        assert response.headers["x-request-id"] in error["message"]
+        sample = app.state.metrics.registry.get_sample_value
+        assert sample("onellm_requests_total", {"modality": "text", "status": "500"}) == 1
+        assert sample("onellm_requests_total", {"modality": "text", "status": "499"}) is None
+    # logged once, with its traceback
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [torch.OutOfMemoryError]

@@ -125,7 +125,7 @@ def test_a_failure_after_text_ends_the_answer_and_is_not_spliced(standins):
 
 def test_a_prompt_vllm_rejects_is_not_retried(standins):
     engine, _, error = failing_answer(standins, REJECT, InputError)
-    assert error.status == 400 and "maximum context length" in error.message
+    assert error.status == 400 and error.code == "context_length_exceeded"
     assert [len(s.posted) for s in standins] == [1, 0, 0]
     # the prompt's fault, not the backend's
     assert sample(engine, "onellm_vllm_backend_healthy", standins[0]) == 1

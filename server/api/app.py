@@ -19,9 +19,9 @@ from starlette.exceptions import HTTPException
 from server.api import schemas
 from server.api.access import Gate, RequestIds, load_api_keys, tenant_of
 from server.api.admission import CHAT_PATHS, Admission, ChatGuard, sse_error
+from server.api.answers import (Answer, StreamFailed, check_model, counted, engine_unavailable, sampling_fields,
+                                start_answer, stream_failure, text_deltas, whole_text)
 from server.api.budget import split_of
-from server.api.answers import (Answer, StreamFailed, check_model, counted, sampling_fields, start_answer, text_deltas,
-                                whole_text)
 from server.api.fetch import fetch_all
 from server.api.file_routes import files_router, read_stored
 from server.api.files import file_store_for
@@ -185,7 +185,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     @app.exception_handler(EngineUnavailable)
     async def on_engine_down(request: Request, e: EngineUnavailable):
         log.warning("the LLM engine is unavailable: %s", e)
-        return error_response(InputError(503, f"the LLM engine is unavailable: {e}"))
+        return error_response(engine_unavailable())
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, e: RequestValidationError):
@@ -344,17 +344,18 @@ def chat_usage(answer: Answer) -> schemas.Usage:
 
 
 async def sse_events(answer: Answer, model: str, include_usage: bool):
-    """OpenAI `chat.completion.chunk` events ending in `data: [DONE]`; a failure mid-stream is an `error` event."""
+    """OpenAI `chat.completion.chunk` events ending in `data: [DONE]`; any failure after the first is an
+    `error` event, then `data: [DONE]`."""
     cid, created = schemas.completion_id(), schemas.now()
     yield _chunk(cid, created, model, schemas.Delta(role="assistant", content=""))
     try:
         async for delta in text_deltas(answer):
             yield _chunk(cid, created, model, schemas.Delta(content=delta))
-    except InputError as error:
-        log.warning("stream ended by an error: %s", error.message)
+        yield _chunk(cid, created, model, schemas.Delta(), finish=answer.generation.usage.finish_reason)
+        if include_usage:
+            yield _chunk(cid, created, model, schemas.Delta(), usage=chat_usage(answer))
+    except Exception as e:  # noqa: BLE001 - whatever failed, the client is told so and the stream ends
+        error = stream_failure(e)
         yield sse_error(error)
         raise StreamFailed(error.status) from None
-    yield _chunk(cid, created, model, schemas.Delta(), finish=answer.generation.usage.finish_reason)
-    if include_usage:
-        yield _chunk(cid, created, model, schemas.Delta(), usage=chat_usage(answer))
     yield "data: [DONE]\n\n"

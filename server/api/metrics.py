@@ -10,6 +10,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
+        # modality: the registry's name of the one modality a chat's attachments have, "mixed" for
+        # several, "text" for none, "unread" for a request refused before its chat was read
         self.requests = Counter("onellm_requests", "Chat requests by modality and HTTP status",
                                 ["modality", "status"], registry=self.registry)
         self.ttft = Histogram("onellm_time_to_first_token_seconds", "Time from request to the first text delta",

@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api import schemas
 from server.api.access import tenant_of
-from server.api.answers import (Answer, StreamFailed, check_model, counted, sampling_fields, start_answer, text_deltas,
-                                whole_text)
+from server.api.answers import (Answer, StreamFailed, check_model, counted, sampling_fields, start_answer,
+                                stream_failure, text_deltas, whole_text)
 from server.api.fetch import fetch_all
 from server.api.file_routes import read_stored
 from server.api.limits import check_chat
@@ -247,12 +247,13 @@ async def response_events(answer: Answer, base: dict, message_id: str, finish):
         async for delta in text_deltas(answer):
             text += delta
             yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
-    except InputError as error:
+        response = await finish(text)
+    except Exception as e:  # noqa: BLE001 - whatever failed, the client is told so and the stream ends
+        error = stream_failure(e)
         failed = schemas.ResponseObject(**base, status="failed", output=[],
                                         error={"code": "server_error", "message": error.message}).model_dump()
         yield event("response.failed", response=failed)
         raise StreamFailed(error.status) from None
-    response = await finish(text)
     yield event("response.output_text.done", **where, text=text, logprobs=[])
     yield event("response.content_part.done", **where, part=schemas.OutputText(text=text).model_dump())
     yield event("response.output_item.done", output_index=0, item=response.output[0].model_dump())

@@ -32,31 +32,88 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class StopMatcher:
+    """Where one stop string first occurs in a text read piece by piece, in time linear in the
+    text: a Knuth-Morris-Pratt automaton, whose state is the longest prefix of the stop that
+    ends the text read so far."""
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.fallback = _prefix_function(stop)
+        self.matched = 0
+
+    def read(self, text: str, start: int, end: int) -> int | None:
+        """Reads text[start:end]; the index in `text` where the stop begins once it is complete."""
+        stop, fallback, matched = self.stop, self.fallback, self.matched
+        for i in range(start, end):
+            char = text[i]
+            while matched and stop[matched] != char:
+                matched = fallback[matched - 1]
+            if stop[matched] == char:
+                matched += 1
+                if matched == len(stop):
+                    self.matched = matched
+                    return i + 1 - matched
+        self.matched = matched
+        return None
+
+
+def _prefix_function(s: str) -> list[int]:
+    """For each i, the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    lengths = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = lengths[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        lengths[i] = k
+    return lengths
+
+
 class TextStream:
-    """Token ids in, text deltas out; holds back text that may still become a stop string."""
+    """Token ids in, text deltas out; holds back text that may still become a stop string.
+
+    Each push reads only the text it added. That relies on the tokenizer's decoding of more ids
+    extending the decoding of fewer, which holds for SentencePiece but for a trailing unfinished
+    UTF-8 sequence (shown as U+FFFD until its other bytes come): that tail is read once complete.
+    """
 
     def __init__(self, tokenizer: spm.SentencePieceProcessor, stops: tuple[str, ...]):
         self.tokenizer = tokenizer
-        self.stops = tuple(s for s in stops if s)
+        self.matchers = [StopMatcher(s) for s in dict.fromkeys(stops) if s]
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already handed out
+        self.read = 0  # characters of the decoded text the matchers have read
         self.stopped = False
 
     def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        for stop in self.stops:
-            at = text.find(stop, self.sent)
-            if at >= 0:
-                self.stopped = True
-                return self._take(text, at)
-        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its other bytes
+        complete = len(text.rstrip("\ufffd"))
+        if (at := self._find_stop(text, complete)) is not None:
+            return self._take(text, at)
+        if complete < len(text):  # an unfinished UTF-8 sequence: wait for its other bytes
             return ""
-        held = max((n for s in self.stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        held = max((m.matched for m in self.matchers), default=0)
         return self._take(text, len(text) - held)
 
     def flush(self) -> str:
-        return "" if self.stopped else self._take(self.tokenizer.decode(self.ids), None)
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        return self._take(text, self._find_stop(text, len(text)))
+
+    def _find_stop(self, text: str, end: int) -> int | None:
+        """Reads text[self.read:end]; where the earliest stop found in it begins."""
+        found = [at for m in self.matchers if (at := m.read(text, self.read, end)) is not None]
+        self.read = end
+        if found:
+            self.stopped = True
+            return min(found)
+        return None
 
     def _take(self, text: str, end: int | None) -> str:
         delta = text[self.sent:end]
@@ -96,6 +153,17 @@ class LocalEngine:
                 ids = torch.tensor([[token]], device=self.model.device)
                 out = self.model(input_ids=ids, cache=out.cache, use_cache=True)
 
+    def _step(self, ids: Iterator[int], text: TextStream, sampling: Sampling) -> tuple[int, str] | None:
+        """One token and the text it releases, on the worker thread: the stop strings are
+        matched there too, so the event loop only hands the delta on."""
+        token = next(ids, None)
+        if token is None:
+            return None
+        return token, "" if self._is_end(token, sampling) else text.push(token)
+
+    def _is_end(self, token: int, sampling: Sampling) -> bool:
+        return token == self.eos_id and not sampling.ignore_eos
+
     async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
                      affinity: str | None = None) -> AsyncIterator[str]:
         usage = usage if usage is not None else Usage()
@@ -104,19 +172,19 @@ class LocalEngine:
         text = TextStream(self.tokenizer, sampling.stop)
         usage.finish_reason = "length"
         try:
-            while (token := await loop.run_in_executor(self._worker, next, ids, None)) is not None:
+            while (step := await loop.run_in_executor(self._worker, self._step, ids, text, sampling)) is not None:
+                token, delta = step
                 usage.completion_tokens += 1
                 usage.token_ids.append(token)
-                if token == self.eos_id and not sampling.ignore_eos:
+                if self._is_end(token, sampling):
                     usage.finish_reason = "stop"
                     break
-                delta = text.push(token)
                 if delta:
                     yield delta
                 if text.stopped:
                     usage.finish_reason = "stop"
                     return
-            if tail := text.flush():
+            if tail := await loop.run_in_executor(self._worker, text.flush):
                 yield tail
         finally:
             await loop.run_in_executor(self._worker, ids.close)

@@ -7,6 +7,7 @@ only runs the LLaMA decoder on them, via `POST /v1/completions` with `prompt_emb
 import base64
 import io
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
@@ -15,6 +16,7 @@ import torch
 from server.engines.base import EngineUnavailable, Sampling, Usage
 from server.errors import InputError
 
+log = logging.getLogger("onellm.vllm")
 # OneLLM's chat template separates turns with "###"; the model must never run into the
 # next turn, whatever stop strings the caller asked for.
 TURN_SEPARATOR = "###"
@@ -105,9 +107,16 @@ def _error_fields(payload: dict | str) -> tuple[str, str | None]:
 def _raise_for_error(status: int, payload: dict | str) -> None:
     message, param = _error_fields(payload)
     # vLLM answers 400 for requests it will never serve (the prompt longer than the
-    # context window, max_tokens past it): the client's mistake, not an outage.
+    # context window, max_tokens past it): the client's mistake, not an outage. Its own text
+    # changes with its versions and speaks of its internals: the client gets ours, the log vLLM's.
     if status == 400:
-        raise InputError(400, message, "max_tokens" if param == "max_tokens" else "messages")
+        log.warning("vLLM refused the request (param %r): %s", param, message)
+        where = "max_tokens" if param == "max_tokens" else "messages"
+        if param in ("max_tokens", "input_tokens") or "context length" in message:
+            raise InputError(400, "the prompt and max_tokens do not fit the model's context window: send fewer or "
+                                  "shorter messages or attachments, or a smaller max_tokens", where,
+                             code="context_length_exceeded")
+        raise InputError(400, "the LLM engine refused the request as invalid", where)
     raise EngineUnavailable(f"vLLM failed the request ({status}): {message}")
 
 
@@ -125,22 +134,26 @@ class VLLMEngine:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.dtype = dtype
-        self.health_timeout = health_timeout
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             transport=transport,
         )
+        # its own connection: a probe waiting behind requests that hold every connection of their
+        # pool would time out and report a backend that is merely busy as down
+        self._probe_client = httpx.AsyncClient(base_url=self.base_url, timeout=health_timeout,
+                                               limits=httpx.Limits(max_connections=1), transport=transport)
 
     async def ready(self) -> bool:
         try:
-            response = await self._client.get("/health", timeout=self.health_timeout)
+            response = await self._probe_client.get("/health")
         except httpx.HTTPError:
             return False
         return response.status_code == 200
 
     async def close(self) -> None:
         await self._client.aclose()
+        await self._probe_client.aclose()
 
     async def _served_model(self) -> str:
         if self.model is None:

@@ -326,6 +326,23 @@ def test_a_stop_string_ends_the_answer_before_it(client, endpoint):
     assert stopped["finish_reason"] == "stop"
 
 
+def test_four_stops_of_a_kilobyte_that_never_complete_leave_the_answer_whole(client):
+    def ask(**extra):
+        response = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Count slowly."}], "max_tokens": 40, **extra})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]
+
+    free = ask()
+    answer = free["message"]["content"]
+    assert len(answer) > 8, f"the greedy answer {answer!r} is too short for this test"
+    # each begins as the answer does, so the whole answer is held back as it comes, then released
+    stops = [(answer[:n] + "\u0000" * 1024)[:1024] for n in (1, len(answer) // 2, len(answer))] + ["~" * 1024]
+    stopped = ask(stop=stops)
+    assert stopped["message"]["content"] == answer
+    assert stopped["finish_reason"] == free["finish_reason"]
+
+
 def test_the_same_seed_samples_the_same_answer(client):
     def sample(seed):
         response = client.post("/v1/chat/completions", json={

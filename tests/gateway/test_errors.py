@@ -88,6 +88,7 @@ MULTIPART = [
     ("audio-too-long", lambda c: form(c, [upload("audio", silent_flac(601), "long.flac")]), 413, "audio"),
     ("stream-not-a-boolean", lambda c: form(c, stream="maybe"), 400, "stream"),
     ("stop-bad-json-list", lambda c: form(c, stop="[1,"), 400, "stop"),
+    ("stop-longer-than-1024", lambda c: form(c, stop="x" * 1025), 400, "stop"),
     ("messages-not-json", lambda c: form(c, messages="[{role: user}", prompt=None), 400, "messages"),
     ("messages-not-a-list", lambda c: form(c, messages='{"role": "user"}', prompt=None), 400, "messages"),
     ("messages-end-with-assistant", lambda c: form(c, messages='[{"role": "assistant", "content": "hi"}]', prompt=None),
@@ -160,6 +161,7 @@ JSON = [
     ("seed-beyond-64-bits", lambda c: chat_json(c, seed=2**70, temperature=1), 400, "seed"),
     ("seed-beyond-64-bits-streaming", lambda c: chat_json(c, seed=-(2**64), temperature=1, stream=True), 400, "seed"),
     ("five-stop-strings", lambda c: chat_json(c, stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    ("stop-longer-than-1024", lambda c: chat_json(c, stop=["a", "é" * 1025]), 400, "stop"),
 ]
 
 

@@ -91,7 +91,7 @@ def test_stream_and_non_stream_give_the_same_greedy_answer(client):
 
 
 def test_two_attachments_in_one_turn_are_two_blocks(client, model_dir):
-    before = metric(client, "onellm_requests_total", modality="image+audio", status="200")
+    before = metric(client, "onellm_requests_total", modality="mixed", status="200")
     response = client.post(
         "/v1/chat",
         files=[("image", ("a.jpg", media.image("jpg", seed=31), "image/jpeg")),
@@ -100,7 +100,7 @@ def test_two_attachments_in_one_turn_are_two_blocks(client, model_dir):
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["prompt_tokens"] == expected_prompt_tokens(
         model_dir, [("user", "Does the sound match the picture?")], attachments=2)
-    assert wait_metric(client, "onellm_requests_total", before + 1, modality="image+audio", status="200") == before + 1
+    assert wait_metric(client, "onellm_requests_total", before + 1, modality="mixed", status="200") == before + 1
 
 
 @pytest.mark.parametrize("prompt", ["Hello there", "Qu'est-ce que c'est ? 猫と🐱, naïve café"])

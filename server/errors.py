@@ -24,3 +24,8 @@ class InputError(Exception):
 
     def body(self) -> dict:
         return {"error": {"type": self.type, "message": self.message, "param": self.param, "code": self.code}}
+
+
+class Cancelled(Exception):
+    """Work stopped because nobody waits for its result any more (its request failed, timed out or
+    its client left): not the client's mistake, so not an InputError."""

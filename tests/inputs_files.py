@@ -89,6 +89,17 @@ def sound_bytes(channels: np.ndarray, rate: int, fmt: str = "WAV", subtype: str 
     return out.getvalue()
 
 
+def silence_flac(seconds: int, rate: int = 192_000, channels: int = 8) -> bytes:
+    """Many channels of silence at a high rate: a FLAC of ~1.6 kB a second that decodes to
+    rate × channels float32 samples a second (6 MB at the defaults), written a second at a time."""
+    out = io.BytesIO()
+    with sf.SoundFile(out, "w", rate, channels, "PCM_16", format="FLAC") as audio:
+        block = np.zeros((rate, channels), np.int16)
+        for _ in range(seconds):
+            audio.write(block)
+    return out.getvalue()
+
+
 def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
     out = io.BytesIO()
     np.save(out, array, allow_pickle=allow_pickle)

@@ -68,6 +68,13 @@ class Settings:
     max_points: int = _limit(5_000_000, "points of a point cloud")
     max_imu_samples: int = _limit(1_000_000, "time steps of an IMU series")
     max_fmri_repeats: int = _limit(256, "repeats (rows) of an fMRI upload")
+    # What decoding one attachment may cost, decided from its headers before it is decoded
+    max_decode_mb: float = _limit(512.0, "memory one attachment's decoding may use, estimated from its "
+                                         "headers before decoding")
+    max_audio_sample_rate: int = _limit(384_000, "sample rate of an audio file in Hz (only the first "
+                                                 "~10.3 s of its first channel is decoded)")
+    max_video_decoded_pixels: int = _limit(20_000_000_000, "pixels decoded from one video, all frames "
+                                                           "together (frames × width × height)")
     max_text_chars: int = _limit(32_768, "characters of all messages' text together")
     max_tokens_limit: int = _limit(2048, "largest max_tokens a request may ask for")
     max_turns: int = _limit(64, "messages in one chat")
@@ -150,4 +157,6 @@ class Settings:
                 "max_frame_pixels": self.max_video_frame_pixels,
                 "max_decoded_frames": self.max_video_decoded_frames,
                 "max_audio_seconds": self.max_audio_seconds, "max_points": self.max_points,
-                "max_imu_samples": self.max_imu_samples, "max_fmri_repeats": self.max_fmri_repeats}
+                "max_imu_samples": self.max_imu_samples, "max_fmri_repeats": self.max_fmri_repeats,
+                "max_decode_mb": self.max_decode_mb, "max_audio_sample_rate": self.max_audio_sample_rate,
+                "max_decoded_pixels": self.max_video_decoded_pixels}

@@ -8,14 +8,17 @@ dither=0.0, frame_shift=10)` on the float waveform in [-1, 1] as torchaudio load
 """
 
 import io
+import math
+import threading
 
 import av
 import numpy as np
 import soundfile as sf
 import torch
 
-from server.errors import InputError
-from server.inputs.resample import resample
+from server.errors import Cancelled, InputError
+from server.inputs.costs import MAX_DECODE_MB, check_cancelled, check_decode_memory
+from server.inputs.resample import input_length_read, resample
 from server.inputs.sniff import check_kind, undecodable
 
 SAMPLE_RATE = 16000
@@ -29,17 +32,24 @@ PREEMPHASIS = 0.97
 FBANK_MEAN = -4.2677393
 FBANK_STD = 4.5689974
 MAX_DURATION_S = 600.0
+MAX_SAMPLE_RATE = 384_000.0  # the highest rate studio gear records at
+_BLOCK_SAMPLES = 1 << 18  # samples of all channels read at once: 1 MB of float32 whatever the channels
+# working memory per source frame kept: float32 as read, float64 in the resampler and its padded copy
+_BYTES_PER_KEPT_FRAME = 4 + 8 + 8
+_FIXED_BYTES = 16 << 20  # a block of every channel and the resampler's gathered taps (8 MB)
 _SOUNDFILE_FORMATS = {"WAV", "FLAC", "OGG", "MP3", "AIFF"}  # the rest go to PyAV
 
 
-def audio_tensor(data: bytes, param: str = "audio", *,
-                 max_duration_s: float = MAX_DURATION_S) -> torch.Tensor:
+def audio_tensor(data: bytes, param: str = "audio", *, max_duration_s: float = MAX_DURATION_S,
+                 max_sample_rate: float = MAX_SAMPLE_RATE, max_decode_mb: float = MAX_DECODE_MB,
+                 cancel: threading.Event | None = None) -> torch.Tensor:
     """[1,128,1024]: first channel, 16 kHz, mean removed, Kaldi fbank, padded with zeros
     (before normalising) or cut to 1024 frames, normalised, frequency-major."""
-    # Only the samples the frames read are resampled. The authors subtract the mean of the whole
-    # waveform, but Kaldi removes each frame's own mean before anything else, so which mean is
-    # subtracted changes the result only by rounding.
-    waveform = decode_audio(data, param, max_duration_s=max_duration_s, max_samples=FBANK_SAMPLES)
+    # Only the samples the frames read are decoded and resampled. The authors subtract the mean
+    # of the whole waveform, but Kaldi removes each frame's own mean before anything else, so
+    # which mean is subtracted changes the result only by rounding.
+    budget = _Budget(param, max_duration_s, max_sample_rate, max_decode_mb, cancel, FBANK_SAMPLES)
+    waveform = decode_audio(data, param, budget=budget)
     fbank = kaldi_fbank(waveform - waveform.mean())
     padded = np.zeros((FRAMES, MEL_BINS), dtype=np.float32)
     padded[: len(fbank)] = fbank[:FRAMES]
@@ -47,20 +57,55 @@ def audio_tensor(data: bytes, param: str = "audio", *,
     return torch.from_numpy(np.ascontiguousarray(normalized.T))[None]
 
 
+class _Budget:
+    """What one decode may read: the source frames that make `max_samples` samples at 16 kHz (all
+    of them, up to the duration limit, when None), at a bounded rate and working memory."""
+
+    def __init__(self, param: str, max_duration_s: float = MAX_DURATION_S,
+                 max_sample_rate: float = MAX_SAMPLE_RATE, max_decode_mb: float = MAX_DECODE_MB,
+                 cancel: threading.Event | None = None, max_samples: int | None = None):
+        self.param, self.max_duration_s, self.max_sample_rate = param, max_duration_s, max_sample_rate
+        self.max_decode_mb, self.cancel, self.max_samples = max_decode_mb, cancel, max_samples
+
+    def frames_to_keep(self, rate: float, frames: int | None = None) -> int:
+        """Source frames of the first channel to decode, checked against the limits first."""
+        if not rate > 0:
+            raise ValueError(f"sample rate {rate}")
+        if rate > self.max_sample_rate:
+            raise InputError(413, f"field '{self.param}' audio is sampled at {rate:g} Hz, more than "
+                                  f"the limit of {self.max_sample_rate:g} Hz (max_audio_sample_rate)",
+                             self.param)
+        if self.max_samples is not None:
+            keep = input_length_read(self.max_samples, rate, SAMPLE_RATE)
+        else:
+            keep = math.ceil(self.max_duration_s * rate)
+        keep = keep if frames is None else min(keep, frames)
+        check_decode_memory(keep * _BYTES_PER_KEPT_FRAME + _FIXED_BYTES, self.max_decode_mb, self.param,
+                            f"{keep} samples at {rate:g} Hz to decode")
+        return keep
+
+    def check_duration(self, seconds: float) -> None:
+        if seconds > self.max_duration_s:
+            raise InputError(413, f"field '{self.param}' audio lasts {seconds:.0f} s, more than the "
+                                  f"limit of {self.max_duration_s:.0f} s (max_audio_seconds)", self.param)
+
+
 def decode_audio(data: bytes, param: str = "audio", *, max_duration_s: float = MAX_DURATION_S,
-                 max_samples: int | None = None) -> np.ndarray:
-    """The first channel as float32 in [-1, 1] at 16 kHz (its first `max_samples` only, if given)."""
+                 max_samples: int | None = None, budget: _Budget | None = None) -> np.ndarray:
+    """The first channel as float32 in [-1, 1] at 16 kHz (its first `max_samples` only, if given;
+    `budget` sets all the limits at once)."""
+    budget = budget or _Budget(param, max_duration_s, max_samples=max_samples)
     # Video containers are accepted too: their soundtrack is audio.
     kind = check_kind(data, param, {"audio", "video"}, "audio")
     _check_riff_complete(data, param)
     try:
-        samples, rate = _read_soundfile(data, max_duration_s, param)
-    except InputError:
+        samples, rate = _read_soundfile(data, budget)
+    except (InputError, Cancelled):
         raise
     except Exception as sf_error:  # libsndfile does not read this container (M4A, WebM, …)
         try:
-            samples, rate = _read_pyav(data, max_duration_s, param, kind)
-        except InputError:
+            samples, rate = _read_pyav(data, budget, kind)
+        except (InputError, Cancelled):
             raise
         except Exception as av_error:
             # Report the failure of the decoder that was meant to read this format.
@@ -70,7 +115,7 @@ def decode_audio(data: bytes, param: str = "audio", *, max_duration_s: float = M
         raise InputError(422, f"field '{param}' holds audio with no samples", param)
     if not np.isfinite(samples).all():
         raise InputError(422, f"field '{param}' holds audio with NaN or infinite samples", param)
-    return resample(samples, rate, SAMPLE_RATE, max_samples).astype(np.float32)
+    return resample(samples, rate, SAMPLE_RATE, budget.max_samples).astype(np.float32)
 
 
 def kaldi_fbank(waveform: np.ndarray, num_bins: int = MEL_BINS) -> np.ndarray:
@@ -115,33 +160,51 @@ def _mel(hz):
     return 1127.0 * np.log(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
 
 
-def _read_soundfile(data: bytes, max_duration_s: float, param: str) -> tuple[np.ndarray, int]:
+def _read_soundfile(data: bytes, budget: _Budget) -> tuple[np.ndarray, int]:
+    """The first channel of the frames to keep, read in blocks of a bounded number of samples
+    (all channels interleaved), so that neither a long file nor many channels cost more."""
     with sf.SoundFile(io.BytesIO(data)) as audio:
-        _check_duration(audio.frames / audio.samplerate, max_duration_s, param)
-        samples = audio.read(dtype="float32", always_2d=True)
-        return samples[:, 0], audio.samplerate
+        budget.check_duration(audio.frames / audio.samplerate)
+        kept = np.empty(budget.frames_to_keep(audio.samplerate, audio.frames), np.float32)
+        block = max(1, _BLOCK_SAMPLES // audio.channels)
+        filled = 0
+        while filled < len(kept):
+            check_cancelled(budget.cancel)
+            chunk = audio.read(min(block, len(kept) - filled), dtype="float32", always_2d=True)
+            if len(chunk) == 0:
+                break
+            kept[filled:filled + len(chunk)] = chunk[:, 0]
+            filled += len(chunk)
+        return kept[:filled], audio.samplerate
 
 
-def _read_pyav(data: bytes, max_duration_s: float, param: str, kind) -> tuple[np.ndarray, int]:
+def _read_pyav(data: bytes, budget: _Budget, kind) -> tuple[np.ndarray, int]:
+    """Decodes frame by frame and stops once the frames to keep are in."""
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.audio:
             what = kind.describe() if kind else "a file"
-            raise InputError(415, f"field '{param}' holds {what} without an audio stream, "
-                                  "expected audio", param)
+            raise InputError(415, f"field '{budget.param}' holds {what} without an audio stream, "
+                                  "expected audio", budget.param)
         stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate
+        if container.duration:
+            budget.check_duration(container.duration / av.time_base)
+        keep = budget.frames_to_keep(rate)
         # Planar float keeps channels apart, so row 0 is the first channel.
         resampler = av.AudioResampler(format="fltp")
         chunks, total = [], 0
         for frame in container.decode(stream):
+            check_cancelled(budget.cancel)
             for converted in resampler.resample(frame):
-                chunk = converted.to_ndarray()[0]
-                chunks.append(chunk)
-                total += len(chunk)
-            _check_duration(total / rate, max_duration_s, param)
-        for converted in resampler.resample(None):
-            chunks.append(converted.to_ndarray()[0])
-    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), rate
+                chunks.append(converted.to_ndarray()[0].copy())  # a copy: the view keeps every channel
+                total += len(chunks[-1])
+            budget.check_duration(total / rate)
+            if total >= keep:
+                break
+        else:
+            chunks.extend(converted.to_ndarray()[0].copy() for converted in resampler.resample(None))
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return samples[:keep], rate
 
 
 def _check_riff_complete(data: bytes, param: str) -> None:
@@ -154,9 +217,3 @@ def _check_riff_complete(data: bytes, param: str) -> None:
     if declared not in (0, 0xFFFFFFFF) and declared + 8 > len(data):
         raise InputError(422, f"field '{param}' holds a truncated WAV file ({len(data)} bytes of "
                               f"{declared + 8})", param)
-
-
-def _check_duration(seconds: float, max_duration_s: float, param: str) -> None:
-    if seconds > max_duration_s:
-        raise InputError(413, f"field '{param}' audio lasts {seconds:.0f} s, more than the limit "
-                              f"of {max_duration_s:.0f} s", param)

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import threading
 
 import numpy as np
 import torch
@@ -9,6 +10,7 @@ import trimesh
 
 from server.errors import InputError
 from server.inputs.arrays import load_array
+from server.inputs.costs import MAX_DECODE_MB
 from server.inputs.sniff import check_kind, undecodable
 
 N_POINTS = 8192
@@ -23,7 +25,8 @@ logging.getLogger("trimesh").setLevel(logging.ERROR)
 
 
 def point_tensor(data: bytes, param: str = "point", n_points: int = N_POINTS,
-                 max_points: int = MAX_POINTS) -> torch.Tensor:
+                 max_points: int = MAX_POINTS, *, max_decode_mb: float = MAX_DECODE_MB,
+                 cancel: threading.Event | None = None) -> torch.Tensor:
     """[n_points,6]: xyz centred on its mean and divided by its largest norm, rgb in 0–1.
 
     - `.npy` / CSV [N,6] (rgb kept as given) or [N,3] (rgb = 0).
@@ -41,15 +44,18 @@ def point_tensor(data: bytes, param: str = "point", n_points: int = N_POINTS,
     if kind.family == "mesh":
         points = _load_geometry(data, param, kind, n_points)
     else:  # .npy, or CSV / XYZ text
-        points = _from_array(load_array(data, param), param)
+        points = _from_array(load_array(data, param, max_values=6 * max_points,
+                                        limit=f"6 × {max_points} (max_points)",
+                                        max_decode_mb=max_decode_mb, cancel=cancel), param)
     if not np.isfinite(points).all():
         raise InputError(422, f"field '{param}' contains NaN or infinite coordinates", param)
     if len(points) == 0:
         raise InputError(422, f"field '{param}' holds no points", param)
     if len(points) > max_points:
         raise InputError(413, f"field '{param}' has {len(points)} points, more than the limit "
-                              f"of {max_points}", param)
-    return torch.from_numpy(np.ascontiguousarray(_normalize(_resize(points, n_points)),
+                              f"of {max_points} (max_points)", param)
+    # brought to n_points before rgb = 0 is added to [N,3] arrays: the same, without a full-size copy
+    return torch.from_numpy(np.ascontiguousarray(_normalize(_with_rgb(_resize(points, n_points))),
                                                  dtype=np.float32))
 
 
@@ -57,9 +63,13 @@ def _from_array(array: np.ndarray, param: str) -> np.ndarray:
     if array.ndim != 2 or array.shape[1] not in (3, 6):
         raise InputError(422, f"field '{param}' has shape {list(array.shape)}, expected [N,6] "
                               "(xyz + rgb in 0–1) or [N,3]", param)
-    if array.shape[1] == 3:
-        array = np.concatenate([array, np.zeros_like(array)], axis=1)
     return array
+
+
+def _with_rgb(points: np.ndarray) -> np.ndarray:
+    if points.shape[1] == 3:
+        return np.concatenate([points, np.zeros_like(points)], axis=1)
+    return points
 
 
 def _load_geometry(data: bytes, param: str, kind, n_points: int) -> np.ndarray:

@@ -38,28 +38,51 @@ def resample(signal: np.ndarray, rate: float, new_rate: float, max_length: int |
         total = min(total, max_length)
     if rate == new_rate or total == 0:
         return signal[..., :total].copy()
-    ratio = _rational(rate) / _rational(new_rate)  # input samples per output sample
-    step, phases = ratio.numerator, ratio.denominator  # output b·phases + i centres on b·step + i·ratio
-    base = min(1.0, 1 / float(ratio)) * ROLLOFF  # the cutoff, relative to the lower Nyquist rate
-    reach = ZERO_CROSSINGS / base  # input samples either side of an output's centre with weight
-    taps = np.arange(-math.floor(reach), math.floor(reach) + 2)  # [K] offsets from floor(centre)
-    used = min(phases, total)  # more phases than outputs: only the first `total` occur
-    blocks = -(-total // used)
-    centre, remainder = np.divmod(np.arange(used) * step, phases)  # exact: no drift over a long signal
-    t = np.clip((taps[None, :] - remainder[:, None] / phases) * base, -ZERO_CROSSINGS, ZERO_CROSSINGS)
-    weights = np.sinc(t) * np.cos(t * math.pi / (2 * ZERO_CROSSINGS)) ** 2 * base  # [used, K]
+    plan = _Plan(total, rate, new_rate)
+    t = np.clip((plan.taps[None, :] - plan.remainder[:, None] / plan.phases) * plan.base,
+                -ZERO_CROSSINGS, ZERO_CROSSINGS)
+    weights = np.sinc(t) * np.cos(t * math.pi / (2 * ZERO_CROSSINGS)) ** 2 * plan.base  # [used, K]
     # zero-pad so that every tap of every output falls inside; input past the last one is not read
-    starts = np.arange(blocks)[:, None] * step + centre[None, :]  # [blocks, used]: first taps in `padded`
-    left, needed = -taps[0], starts[-1, -1] + len(taps)
-    rows = signal.reshape(-1, length)[:, : needed - left]
-    padded = np.pad(rows, ((0, 0), (left, needed - left - rows.shape[1])))
-    windows = np.lib.stride_tricks.sliding_window_view(padded, len(taps), axis=1)  # [rows, *, K]
-    out = np.empty((rows.shape[0], blocks, used))
-    chunk = max(1, _WORK_ELEMENTS // (used * len(taps) * rows.shape[0]))  # blocks gathered at once
-    for first in range(0, blocks, chunk):
+    starts = plan.starts()  # [blocks, used]: first taps in `padded`
+    rows = signal.reshape(-1, length)[:, : plan.inputs_read]
+    padded = np.pad(rows, ((0, 0), (plan.left, plan.inputs_read - rows.shape[1])))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, len(plan.taps), axis=1)  # [rows, *, K]
+    out = np.empty((rows.shape[0], plan.blocks, plan.used))
+    chunk = max(1, _WORK_ELEMENTS // (plan.used * len(plan.taps) * rows.shape[0]))  # blocks gathered at once
+    for first in range(0, plan.blocks, chunk):
         part = slice(first, first + chunk)
         out[:, part] = np.einsum("rbpk,pk->rbp", windows[:, starts[part]], weights)
     return out.reshape(rows.shape[0], -1)[:, :total].reshape(*signal.shape[:-1], total)
+
+
+def input_length_read(length: int, rate: float, new_rate: float) -> int:
+    """How many samples at `rate` the first `length` output samples at `new_rate` read: a decoder
+    may stop there, as `resample(signal, rate, new_rate, length)` reads no further."""
+    if rate == new_rate or length == 0:
+        return length
+    return _Plan(length, rate, new_rate).inputs_read
+
+
+class _Plan:
+    """Where each of `total` output samples reads its input. Output b·phases + i centres on
+    input b·step + i·ratio; it reads the taps around floor(centre)."""
+
+    def __init__(self, total: int, rate: float, new_rate: float):
+        ratio = _rational(rate) / _rational(new_rate)  # input samples per output sample
+        self.step, self.phases = ratio.numerator, ratio.denominator
+        self.base = min(1.0, 1 / float(ratio)) * ROLLOFF  # the cutoff, relative to the lower Nyquist rate
+        reach = ZERO_CROSSINGS / self.base  # input samples either side of an output's centre with weight
+        self.taps = np.arange(-math.floor(reach), math.floor(reach) + 2)  # [K] offsets from floor(centre)
+        self.left = -int(self.taps[0])  # zeros padded before the signal
+        self.used = min(self.phases, total)  # more phases than outputs: only the first `total` occur
+        self.blocks = -(-total // self.used)
+        # exact: no drift over a long signal
+        self.centre, self.remainder = np.divmod(np.arange(self.used) * self.step, self.phases)
+        last_start = (self.blocks - 1) * self.step + int(self.centre[-1])
+        self.inputs_read = last_start + len(self.taps) - self.left
+
+    def starts(self) -> np.ndarray:
+        return np.arange(self.blocks)[:, None] * self.step + self.centre[None, :]
 
 
 def _rational(rate: float) -> Fraction:

@@ -17,13 +17,14 @@ frames are found by decoding from the beginning instead: same frames, more work.
 
 import io
 import math
+import threading
 
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from server.errors import InputError
+from server.errors import Cancelled, InputError
+from server.inputs.costs import MAX_DECODE_MB, check_cancelled, check_decode_memory
 from server.inputs.images import SIZE, check_aspect, normalize
 from server.inputs.sniff import check_kind, undecodable
 
@@ -32,6 +33,10 @@ CROPS = 3
 MAX_DURATION_S = 3600.0
 MAX_FRAME_PIXELS = 40_000_000  # a little over 8K UHD
 MAX_DECODED_FRAMES = 30_000
+MAX_DECODED_PIXELS = 20_000_000_000  # ~10 000 frames of 1080p or 500 of 40 MP
+# decoded frames alive at once, per pixel in their own format: the one picked, the previous one,
+# the decoder's references and pool (measured: 4 to 5 for 40 MP H.264), besides the rgb24 copy
+_FRAMES_HELD = 6
 _EPS = 1e-6  # seconds: timestamps are rationals turned into floats
 
 
@@ -40,55 +45,52 @@ class _SeekMissed(Exception):
 
 
 def video_tensor(data: bytes, param: str = "video", *, max_duration_s: float = MAX_DURATION_S,
-                 max_frame_pixels: int = MAX_FRAME_PIXELS,
-                 max_decoded_frames: int = MAX_DECODED_FRAMES) -> torch.Tensor:
+                 max_frame_pixels: int = MAX_FRAME_PIXELS, max_decoded_frames: int = MAX_DECODED_FRAMES,
+                 max_decoded_pixels: int = MAX_DECODED_PIXELS, max_decode_mb: float = MAX_DECODE_MB,
+                 cancel: threading.Event | None = None) -> torch.Tensor:
     """[15,3,224,224] float32 from an MP4/WebM/MOV/MKV/AVI upload (see module docstring)."""
     kind = check_kind(data, param, {"video"}, "a video")
+    budget = _Budget(param, max_frame_pixels, max_decoded_frames, max_decoded_pixels, max_decode_mb, cancel)
     try:
-        frames = _pick_frames(data, param, max_duration_s, max_frame_pixels, max_decoded_frames)
-    except InputError:
+        crops = _clip_crops(data, param, max_duration_s, budget)
+    except (InputError, Cancelled):
         raise
     except Exception as error:  # PyAV/FFmpeg raise several types on damaged input
         raise undecodable(param, kind, "a video", error) from error
-    crops = [crop for frame in frames for crop in _crops(_scale_short_side(frame))]
-    return normalize(torch.stack(crops))
+    return normalize(torch.cat(crops))
 
 
-def _pick_frames(data: bytes, param: str, max_duration_s: float, max_frame_pixels: int,
-                 max_decoded_frames: int) -> list[np.ndarray]:
+def _clip_crops(data: bytes, param: str, max_duration_s: float, budget: "_Budget") -> list[torch.Tensor]:
+    """Each clip's frame, turned into its three crops as soon as it is found: one decoded frame
+    at a time is held, never the five."""
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.video:
             raise InputError(422, f"field '{param}' holds a file with no video stream", param)
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > max_frame_pixels:
-            raise InputError(413, f"field '{param}' video frames are {width}x{height}, more than "
-                                  f"the limit of {max_frame_pixels} pixels", param)
         if width and height:  # some containers only know the size once a frame is decoded
+            budget.check_frame_size(width, height, stream.codec_context.format)
             check_aspect((width, height), param)
         start, duration = _timing(container, stream)
         if not duration > 0:
             raise InputError(422, f"field '{param}' holds a video of zero duration", param)
         if duration > max_duration_s:
             raise InputError(413, f"field '{param}' video lasts {duration:.0f} s, more than the "
-                                  f"limit of {max_duration_s:.0f} s", param)
+                                  f"limit of {max_duration_s:.0f} s (max_video_seconds)", param)
         targets = [start + k * max(duration - 1, 0) / CLIPS for k in range(CLIPS)]
-        budget = _Budget(max_decoded_frames, param)
         try:
-            frames = [_seek_frame(container, stream, t, start, budget) for t in targets]
+            return [_upright_crops(_seek_frame(container, stream, t, start, budget)) for t in targets]
         except _SeekMissed:
-            frames = None
-    if frames is None:
-        frames = _scan_frames(data, targets, start, budget)
-    return [_upright_rgb(frame) for frame in frames]
+            pass
+    return _scan_crops(data, targets, start, budget)
 
 
-def _upright_rgb(frame) -> np.ndarray:
-    """[H,W,3] uint8 as the video is shown: phones store portrait video as landscape frames
-    plus a display rotation (counter-clockwise degrees), which players apply."""
+def _upright_crops(frame) -> torch.Tensor:
+    """[3 crops,3,224,224] of the frame as the video is shown: phones store portrait video as
+    landscape frames plus a display rotation (counter-clockwise degrees), which players apply."""
     rgb = frame.to_ndarray(format="rgb24")
     quarter_turns = round((frame.rotation or 0) / 90) % 4
-    return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
+    return _scaled_crops(np.rot90(rgb, quarter_turns))  # a view: only the pixels read are copied
 
 
 def _timing(container, stream) -> tuple[float, float]:
@@ -116,18 +118,49 @@ def _timing(container, stream) -> tuple[float, float]:
 
 
 class _Budget:
-    """Caps the frames decoded per request: a video without a usable index is decoded
-    from the start for every clip, which must not run unbounded."""
+    """Caps what one video may cost before its frames are decoded: each frame's pixels and the
+    working memory they take, and the frames and pixels decoded in all (a video without a usable
+    index is decoded from the start for every clip, which must not run unbounded)."""
 
-    def __init__(self, limit: int, param: str):
-        self.left = limit
-        self.param = param
+    def __init__(self, param: str, max_frame_pixels: int, max_frames: int, max_pixels: int,
+                 max_decode_mb: float, cancel: threading.Event | None):
+        self.param, self.max_frame_pixels, self.max_decode_mb = param, max_frame_pixels, max_decode_mb
+        self.frames_left, self.pixels_left, self.cancel = max_frames, max_pixels, cancel
+        self.checked = None  # the frame size and format last checked
 
-    def spend(self) -> None:
-        self.left -= 1
-        if self.left < 0:
-            raise InputError(413, f"field '{self.param}' video needs too many frames decoded",
+    def check_frame_size(self, width: int, height: int, pixel_format) -> None:
+        size = (width, height, pixel_format and pixel_format.name)
+        if size == self.checked:
+            return
+        if width * height > self.max_frame_pixels:
+            raise InputError(413, f"field '{self.param}' video frames are {width}x{height}, more than "
+                                  f"the limit of {self.max_frame_pixels} pixels (max_video_frame_pixels)",
                              self.param)
+        per_pixel = 3 + _FRAMES_HELD * _decoded_bytes_per_pixel(pixel_format)
+        check_decode_memory(width * height * per_pixel, self.max_decode_mb, self.param,
+                            f"video frames of {width}x{height}")
+        self.checked = size
+
+    def spend(self, frame) -> None:
+        check_cancelled(self.cancel)
+        self.check_frame_size(frame.width, frame.height, frame.format)
+        self.frames_left -= 1
+        self.pixels_left -= frame.width * frame.height
+        if self.frames_left < 0:
+            raise InputError(413, f"field '{self.param}' video needs too many frames decoded "
+                                  "(max_video_decoded_frames)", self.param)
+        if self.pixels_left < 0:
+            raise InputError(413, f"field '{self.param}' video needs too many pixels decoded "
+                                  "(max_video_decoded_pixels)", self.param)
+
+
+def _decoded_bytes_per_pixel(pixel_format) -> float:
+    """Bytes per pixel of a frame in its decoder's format (8-bit 4:2:0: 1.5; 16-bit 4:4:4: 6);
+    an unknown format counts as the widest common one (16-bit RGBA: 8)."""
+    if pixel_format is None:
+        return 8.0
+    probe = av.VideoFormat(pixel_format.name, 64, 64)
+    return sum(-(-c.bits // 8) * c.width * c.height for c in probe.components) / (64 * 64)
 
 
 def _seek_frame(container, stream, target: float, start: float, budget: _Budget):
@@ -135,7 +168,7 @@ def _seek_frame(container, stream, target: float, start: float, budget: _Budget)
     container.seek(int(target / stream.time_base), stream=stream, backward=True)
     last = None
     for frame in container.decode(stream):
-        budget.spend()
+        budget.spend(frame)
         if frame.time is None:
             raise _SeekMissed
         if last is None and frame.time > target + _EPS and target > start + _EPS:
@@ -148,7 +181,7 @@ def _seek_frame(container, stream, target: float, start: float, budget: _Budget)
     return last
 
 
-def _scan_frames(data: bytes, targets: list[float], start: float, budget: _Budget) -> list:
+def _scan_crops(data: bytes, targets: list[float], start: float, budget: _Budget) -> list[torch.Tensor]:
     """Decode from the beginning, taking the first frame at or after each target."""
     picked = []
     with av.open(io.BytesIO(data)) as container:
@@ -156,34 +189,57 @@ def _scan_frames(data: bytes, targets: list[float], start: float, budget: _Budge
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         last = None
         for index, frame in enumerate(container.decode(stream)):
-            budget.spend()
+            budget.spend(frame)
             time = frame.time if frame.time is not None else start + index / rate
-            while len(picked) < len(targets) and time >= targets[len(picked)] - _EPS:
-                picked.append(frame)
+            if len(picked) < len(targets) and time >= targets[len(picked)] - _EPS:
+                crops = _upright_crops(frame)
+                while len(picked) < len(targets) and time >= targets[len(picked)] - _EPS:
+                    picked.append(crops)
             if len(picked) == len(targets):
                 break
             last = frame
     if last is None and not picked:
         raise ValueError("no frame could be decoded")
-    return picked + [last] * (len(targets) - len(picked))
+    if len(picked) < len(targets):
+        picked += [_upright_crops(last)] * (len(targets) - len(picked))
+    return picked
 
 
-def _scale_short_side(rgb: np.ndarray) -> torch.Tensor:
-    """[3,H',W'] in 0–1 with the short side 224."""
+def _scaled_crops(rgb: np.ndarray) -> torch.Tensor:
+    """[3 crops,3,224,224] in 0–1 of an [H,W,3] uint8 frame: the short side scaled to 224 as
+    F.interpolate(bilinear, align_corners=False) scales it, then the three squares along the long
+    side. Only the output pixels the crops keep are computed, from the 2 source rows and 2 source
+    columns each reads, so a frame is never held in float at full size."""
     height, width = rgb.shape[:2]
     if width < height:
         size = (int(math.floor(height / width * SIZE)), SIZE)
     else:
         size = (SIZE, int(math.floor(width / height * SIZE)))
-    pixels = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0)
-    return F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False)[0]
-
-
-def _crops(frame: torch.Tensor) -> list[torch.Tensor]:
-    """Three 224-squares along the long side: start, centre, end."""
-    height, width = frame.shape[1:]
-    long_side = max(height, width)
+    long_side = max(size)
     offsets = (0, int(math.ceil((long_side - SIZE) / 2)), long_side - SIZE)
-    if height > width:
-        return [frame[:, y:y + SIZE, :SIZE] for y in offsets]
-    return [frame[:, :SIZE, x:x + SIZE] for x in offsets]
+    along = np.concatenate([np.arange(offset, offset + SIZE) for offset in offsets])
+    crops_down_rows = size[0] > size[1]
+    rows, cols = (along, np.arange(SIZE)) if crops_down_rows else (np.arange(SIZE), along)
+    row_first, row_second, row_weights = _bilinear_taps(height, size[0], rows)
+    col_first, col_second, col_weights = _bilinear_taps(width, size[1], cols)
+    picked = rgb[np.ix_(np.concatenate([row_first, row_second]), np.concatenate([col_first, col_second]))]
+    pixels = torch.from_numpy(np.ascontiguousarray(picked)).permute(2, 0, 1).float().div(255.0)
+    # columns, then rows: torch sums h0·(w0·x00 + w1·x01) + h1·(w0·x10 + w1·x11)
+    c, r = len(cols), len(rows)
+    across = pixels[:, :, :c] * col_weights[0] + pixels[:, :, c:] * col_weights[1]  # [3, 2R, C]
+    scaled = across[:, :r] * row_weights[0][:, None] + across[:, r:] * row_weights[1][:, None]  # [3, R, C]
+    if crops_down_rows:
+        return scaled.view(3, 3, SIZE, SIZE).permute(1, 0, 2, 3)
+    return scaled.view(3, SIZE, 3, SIZE).permute(2, 0, 1, 3)
+
+
+def _bilinear_taps(in_size: int, out_size: int, positions: np.ndarray):
+    """The two source indices and weights of each output position, in float32 as torch's
+    upsample_bilinear2d computes them (align_corners=False: source = scale·(dst + ½) − ½, ≥ 0)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    source = np.maximum(scale * (positions.astype(np.float32) + np.float32(0.5)) - np.float32(0.5),
+                        np.float32(0))
+    first = np.minimum(source.astype(np.int64), in_size - 1)
+    second = first + (first < in_size - 1)
+    weight = np.clip(source - first.astype(np.float32), 0, 1).astype(np.float32)
+    return first, second, (torch.from_numpy(1 - weight), torch.from_numpy(weight))

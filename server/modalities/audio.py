@@ -21,6 +21,8 @@ MODALITY = Modality(
     name="audio",
     fields=("audio",),
     preprocess=lambda files, options: audio_tensor(  # [1, 128, 1024]
-        files["audio"], "audio", **limits(options, max_duration_s="max_audio_seconds")),
+        files["audio"], "audio", **limits(options, max_duration_s="max_audio_seconds",
+                                          max_sample_rate="max_audio_sample_rate",
+                                          max_decode_mb="max_decode_mb", cancel="cancel")),
     tokenizer=AudioTokenizer.from_weights,
 )

@@ -22,6 +22,7 @@ MODALITY = Modality(
     name="fmri",
     fields=("fmri",),
     preprocess=lambda files, options: fmri_tensor(  # [1, 15724]
-        files["fmri"], "fmri", **limits(options, max_repeats="max_fmri_repeats")),
+        files["fmri"], "fmri", **limits(options, max_repeats="max_fmri_repeats", max_decode_mb="max_decode_mb",
+                                  cancel="cancel")),
     tokenizer=FmriTokenizer.from_weights,
 )

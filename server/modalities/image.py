@@ -5,5 +5,6 @@ MODALITY = Modality(
     name="image",
     fields=("image",),
     preprocess=lambda files, options: image_tensor(  # [3, 224, 224]
-        decode_image(files["image"], "image", **limits(options, max_pixels="max_pixels"))),
+        decode_image(files["image"], "image",
+                     **limits(options, max_pixels="max_pixels", max_decode_mb="max_decode_mb"))),
 )

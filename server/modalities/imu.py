@@ -19,7 +19,8 @@ class ImuTokenizer(nn.Conv1d):
 
 def preprocess(files, options) -> torch.Tensor:
     return imu_tensor(files["imu"], float(options.get("imu_sample_rate", 200.0)), "imu",  # [6, 400]
-                      **limits(options, max_samples="max_imu_samples"))
+                      **limits(options, max_samples="max_imu_samples", max_decode_mb="max_decode_mb",
+                               cancel="cancel"))
 
 
 MODALITY = Modality(name="imu", fields=("imu",), preprocess=preprocess, tokenizer=ImuTokenizer.from_weights)

@@ -62,6 +62,7 @@ MODALITY = Modality(
     name="point",
     fields=("point",),
     preprocess=lambda files, options: point_tensor(  # [8192, 6]
-        files["point"], "point", **limits(options, max_points="max_points")),
+        files["point"], "point", **limits(options, max_points="max_points", max_decode_mb="max_decode_mb",
+                                   cancel="cancel")),
     tokenizer=PointTokenizer.from_weights,
 )

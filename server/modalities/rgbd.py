@@ -5,5 +5,6 @@ MODALITY = Modality(
     name="rgbd",
     fields=("image", "depth"),
     preprocess=lambda files, options: rgbx_tensor(  # [2, 3, 224, 224]
-        files["image"], files["depth"], "depth", **limits(options, max_pixels="max_pixels")),
+        files["image"], files["depth"], "depth",
+        **limits(options, max_pixels="max_pixels", max_decode_mb="max_decode_mb", cancel="cancel")),
 )

@@ -5,5 +5,6 @@ MODALITY = Modality(
     name="rgbn",
     fields=("image", "normal"),
     preprocess=lambda files, options: rgbx_tensor(  # [2, 3, 224, 224]
-        files["image"], files["normal"], "normal", **limits(options, max_pixels="max_pixels")),
+        files["image"], files["normal"], "normal",
+        **limits(options, max_pixels="max_pixels", max_decode_mb="max_decode_mb", cancel="cancel")),
 )

@@ -82,7 +82,7 @@ def check_upload(data: bytes, limits: dict) -> str:
     if kind.family == "image":  # the header's pixel count, as for an inline image
         decode_image(data, param, limits["max_pixels"])
     if kind.family == "array":  # object arrays are pickles in disguise
-        load_array(data, param)
+        load_array(data, param, max_decode_mb=limits["max_decode_mb"])
     return kind.family
 
 

@@ -27,6 +27,11 @@ class Metrics:
                                         registry=self.registry)
         self.prefix_shared_runs = Counter("onellm_prefix_shared_runs", "Attachments that waited for the run "
                                           "already making the same bytes' prefix", ["modality"], registry=self.registry)
+        self.decodes_running = Gauge("onellm_decodes_running", "Attachments being decoded now, in the decoding pool",
+                                     registry=self.registry)
+        self.decodes_cancelled = Counter("onellm_decodes_cancelled", "Decodes stopped part-way because no request "
+                                         "waited for them any more (another attachment refused, the client gone)",
+                                         ["modality"], registry=self.registry)
         # where the time before the first token goes: with TTFT they split it into decoding, the
         # encoder, and the rest (queues, prompt assembly, the engine)
         self.preprocess_seconds = Histogram("onellm_preprocess_seconds", "Decoding one attachment into model input",

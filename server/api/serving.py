@@ -18,7 +18,7 @@ from server.api.records import MediaReferences, gone
 from server.api.shared_cache import SharedPrefixCache
 from server.api.uploads import Attachment, Chat
 from server.engines.base import Engine, EngineUnavailable, Sampling, Usage
-from server.errors import InputError
+from server.errors import Cancelled, InputError
 from server.model.repo import OneLLM
 from server.modalities import MODALITIES
 
@@ -135,7 +135,7 @@ class ChatService:
         cancel = threading.Event()
         try:
             inputs = await self.off_loop(_preprocess, attachment, {**self.decoder_limits, "cancel": cancel},
-                                         self.metrics.preprocess_seconds.labels(m))
+                                         self.metrics)
         except asyncio.CancelledError:
             cancel.set()
             raise
@@ -234,9 +234,13 @@ async def all_or_none(coroutines: list[Awaitable]) -> list:
     return [task.result() for task in tasks]
 
 
-def _preprocess(attachment: Attachment, limits: dict, timer) -> torch.Tensor:
-    with timer.time():
-        return preprocess_attachment(attachment, limits)
+def _preprocess(attachment: Attachment, limits: dict, metrics: Metrics) -> torch.Tensor:
+    with metrics.preprocess_seconds.labels(attachment.modality).time(), metrics.decodes_running.track_inprogress():
+        try:
+            return preprocess_attachment(attachment, limits)
+        except Cancelled:
+            metrics.decodes_cancelled.labels(attachment.modality).inc()
+            raise
 
 
 def preprocess_attachment(attachment: Attachment, limits: dict) -> torch.Tensor:
@@ -244,7 +248,7 @@ def preprocess_attachment(attachment: Attachment, limits: dict) -> torch.Tensor:
     not foresee is still the file's fault."""
     try:
         return MODALITIES[attachment.modality].preprocess(attachment.files, {**attachment.options, **limits})
-    except InputError:
+    except (InputError, Cancelled):  # Cancelled: nobody waits for this result any more
         raise
     except Exception as e:  # noqa: BLE001 - untrusted bytes can break a decoder in any way
         field_name = next(reversed(attachment.files))

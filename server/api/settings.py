@@ -69,8 +69,6 @@ class Settings:
     max_imu_samples: int = _limit(1_000_000, "time steps of an IMU series")
     max_fmri_repeats: int = _limit(256, "repeats (rows) of an fMRI upload")
     # What decoding one attachment may cost, decided from its headers before it is decoded
-    max_decode_mb: float = _limit(512.0, "memory one attachment's decoding may use, estimated from its "
-                                         "headers before decoding")
     max_audio_sample_rate: int = _limit(384_000, "sample rate of an audio file in Hz (only the first "
                                                  "~10.3 s of its first channel is decoded)")
     max_video_decoded_pixels: int = _limit(20_000_000_000, "pixels decoded from one video, all frames "

@@ -5,6 +5,7 @@ task serving a request; and over a real gateway."""
 
 import asyncio
 import io
+import socket
 import threading
 import time
 
@@ -96,3 +97,36 @@ def test_a_request_whose_other_attachment_is_refused_stops_the_slow_ones_decode_
                            data={"prompt": "What is it?", "max_tokens": "2"})
     assert following.status_code == 200, following.text
     assert metric(projects, headers, "onellm_encoder_runs_total", modality="point") == encodes
+
+
+def long_imu_csv(rows: int = 1_000_000) -> bytes:
+    """A million rows of accelerometer and gyroscope readings: about a second of parsing."""
+    out = io.BytesIO()
+    np.savetxt(out, np.random.default_rng(2504).random((rows, 6)), fmt="%.2f", delimiter=",")
+    return out.getvalue()
+
+
+def test_a_client_that_leaves_mid_decode_stops_the_decode_itself(projects):
+    """The decode already running in a pool thread, not only the work queued after it: it stops at
+    its next check (counted in onellm_decodes_cancelled_total), and nothing reaches the encoder."""
+    headers = {"Authorization": f"Bearer {PROJECT_KEYS['old']}"}
+    cancelled, encodes = (metric(projects, headers, name, modality="imu")
+                          for name in ("onellm_decodes_cancelled_total", "onellm_encoder_runs_total"))
+    boundary = "leaving-client"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nHow do I move?\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"imu\"; filename=\"walk.csv\"\r\n"
+            f"Content-Type: text/csv\r\n\r\n").encode() + long_imu_csv() + f"\r\n--{boundary}--\r\n".encode()
+    with socket.create_connection(("127.0.0.1", projects.port)) as client:
+        client.sendall(f"POST /v1/chat HTTP/1.1\r\nHost: gateway\r\nAuthorization: {headers['Authorization']}\r\n"
+                       f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 120
+        while metric(projects, headers, "onellm_decodes_running") == 0:
+            assert time.monotonic() < deadline, "the CSV's decode never started"
+            time.sleep(0.01)
+    deadline = time.monotonic() + 120
+    while metric(projects, headers, "onellm_decodes_cancelled_total", modality="imu") == cancelled:
+        assert time.monotonic() < deadline, "the running decode was not stopped"
+        time.sleep(0.05)
+    assert metric(projects, headers, "onellm_decodes_running") == 0
+    assert metric(projects, headers, "onellm_encoder_runs_total", modality="imu") == encodes

@@ -33,18 +33,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from inputs_files import silence_flac  # noqa: E402
 from peak_memory import peak_bytes, reset_peak  # noqa: E402
 
 MB = 1 << 20
-
-
-def silent_flac(path: Path, seconds: int = 590, rate: int = 192_000, channels: int = 8) -> bytes:
-    if not path.exists():
-        block = np.zeros((rate, channels), dtype=np.int16)
-        with sf.SoundFile(path, "w", samplerate=rate, channels=channels, format="FLAC", subtype="PCM_16") as out:
-            for _ in range(seconds):
-                out.write(block)
-    return path.read_bytes()
 
 
 def variant(flac: bytes, seed: int) -> bytes:
@@ -161,10 +153,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="model_repo/tiny")
     parser.add_argument("--flag", action="append", default=[], help="NAME=VALUE passed to onellm serve")
-    parser.add_argument("--cache", default=tempfile.gettempdir(), help="where the 590 s FLAC is kept")
     args = parser.parse_args()
     flags = [part for flag in args.flag for part in (f"--{flag.split('=', 1)[0]}", flag.split("=", 1)[1])]
-    flac = silent_flac(Path(args.cache) / "onellm-silence-590s-8ch-192k.flac")
+    flac = silence_flac(590)
     with tempfile.TemporaryDirectory() as workdir:
         gateway = Gateway(args.model, flags, Path(workdir))
         try:

@@ -35,7 +35,8 @@ class Settings:
     dtype: str | None = None  # None: the dtype the encoder weights are stored in
     default_max_tokens: int = 256
     preprocess_workers: int = max(1, min(8, os.cpu_count() or 1))
-    prefix_cache_mb: float | None = None  # its share of memory_budget_mb unless given
+    prefix_cache_mb: float | None = _share(float, "memory for the prefixes of recent attachments, so that a "
+                                                  "chat resending its files runs the encoder once")
     cache_url: str | None = None  # redis://host:port/db: prefixes shared with other gateways; None: local only
     cache_timeout_ms: float = 100.0  # a Redis slower than this is treated as down until it answers again
     cache_ttl_s: int = 86_400  # how long a prefix stays in Redis (its eviction policy may drop it sooner)

@@ -16,6 +16,7 @@ import soundfile as sf
 from PIL import Image
 
 from gateway_process import GatewayProcess, flags
+from inputs_files import silence_flac
 from peak_memory import peak_bytes, peak_growth, reset_peak
 
 MiB = 1 << 20
@@ -35,14 +36,9 @@ def budgeted(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def silent_flac(tmp_path_factory) -> bytes:
+def silent_flac() -> bytes:
     """120 s of 8-channel 192 kHz silence: 180 M samples, about 200 kB of FLAC."""
-    path = tmp_path_factory.mktemp("flac") / "silence.flac"
-    block = np.zeros((192_000, 8), dtype=np.int16)
-    with sf.SoundFile(path, "w", samplerate=192_000, channels=8, format="FLAC", subtype="PCM_16") as out:
-        for _ in range(120):
-            out.write(block)
-    return path.read_bytes()
+    return silence_flac(120)
 
 
 def variant(flac: bytes, seed: int) -> bytes:

@@ -42,8 +42,6 @@ from server.model.repo import OneLLM, load_model
 
 log = logging.getLogger("onellm.gateway")
 STATIC_DIR = Path(__file__).parent / "static"
-# streamed answers (`stream: true`) are Server-Sent Events of chat.completion.chunk JSON
-STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 FORM_FIELDS = {"prompt", "messages", "model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                "imu_sample_rate"}
 # `video_ref=<uuid>`: an attachment sent before, by the uuid the gateway returned (X-Media-UUIDs);
@@ -221,7 +219,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         ).model_dump(exclude_none=True), headers=headers)
 
     # the body is read here rather than by FastAPI, which would parse it on the event loop
-    @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, responses=STREAM_RESPONSE,
+    @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, responses=schemas.STREAM_RESPONSE,
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}})
     async def chat_completions(request: Request) -> Response:
@@ -238,7 +236,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         return await respond(request, chat, sampling_fields(max_tokens, body.temperature, body.top_p, body.stop, body.seed),
                              body.stream, bool(body.stream_options and body.stream_options.include_usage))
 
-    @app.post("/v1/chat", response_model=schemas.ChatCompletion, responses=STREAM_RESPONSE,
+    @app.post("/v1/chat", response_model=schemas.ChatCompletion, responses=schemas.STREAM_RESPONSE,
               openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object"}}}}})
     async def chat(request: Request) -> Response:
         if not request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):

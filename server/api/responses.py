@@ -26,7 +26,6 @@ from server.errors import InputError
 from server.modalities import MODALITIES
 
 responses_router = APIRouter()
-STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 # Responses parts that carry a URL, and the chat part each becomes
 URL_PARTS = {"input_image": ("image_url", "image_url"), "input_video": ("video_url", "video_url")}
 
@@ -183,8 +182,8 @@ def _response(base: dict, message_id: str, answer: Answer, text: str) -> schemas
         incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None)
 
 
-@responses_router.post("/v1/responses", response_model=schemas.ResponseObject, responses=STREAM_RESPONSE,
-                       openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+@responses_router.post("/v1/responses", response_model=schemas.ResponseObject,
+                       responses=schemas.STREAM_RESPONSE, openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                            "schema": {"$ref": "#/components/schemas/ResponsesRequest"}}}}})
 async def create_response(request: Request) -> Response:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()

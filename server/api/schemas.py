@@ -7,6 +7,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SkipValidation
 
 
+# `stream: true` answers are Server-Sent Events; the schema is each event's, as SSE validators
+# (schemathesis) read a stream: its `event` name where it has one, and its `data`
+STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}}}}}
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str

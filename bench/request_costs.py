@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -125,7 +126,8 @@ def stalled_downloads(gateway: Gateway, file_id: str, count: int, hold_s: float)
     time.sleep(hold_s)  # the gateway does whatever it does with readers that stopped
     for sock in sockets:
         sock.close()
-    return f"{statuses.count('HTTP/1.1 200')} of {count} started with 200"
+    counts = Counter(status.split(" ")[1] if " " in status else "closed" for status in statuses)
+    return ", ".join(f"{n} answered {status}" for status, n in sorted(counts.items()))
 
 
 async def four_audio(url: str, flac: bytes, png: bytes) -> str:

@@ -18,9 +18,7 @@ rose (VmHWM) while the request ran:
 import argparse
 import asyncio
 import io
-import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +32,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from gateway_process import GatewayProcess  # noqa: E402
 from inputs_files import silence_flac  # noqa: E402
 from peak_memory import peak_bytes, reset_peak  # noqa: E402
 
@@ -59,41 +58,11 @@ def small_png() -> bytes:
     return buffer.getvalue()
 
 
-class Gateway:
-    def __init__(self, model: str, flags: list[str], workdir: Path):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ONELLM_")}
-        env["ONELLM_FILES_DIR"] = str(workdir / "files")
-        self.log = open(workdir / "serve.log", "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", model,
-                                         "--port", str(self.port), *flags], cwd=REPO, env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"onellm serve exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit("onellm serve did not become ready")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(60)
-        self.log.close()
-
-
-def measured(gateway: Gateway, work) -> tuple[int, object]:
+def measured(gateway: GatewayProcess, work) -> tuple[int, object]:
     """(bytes the gateway's peak RSS rose during `work()`, what `work()` returned)."""
-    start = reset_peak(gateway.process.pid)
+    start = reset_peak(gateway.pid)
     result = work()
-    return peak_bytes(gateway.process.pid) - start, result
+    return peak_bytes(gateway.pid) - start, result
 
 
 def audio_row(client: httpx.Client, flac: bytes, seed: int) -> str:
@@ -113,7 +82,7 @@ def ids_row(client: httpx.Client, wav: bytes) -> str:
     return chat
 
 
-def stalled_downloads(gateway: Gateway, file_id: str, count: int, hold_s: float) -> str:
+def stalled_downloads(gateway: GatewayProcess, file_id: str, count: int, hold_s: float) -> str:
     sockets = []
     for _ in range(count):
         sock = socket.create_connection(("127.0.0.1", gateway.port))
@@ -159,7 +128,7 @@ def main() -> None:
     flags = [part for flag in args.flag for part in (f"--{flag.split('=', 1)[0]}", flag.split("=", 1)[1])]
     flac = silence_flac(590)
     with tempfile.TemporaryDirectory() as workdir:
-        gateway = Gateway(args.model, flags, Path(workdir))
+        gateway = GatewayProcess(Path(args.model), Path(workdir), flags).start()
         try:
             with httpx.Client(base_url=gateway.url, timeout=600) as client:
                 audio_row(client, flac, 0)  # the first request loads codecs: not counted

@@ -286,8 +286,7 @@ def parts_to_turn(role: str, content, index: int, options: dict, fetched: Fetche
         kind = part.get("type")
         if kind == "text":
             texts.append(str(part.get("text", "")))
-        elif kind in PART_FIELDS or kind == "file" or (
-                isinstance(kind, str) and kind.startswith("input_") and kind[6:] in UPLOAD_FIELDS):
+        elif _media_field(kind) is not None:
             upload = part_upload(kind, part, where, fetched)
             body = part.get(kind)
             if isinstance(body, dict) and "sample_rate" in body:  # this part's rate, not the message's

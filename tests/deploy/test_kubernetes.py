@@ -320,7 +320,8 @@ def test_the_gateway_decodes_on_as_many_threads_as_it_has_cpus(manifests):
 def test_the_gateway_memory_budget_leaves_its_pod_room_for_the_runtime_and_the_model(manifests):
     gateway = main_container(manifests.workload(GATEWAY))
     budget = float(manifests.environment(gateway).get("ONELLM_MEMORY_BUDGET_MB", Settings.memory_budget_mb)) * (1 << 20)
-    # torch, the CUDA runtime and the encoder's 1.8 GiB of weights on their way to the GPU
+    # torch, the CUDA runtime and the encoder's 1.8 GiB of weights on their way to the GPU: an
+    # estimate, not measured (no GPU here)
     runtime = 4 << 30
     assert budget + runtime <= quantity_bytes(gateway["resources"]["limits"]["memory"])
 

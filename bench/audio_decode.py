@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 
 import soundfile as sf  # noqa: E402
 
-from server.inputs.audio import audio_tensor  # noqa: E402
+from server.media.decoders.audio import audio_tensor  # noqa: E402
 
 SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 

@@ -23,8 +23,8 @@ import torch
 from media import MIX, make_item
 from server.engines.base import Sampling, Usage
 from server.engines.local import LocalEngine
-from server.modalities import MODALITIES
-from server.model.repo import load_model
+from server.media.modalities import MODALITIES
+from server.model.onellm import load_model
 
 
 def cpu_ms(work):

@@ -97,9 +97,9 @@ CASES = {
 
 def measure(name: str, folder: Path) -> None:
     """In this process: decode the case's files once, print bytes in, peak growth, answer."""
-    from server.api.settings import Settings
+    from server.config import Settings
     from server.errors import InputError
-    from server.modalities import MODALITIES
+    from server.media.modalities import MODALITIES
 
     modality, makers = CASES[name]
     files = {field: (folder / f"{name}.{field}").read_bytes() for field in makers}

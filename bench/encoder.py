@@ -14,7 +14,7 @@ import time
 import torch
 
 from server.model.encoder import Encoder
-from server.model.repo import load_model
+from server.model.onellm import load_model
 
 INPUT_SHAPES = {
     "image": (3, 224, 224), "video": (15, 3, 224, 224), "rgbd": (2, 3, 224, 224), "rgbn": (2, 3, 224, 224),
@@ -26,7 +26,7 @@ SEVEN_B = {"width": 1024, "clip_layers": 24, "clip_heads": 16, "dim": 4096, "voc
 
 def random_7b_encoder(seed: int = 0) -> Encoder:
     """An encoder of OneLLM-7B's shapes with random weights: the real checkpoint cannot be fetched here."""
-    from server.make_tiny import random_checkpoint
+    from server.tools.make_tiny import random_checkpoint
 
     params = {"dim": SEVEN_B["dim"], "multiple_of": 256, "n_heads": 32, "n_layers": 0, "norm_eps": 1e-5}
     sd = random_checkpoint(SEVEN_B["vocab"], seed, width=SEVEN_B["width"], clip_layers=SEVEN_B["clip_layers"],

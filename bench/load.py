@@ -56,8 +56,8 @@ import torch
 from media import IMU_RATE, MIX, Item, make_item, mixed
 from server.engines.base import Sampling, Usage
 from server.engines.vllm import completion_request
-from server.modalities import MODALITIES
-from server.model.repo import OneLLM, load_model
+from server.media.modalities import MODALITIES
+from server.model.onellm import OneLLM, load_model
 
 FOLLOW_UP = "Tell me more."
 # each phase draws its files from its own seed range, so no two phases send the same bytes

@@ -20,7 +20,7 @@ import time
 import httpx
 
 from load import completions_body, make_item, prompt_embeddings, scrape, served_model, stream, total
-from server.model.repo import load_model
+from server.model.onellm import load_model
 
 ANSWER = ("The clip shows a street at dusk: cars pass from left to right, a cyclist waits at the "
           "crossing, and the lights of the shops come on one after another along the pavement.")

@@ -5,11 +5,11 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "convert": ("server.convert", "convert a OneLLM checkpoint into a model folder"),
-    "make-tiny": ("server.make_tiny", "build a small random-weight OneLLM model folder, offline"),
-    "parity": ("server.parity", "check this implementation against a reference fixture"),
-    "parity-inputs": ("server.parity_inputs", "check preprocessing of real files against a fixture"),
-    "serve": ("server.api.serve", "run the HTTP gateway"),
+    "convert": ("server.tools.convert", "convert a OneLLM checkpoint into a model folder"),
+    "make-tiny": ("server.tools.make_tiny", "build a small random-weight OneLLM model folder, offline"),
+    "parity": ("server.tools.parity", "check this implementation against a reference fixture"),
+    "parity-inputs": ("server.tools.parity_inputs", "check preprocessing of real files against a fixture"),
+    "serve": ("server.entrypoints.serve_command", "run the HTTP gateway"),
     "chat": ("onellm_client.cli", "chat with a running gateway from the terminal"),
 }
 

@@ -45,7 +45,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fixture_model(fixture_dir, tmp_path_factory) -> Path:
     """The reference fixture converted once into a model folder (float32, its 2 CLIP heads)."""
-    from server.convert import convert
+    from server.tools.convert import convert
 
     return convert(checkpoint=fixture_dir / "consolidated.00-of-01.pth", params=fixture_dir / "params.json",
                    tokenizer=fixture_dir / "tokenizer.model", out=tmp_path_factory.mktemp("models") / "fixture",
@@ -99,7 +99,7 @@ def vllm_installed() -> Path:
 @pytest.fixture(scope="session")
 def vllm_model_dir(fixture_dir: Path, tmp_path_factory) -> Path:
     """The reference fixture converted to a model folder (float32); vLLM serves its llm/."""
-    from server.convert import convert
+    from server.tools.convert import convert
 
     clip_heads = json.loads((fixture_dir / "reference.json").read_text())["clip"]["heads"]
     out = tmp_path_factory.mktemp("vllm-model") / "onellm-ref-tiny"

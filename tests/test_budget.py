@@ -1,9 +1,9 @@
-"""The memory budget and the stage limits that follow from it (server/api/budget.py)."""
+"""The memory budget and the stage limits that follow from it (server/budget.py)."""
 
 import pytest
 
-from server.api.budget import split_of
-from server.api.settings import Settings
+from server.budget import split_of
+from server.config import Settings
 
 MiB = 1 << 20
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.api.settings import Settings
+from server.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"

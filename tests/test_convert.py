@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from server import llm_folder
+from server.tools import llm_folder
 from server.cli import main
-from server.convert import convert
+from server.tools.convert import convert
 
 
 def meta_llama_logits(weights: dict, tokens: list[int], n_heads: int, eps: float) -> torch.Tensor:

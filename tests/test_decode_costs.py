@@ -16,11 +16,11 @@ from PIL import Image
 from inputs_files import image_bytes, npy_bytes, silence_flac, sound_bytes, tone, video_bytes
 from peak_memory import peak_growth
 from server.errors import Cancelled, InputError
-from server.inputs.arrays import imu_tensor, load_array
-from server.inputs.audio import audio_tensor, decode_audio
-from server.inputs.images import decode_image, rgbx_tensor
-from server.inputs.resample import input_length_read, resample
-from server.inputs.video import SIZE, _scaled_crops, video_tensor
+from server.media.decoders.arrays import imu_tensor, load_array
+from server.media.decoders.audio import audio_tensor, decode_audio
+from server.media.decoders.images import decode_image, rgbx_tensor
+from server.media.decoders.resample import input_length_read, resample
+from server.media.decoders.video import SIZE, _scaled_crops, video_tensor
 
 MB = 1 << 20
 

@@ -4,7 +4,7 @@ import asyncio
 import random
 
 import media
-from server.api.files import PIECE_BYTES, LocalFileStore, RedisFileStore
+from server.storage.files import PIECE_BYTES, LocalFileStore, RedisFileStore
 
 
 def test_a_redis_restart_costs_no_request(redis_server):

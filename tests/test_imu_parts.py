@@ -6,9 +6,9 @@ import base64
 import torch
 
 import media
-from server.api.schemas import ChatCompletionRequest
-from server.api.serving import preprocess_attachment
-from server.api.uploads import Fetched, chat_from_openai
+from server.entrypoints.protocol import ChatCompletionRequest
+from server.core.service import preprocess_attachment
+from server.core.chat import Fetched, chat_from_openai
 
 
 def imu_part(data: bytes, rate: float) -> dict:

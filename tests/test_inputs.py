@@ -1,4 +1,4 @@
-"""server/inputs: real uploaded files → the modality tensors of ONELLM.md §4."""
+"""server/media/decoders: real uploaded files → the modality tensors of ONELLM.md §4."""
 
 import io
 import pickle
@@ -13,12 +13,12 @@ from PIL import Image
 from inputs_files import (audio_only_mp4, csv_bytes, halves_frame, image_bytes, level_frames,
                           npy_bytes, png_with_declared_size, sound_bytes, tone, video_bytes)
 from server.errors import InputError
-from server.inputs import video as video_module
-from server.inputs.arrays import fmri_tensor, imu_tensor, load_array
-from server.inputs.audio import audio_tensor, decode_audio, kaldi_fbank
-from server.inputs.images import CLIP_MEAN, CLIP_STD, decode_image, image_tensor, rgbx_tensor
-from server.inputs.points import point_tensor
-from server.inputs.video import video_tensor
+from server.media.decoders import video as video_module
+from server.media.decoders.arrays import fmri_tensor, imu_tensor, load_array
+from server.media.decoders.audio import audio_tensor, decode_audio, kaldi_fbank
+from server.media.decoders.images import CLIP_MEAN, CLIP_STD, decode_image, image_tensor, rgbx_tensor
+from server.media.decoders.points import point_tensor
+from server.media.decoders.video import video_tensor
 
 MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 STD = torch.tensor(CLIP_STD).view(3, 1, 1)

@@ -4,8 +4,8 @@ import gc
 
 from fastapi.testclient import TestClient
 
-from server.api.app import create_app
-from server.api.settings import Settings
+from server.entrypoints.app import create_app
+from server.config import Settings
 
 
 def test_what_is_loaded_at_start_up_is_kept_out_of_garbage_collection_until_shutdown(tiny_model):

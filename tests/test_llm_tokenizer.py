@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from server import llm_folder
+from server.tools import llm_folder
 
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the human's questions.")

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from server.api.metrics import Metrics
-from server.api.records import MediaReferences, Records
-from server.api.shared_cache import SharedPrefixCache
+from server.metrics import Metrics
+from server.storage.records import MediaReferences, Records
+from server.cache.shared_prefixes import SharedPrefixCache
 from server.errors import InputError
 
 

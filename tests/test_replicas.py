@@ -6,8 +6,8 @@ import asyncio
 import pytest
 import torch
 
-from server.api.metrics import Metrics
-from server.api.settings import Settings
+from server.metrics import Metrics
+from server.config import Settings
 from server.engines.base import EngineUnavailable, Sampling, Usage
 from server.engines.replicas import ReplicatedVLLMEngine
 from server.engines.routing import Router

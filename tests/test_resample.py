@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.inputs.resample import resample, resampled_length
+from server.media.decoders.resample import resample, resampled_length
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHAUDIO_PYTHON = REPO / ".venv-torchaudio" / "bin" / "python"

@@ -11,10 +11,10 @@ import torch
 from fastapi.testclient import TestClient
 
 import media
-from server.api.app import create_app
-from server.api.metrics import Metrics
-from server.api.settings import Settings
-from server.api.shared_cache import SharedPrefixCache, tensor_bytes
+from server.entrypoints.app import create_app
+from server.metrics import Metrics
+from server.config import Settings
+from server.cache.shared_prefixes import SharedPrefixCache, tensor_bytes
 
 PREFIX_KEYS = "onellm:prefix:*"
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import inputs_files as files
-from server.api.metrics import Metrics
-from server.api.prefix_cache import PrefixCache
-from server.api.serving import ChatService
-from server.api.uploads import Attachment, Chat, Turn
+from server.metrics import Metrics
+from server.cache.prefix_cache import PrefixCache
+from server.core.service import ChatService
+from server.core.chat import Attachment, Chat, Turn
 from server.engines.local import LocalEngine
 from server.errors import InputError
-from server.model.repo import load_model
+from server.model.onellm import load_model
 
 
 def video(seed: int) -> bytes:

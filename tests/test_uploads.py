@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from server.api.uploads import BASE64_PIECE, chat_from_form, decode_base64
+from server.core.chat import BASE64_PIECE, chat_from_form, decode_base64
 from server.errors import InputError
 
 

@@ -14,7 +14,7 @@ from contextlib import aclosing
 
 import torch
 
-from server.api.metrics import Metrics
+from server.metrics import Metrics
 from server.engines.base import EngineUnavailable, Sampling, Usage
 from server.engines.routing import Router
 from server.engines.vllm import VLLMEngine

@@ -9,7 +9,7 @@ from torch import nn
 
 from server.model.clip import Clip, build_visual, patch_tokens, run_trunk
 from server.model.upm import Block, Router, mix_experts
-from server.modalities import MODALITIES
+from server.media.modalities import MODALITIES
 
 
 def _under(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

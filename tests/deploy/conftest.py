@@ -5,6 +5,6 @@ import pytest
 def app_routes() -> set[str]:
     """The paths the gateway serves, from the app's own OpenAPI schema (no model is loaded to
     build it; routers it includes are resolved there, whatever FastAPI's route objects are)."""
-    from server.api.app import create_app
-    from server.api.settings import Settings
+    from server.entrypoints.app import create_app
+    from server.config import Settings
     return set(create_app(Settings()).openapi()["paths"])

@@ -30,7 +30,7 @@ SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucke
 
 def exposed_metric_names() -> set[str]:
     """Every sample name a gateway's /metrics can hold, as Prometheus stores them."""
-    from server.api.metrics import Metrics
+    from server.metrics import Metrics
     metrics = Metrics()
     metrics.add_shared_cache()  # registered only on gateways given Redis
     names = set()

@@ -91,7 +91,7 @@ def seconds(value: str) -> float:
 def test_streams_are_neither_buffered_nor_cut_before_the_gateway_ends_them():
     """SSE frames pass as they come (no compression, the request not buffered), and HAProxy's
     timeouts are longer than the gateway's own request timeout."""
-    from server.api.settings import Settings
+    from server.config import Settings
     text = SHARED.read_text()
     code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
     assert not re.search(r"^\s*(compression|filter compression|option http-buffer-request)", code, re.M)

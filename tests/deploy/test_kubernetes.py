@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from deploy_tools import DEPLOY, exposed_metric_names, tool
-from server.api.settings import Settings
+from server.config import Settings
 
 # the oldest release the manifests are for; preStop `sleep` needs 1.30 or later
 KUBERNETES_VERSION = "1.34.0"

@@ -12,7 +12,7 @@ import pytest
 
 import media
 from gateways import ENV_KEYS, FILE_KEY, ORIGIN, PROJECT_KEYS
-from server.api.access import key_id, load_api_keys
+from server.traffic.access import key_id, load_api_keys
 
 WRONG_KEYS = ["env-key-0f3a9", "env-key-0f3a9c0", "ENV-KEY-0F3A9C", "wrong-key-a7e2f1"]
 
@@ -100,8 +100,8 @@ def test_cors_allows_only_the_configured_origin(hardened):
 def test_cors_is_closed_by_default(tiny_model):
     from fastapi.testclient import TestClient
 
-    from server.api.app import create_app
-    from server.api.settings import Settings
+    from server.entrypoints.app import create_app
+    from server.config import Settings
 
     with TestClient(create_app(Settings(model=str(tiny_model)))) as app:
         response = app.options("/v1/chat/completions",

@@ -16,11 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import inputs_files as files
 import media
 from gateways import PROJECT_KEYS
-from server.api.metrics import Metrics
-from server.api.serving import ChatService
-from server.api.uploads import Attachment, Chat, Turn
+from server.metrics import Metrics
+from server.core.service import ChatService
+from server.core.chat import Attachment, Chat, Turn
 from server.engines.local import LocalEngine
-from server.model.repo import load_model
+from server.model.onellm import load_model
 
 
 def video(seed: int) -> bytes:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from gateways import KEYS
-from server.api.access import ApiKey, key_id, parse_key_line
+from server.traffic.access import ApiKey, key_id, parse_key_line
 from test_overload import metric as any_metric
 from test_slow_clients import until
 

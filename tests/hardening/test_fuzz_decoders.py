@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every decoder in server/inputs with real files made here, then
+"""Property-based fuzzing of every decoder in server/media/decoders with real files made here, then
 truncated, corrupted (random byte flips, many in the header) or sent to the wrong decoder.
 
 The one exception a decoder may raise is InputError with a 4xx status naming its field; each
@@ -20,11 +20,11 @@ from PIL import Image
 import inputs_files as files
 from peak_memory import peak_growth
 from server.errors import InputError
-from server.inputs.arrays import fmri_tensor, imu_tensor
-from server.inputs.audio import audio_tensor
-from server.inputs.images import decode_image, image_tensor, rgbx_tensor
-from server.inputs.points import point_tensor
-from server.inputs.video import video_tensor
+from server.media.decoders.arrays import fmri_tensor, imu_tensor
+from server.media.decoders.audio import audio_tensor
+from server.media.decoders.images import decode_image, image_tensor, rgbx_tensor
+from server.media.decoders.points import point_tensor
+from server.media.decoders.video import video_tensor
 
 EXAMPLES = 300  # per decoder
 DEADLINE = timedelta(seconds=5)

@@ -60,7 +60,7 @@ def test_playlists_naming_local_files_are_not_followed(client, tmp_path, field):
 
 
 def test_a_mesh_naming_a_material_file_does_not_read_it(tmp_path):
-    from server.inputs.points import point_tensor
+    from server.media.decoders.points import point_tensor
 
     material = tmp_path / "red.mtl"
     material.write_text("newmtl red\nKd 1 0 0\n")

@@ -24,8 +24,8 @@ EXAMPLES = 40  # per operation
 def cases() -> list[tuple[str, str, GenerationMode]]:
     """(method, path, mode) of every operation, from the app's schema as built (no server
     needed): valid requests for all, invalid ones too where there is a body to get wrong."""
-    from server.api.app import create_app
-    from server.api.settings import Settings
+    from server.entrypoints.app import create_app
+    from server.config import Settings
 
     paths = create_app(Settings()).openapi()["paths"]
     return [(method.upper(), path, mode) for path, methods in paths.items() for method, spec in methods.items()

@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from server.api.batcher import EncoderBatcher
-from server.model.repo import load_model
+from server.model.batcher import EncoderBatcher
+from server.model.onellm import load_model
 
 
 @pytest.fixture(scope="module")

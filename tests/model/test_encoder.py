@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from server.model.repo import load_model
+from server.model.onellm import load_model
 
 # tokens each modality's tokenizer makes (ONELLM.md §3); the trunk adds the class token
 TOKENS = {"image": 256, "video": 256, "rgbd": 256, "rgbn": 256, "audio": 1212, "point": 1024, "imu": 391, "fmri": 8}

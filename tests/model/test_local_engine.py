@@ -12,11 +12,11 @@ import torch
 
 from fastapi.testclient import TestClient
 
-from server.api.app import create_app
-from server.api.settings import Settings
+from server.entrypoints.app import create_app
+from server.config import Settings
 from server.engines.base import Sampling, Usage
 from server.engines.local import LocalEngine, TextStream, pick_token
-from server.model.repo import load_model
+from server.model.onellm import load_model
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from gateway_process import GatewayProcess
 from server.cli import main
 from server.engines.base import Sampling
 from server.engines.local import LocalEngine
-from server.model.repo import load_model
-from server.modalities import MODALITIES
+from server.model.onellm import load_model
+from server.media.modalities import MODALITIES
 
 MAX_TOKENS = 8
 QUESTION = "What is this?"

@@ -1,0 +1,94 @@
+"""Dynamic batching of the encoder: requests of one modality queue and run as one batch.
+
+The encoder runs one batch at a time. When it is free, a modality's queue runs as soon as it
+holds `max_batch` requests or its oldest has waited `max_wait`; of several such queues the one
+with the oldest request goes first. While a batch runs the queues keep filling, so under load
+batches grow to what has arrived in the meantime instead of lining up one request each.
+Each request gets its own prefix rows back, copied out of the batch. Modalities batch separately (their inputs differ
+in shape); a video batch sends all B·T frames through the CLIP trunk in one call.
+"""
+
+import asyncio
+import time
+from collections import defaultdict
+from concurrent.futures import Executor
+
+import torch
+
+from server.metrics import Metrics
+from server.model.onellm import OneLLM
+
+
+class EncoderBatcher:
+    def __init__(self, model: OneLLM, executor: Executor, max_batch: int, max_wait_s: float,
+                 metrics: Metrics | None = None):
+        self.model = model
+        self.metrics = metrics
+        self.executor = executor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        # modality -> [(input, future, arrival time)], oldest first
+        self.waiting: dict[str, list[tuple[torch.Tensor, asyncio.Future, float]]] = defaultdict(list)
+        self.running = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.batch_sizes: list[int] = []  # of every batch run, for tests and benchmarks
+
+    async def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """One model input (no batch dim) -> its prefix [30, D]."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.waiting[modality].append((inputs, future, loop.time()))
+        self._dispatch()
+        return await future  # a cancelled caller's input is dropped before its batch runs
+
+    def _dispatch(self) -> None:
+        """Start the next batch if the encoder is free and a queue is due; else wake up when one will be."""
+        if self.timer:
+            self.timer.cancel()
+            self.timer = None
+        if self.running:
+            return  # the running batch dispatches again when it ends
+        for queue in self.waiting.values():
+            queue[:] = [entry for entry in queue if not entry[1].cancelled()]
+        heads = {m: queue[0][2] for m, queue in self.waiting.items() if queue}
+        if not heads:
+            return
+        loop = asyncio.get_running_loop()
+        due = [m for m, arrived in heads.items()
+               if len(self.waiting[m]) >= self.max_batch or loop.time() - arrived >= self.max_wait_s]
+        if not due:
+            self.timer = loop.call_at(min(heads.values()) + self.max_wait_s, self._dispatch)
+            return
+        modality = min(due, key=heads.get)
+        queue = self.waiting[modality]
+        batch = [(x, f) for x, f, _ in queue[: self.max_batch]]
+        del queue[: self.max_batch]
+        self.running = True
+        self.batch_sizes.append(len(batch))
+        asyncio.ensure_future(self._run(modality, batch))
+
+    async def _run(self, modality: str, batch: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
+        try:
+            inputs = torch.stack([x for x, _ in batch])
+            prefixes = await asyncio.get_running_loop().run_in_executor(self.executor, self._encode, modality, inputs)
+        except Exception as e:  # noqa: BLE001 - every waiting request learns of the failure
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+        else:
+            for (_, future), prefix in zip(batch, prefixes):
+                if not future.done():
+                    future.set_result(prefix)
+        finally:
+            self.running = False
+            self._dispatch()
+
+    def _encode(self, modality: str, inputs: torch.Tensor) -> list[torch.Tensor]:
+        started = time.perf_counter()
+        prefixes = self.model.encode(modality, inputs)
+        if self.metrics is not None:
+            self.metrics.encoder_seconds.labels(modality).observe(time.perf_counter() - started)
+            self.metrics.encoder_batch_size.labels(modality).observe(len(inputs))
+        # each request's own copy: a row of the batch would keep all B rows alive in the prefix
+        # cache while it counts one; copied here, off the event loop
+        return [prefix.clone() for prefix in prefixes]

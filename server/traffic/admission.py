@@ -1,0 +1,199 @@
+"""The life of a chat request: admitted, once its body has arrived, into a bounded number of
+slots (429 past the queue, callers served in turn), ended by a deadline (504) or by the client
+leaving, whichever comes first.
+
+Ending a request cancels the task serving it: its preprocessing future, its place in the
+encoder's batch queue and its engine stream (the vLLM engine closes the upstream response
+when its generator is closed) all go with it.
+"""
+
+import asyncio
+import json
+from collections import deque
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.traffic.access import caller_of, metric_key, send_error
+from server.metrics import Metrics
+from server.errors import InputError
+
+CHAT_PATHS = {"/v1/chat", "/v1/chat/completions", "/v1/responses"}
+# a short fixed hint: a slot frees as soon as any answer ends, and clients back off on repeats
+RETRY_AFTER_S = 1
+
+
+def sse_error(error: InputError) -> str:
+    """How a stream that has started reports a failure: an `error` event, then the usual end."""
+    return f"event: error\ndata: {json.dumps(error.body())}\n\ndata: [DONE]\n\n"
+
+
+class Overloaded(Exception):
+    pass
+
+
+class Admission:
+    """`max_concurrent` requests run; up to `max_queued` more wait their turn; any more are refused
+    at once. Waiters are served by caller in turn (round robin over the callers that have one
+    waiting, each caller's own first come first served), so a caller with many waiting cannot
+    push another's request behind all of its own."""
+
+    def __init__(self, max_concurrent: int, max_queued: int):
+        self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        self._free = max_concurrent
+        # callers with waiters, in the order their turns come (a dict keeps insertion order)
+        self._queues: dict[str, deque[asyncio.Future]] = {}
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    @asynccontextmanager
+    async def slot(self, caller: str = ""):
+        if self._free and not self._queues:
+            self._free -= 1
+        else:
+            if self.waiting >= self.max_queued:
+                raise Overloaded
+            turn = asyncio.get_running_loop().create_future()
+            self._queues.setdefault(caller, deque()).append(turn)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # handed the slot as it was cancelled: the next one gets it
+                else:
+                    self._forget(caller, turn)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._queues:
+            caller = next(iter(self._queues))
+            queue = self._queues.pop(caller)
+            turn = queue.popleft()
+            if queue:
+                self._queues[caller] = queue  # to the back of the round
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._free += 1
+
+    def _forget(self, caller: str, turn: asyncio.Future) -> None:
+        queue = self._queues.get(caller)
+        if queue is not None and turn in queue:
+            queue.remove(turn)
+            if not queue:
+                del self._queues[caller]
+
+
+class _ClientWatch:
+    """Passes the request body to the app, then listens for the client leaving. ASGI gives
+    one receive channel; once the body is read, only this watch reads it and the app's
+    later receive() calls learn of the disconnect from the watch."""
+
+    def __init__(self, receive: Receive):
+        self._receive = receive
+        self.body_read = asyncio.Event()
+        self.left = asyncio.Event()
+
+    async def receive(self) -> Message:
+        if self.body_read.is_set():
+            await self.left.wait()
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.left.set()
+        elif not message.get("more_body", False):
+            self.body_read.set()
+        return message
+
+    async def until_left(self) -> None:
+        await self.body_read.wait()
+        await self._receive()  # nothing but the disconnect (or the response's end) comes now
+        self.left.set()
+
+
+class _Response:
+    """What has been sent of the response so far."""
+
+    def __init__(self, send: Send):
+        self._send = send
+        self.started = self.streaming = self.complete = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.streaming = dict(message.get("headers", [])).get(b"content-type", b"").startswith(
+                b"text/event-stream")
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
+        await self._send(message)
+
+
+class ChatGuard:
+    """ASGI middleware around the chat endpoints: admission, request timeout, disconnects."""
+
+    def __init__(self, app: ASGIApp, admission: Admission, timeout_s: float, metrics: Metrics):
+        self.app = app
+        self.admission = admission
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in CHAT_PATHS or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        response = _Response(send)
+        try:
+            async with asyncio.timeout(self.timeout_s), AsyncExitStack() as held:
+                await self._until_done_or_gone(scope, receive, response, held)
+        except Overloaded:
+            self.metrics.rejected.labels("overloaded").inc()
+            self.metrics.refusals.labels("max_queued", metric_key(scope)).inc()
+            await send_error(send, InputError(
+                429, f"the server is at capacity ({self.admission.max_concurrent} requests running, "
+                     f"{self.admission.max_queued} waiting: max_concurrent, max_queued); retry shortly",
+                headers={"Retry-After": str(RETRY_AFTER_S)}))
+        except TimeoutError:
+            self.metrics.rejected.labels("timeout").inc()
+            error = InputError(504, f"the request took longer than {self.timeout_s:g} s (request_timeout_s)")
+            if not response.started:
+                await send_error(send, error, close=True)
+            elif response.streaming and not response.complete:
+                await send({"type": "http.response.body", "body": sse_error(error).encode(), "more_body": False})
+        except ClientDisconnect:
+            pass  # the client left during its upload: there is no one to answer
+
+    def _admitting(self, receive: Receive, held: AsyncExitStack, caller: str) -> Receive:
+        """`receive`, which once the body's last part has come waits for a slot before handing it
+        on: uploads, however slow, hold no slot; the slot is held until the response ends."""
+
+        async def admitted_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                await held.enter_async_context(self.admission.slot(caller))
+            return message
+
+        return admitted_receive
+
+    async def _until_done_or_gone(self, scope: Scope, receive: Receive, response: _Response,
+                                  held: AsyncExitStack) -> None:
+        watch = _ClientWatch(receive)
+        # admitted after the watch has seen the body's end, so a client leaving while queued is noticed
+        admitted = self._admitting(watch.receive, held, caller_of(scope))
+        serving = asyncio.ensure_future(self.app(scope, admitted, response.send))
+        watching = asyncio.ensure_future(watch.until_left())
+        try:
+            await asyncio.wait({serving, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # done, the client left, or the deadline cancelled this wait
+            watching.cancel()
+            if not serving.done() and not response.complete:
+                serving.cancel()
+            await asyncio.wait({serving})
+        if not serving.cancelled():
+            serving.result()  # the app's own exception, if it raised one

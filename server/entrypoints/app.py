@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException
 
 from server.entrypoints import protocol as schemas
 from server.traffic.access import Gate, RequestIds, load_api_keys, tenant_of
-from server.traffic.admission import CHAT_PATHS, Admission, ChatGuard, sse_error
+from server.traffic.admission import Admission, ChatGuard, sse_error
+from server.traffic.routes import chat_route, kind_of
 from server.core.answers import (Answer, StreamFailed, check_model, counted, engine_unavailable, sampling_fields,
                                 start_answer, stream_failure, text_deltas, whole_text)
 from server.budget import split_of
@@ -172,7 +173,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
 
     def count_refused(request: Request, error: InputError) -> JSONResponse:
         """A chat request refused before its chat was read (bad form, unknown model, ...) counts too."""
-        if request.url.path in CHAT_PATHS and not getattr(request.state, "counted", False):
+        if kind_of(request.scope) == "chat" and not getattr(request.state, "counted", False):
             app.state.metrics.requests.labels("unread", str(error.status)).inc()
         return error_response(error)
 
@@ -222,6 +223,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, responses=schemas.STREAM_RESPONSE,
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}})
+    @chat_route
     async def chat_completions(request: Request) -> Response:
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if content_type != "application/json" and not content_type.endswith("+json"):
@@ -238,6 +240,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
 
     @app.post("/v1/chat", response_model=schemas.ChatCompletion, responses=schemas.STREAM_RESPONSE,
               openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object"}}}}})
+    @chat_route
     async def chat(request: Request) -> Response:
         if not request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             raise InputError(415, "POST /v1/chat takes multipart/form-data (curl -F); JSON goes to /v1/chat/completions")

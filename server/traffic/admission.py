@@ -18,8 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.traffic.access import caller_of, metric_key, send_error
 from server.metrics import Metrics
 from server.errors import InputError
+from server.traffic.routes import kind_of
 
-CHAT_PATHS = {"/v1/chat", "/v1/chat/completions", "/v1/responses"}
 # a short fixed hint: a slot frees as soon as any answer ends, and clients back off on repeats
 RETRY_AFTER_S = 1
 
@@ -146,7 +146,7 @@ class ChatGuard:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in CHAT_PATHS or scope["method"] != "POST":
+        if kind_of(scope) != "chat":
             return await self.app(scope, receive, send)
         response = _Response(send)
         try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.traffic.access import ApiKey, caller_of, metric_key, send_error
-from server.traffic.admission import CHAT_PATHS
+from server.traffic.routes import kind_of
 from server.metrics import Metrics
 from server.errors import InputError
 
@@ -48,15 +48,6 @@ class _Bucket:
         return (1 - self.tokens) * 60 / self.capacity
 
 
-def _is_chat(scope: Scope) -> bool:
-    return scope["type"] == "http" and scope["path"] in CHAT_PATHS and scope["method"] == "POST"
-
-
-def _is_download(scope: Scope) -> bool:
-    path = scope["path"] if scope["type"] == "http" else ""
-    return path.startswith("/v1/files/") and path.endswith("/content") and scope["method"] == "GET"
-
-
 class CallerQuotas:
     """ASGI middleware: each caller's requests at once and a minute, from `default` or its key's own."""
 
@@ -71,9 +62,10 @@ class CallerQuotas:
         self._buckets: dict[str, _Bucket] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chat = _is_chat(scope)
-        if not chat and not _is_download(scope):
+        kind = kind_of(scope)
+        if kind is None:
             return await self.app(scope, receive, send)
+        chat = kind == "chat"
         caller = caller_of(scope)
         quota = self.quotas.get(caller, self.default)
         refusal = self._refusal(caller, quota if chat else Quota(quota.max_concurrent, 0))

@@ -17,6 +17,7 @@ from server.storage.files import PURPOSES, check_upload
 from server.traffic.intake import charge_of
 from server.traffic.limits import read_form
 from server.errors import InputError
+from server.traffic.routes import download_route
 
 files_router = APIRouter()
 FORM_FIELDS = {"file", "purpose", "expires_after[anchor]", "expires_after[seconds]"}
@@ -122,6 +123,7 @@ async def get_file(request: Request, file_id: str) -> schemas.FileObject:
 @files_router.get("/v1/files/{file_id}/content",
                   responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                        "format": "binary"}}}}})
+@download_route
 async def file_content(request: Request, file_id: str) -> StreamingResponse:
     """The bytes a piece at a time as the client takes them, never the whole file: a reader that
     stops taking them holds a piece, and is dropped after body_idle_timeout_s (connections.py)."""

@@ -24,6 +24,7 @@ from server.traffic.limits import check_chat
 from server.core.chat import UPLOAD_FIELDS, Attachment, Chat, Turn, chat_from_openai, parse_json_body
 from server.errors import InputError
 from server.media.modalities import MODALITIES
+from server.traffic.routes import chat_route
 
 responses_router = APIRouter()
 # Responses parts that carry a URL, and the chat part each becomes
@@ -185,6 +186,7 @@ def _response(base: dict, message_id: str, answer: Answer, text: str) -> schemas
 @responses_router.post("/v1/responses", response_model=schemas.ResponseObject,
                        responses=schemas.STREAM_RESPONSE, openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                            "schema": {"$ref": "#/components/schemas/ResponsesRequest"}}}}})
+@chat_route
 async def create_response(request: Request) -> Response:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type != "application/json" and not content_type.endswith("+json"):

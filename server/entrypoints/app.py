@@ -32,7 +32,7 @@ from server.metrics import Metrics
 from server.traffic.quotas import CallerQuotas, Quota
 from server.storage.records import MediaReferences, Records
 from server.entrypoints.responses.router import responses_router
-from server.core.service import ChatService
+from server.core.service import ChatService, chat_service_for
 from server.config import MiB, Settings
 from server.cache.redis_client import SharedRedis
 from server.cache.shared_prefixes import shared_cache_for
@@ -148,10 +148,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
                                              settings.response_ttl_s, shared_redis)
         app.state.files = file_store_for(settings)
         await app.state.files.start()
-        app.state.service = ChatService(model, engine, app.state.metrics, settings.preprocess_workers,
-                                        int(settings.prefix_cache_mb * (1 << 20)), settings.default_max_tokens,
-                                        settings.encoder_max_batch, settings.encoder_max_wait_ms,
-                                        settings.decoder_limits(), settings.stall_timeout_s, shared_cache, references)
+        app.state.service = chat_service_for(settings, model, engine, app.state.metrics, shared_cache, references)
         # torch, transformers and the model are ~0.5 M objects that live as long as the process; a
         # full collection walked them all, 190-290 ms with every stream stopped. Frozen, it skips them
         gc.collect()

@@ -4,7 +4,9 @@ import asyncio
 import random
 
 import media
-from server.storage.files import PIECE_BYTES, LocalFileStore, RedisFileStore
+from server.storage.file_records import PIECE_BYTES
+from server.storage.local_files import LocalFileStore
+from server.storage.redis_files import RedisFileStore
 
 
 def test_a_redis_restart_costs_no_request(redis_server):

@@ -7,7 +7,7 @@ import torch
 
 import media
 from server.entrypoints.protocol import ChatCompletionRequest
-from server.core.service import preprocess_attachment
+from server.core.prefixes import preprocess_attachment
 from server.core.chat import Fetched, chat_from_openai
 
 

@@ -6,11 +6,10 @@ import asyncio
 import time
 
 import pytest
-import torch
 
 from server.metrics import Metrics
 from server.storage.records import MediaReferences, Records
-from server.cache.shared_prefixes import SharedPrefixCache
+from server.cache.redis_client import SharedRedis
 from server.errors import InputError
 
 
@@ -64,10 +63,8 @@ async def until(condition, within: float = 30) -> None:
         await asyncio.sleep(0.05)
 
 
-async def shared_records(redis_server) -> tuple[SharedPrefixCache, Records]:
-    metrics = Metrics()
-    metrics.add_shared_cache()
-    shared = SharedPrefixCache(redis_server.url, "test:records:", (30, 64), torch.float32, 60, 0.3, metrics)
+async def shared_records(redis_server) -> tuple[SharedRedis, Records]:
+    shared = SharedRedis(redis_server.url, 0.3, Metrics())
     await shared.start()
     return shared, Records("test:records:", 1 << 20, 60, shared)
 

@@ -14,6 +14,7 @@ import media
 from server.entrypoints.app import create_app
 from server.metrics import Metrics
 from server.config import Settings
+from server.cache.redis_client import SharedRedis
 from server.cache.shared_prefixes import SharedPrefixCache, tensor_bytes
 
 PREFIX_KEYS = "onellm:prefix:*"
@@ -55,12 +56,12 @@ def until(condition, within: float = 15) -> None:
 def test_prefixes_of_every_served_dtype_come_back_from_redis_as_they_went_in(redis_server):
     async def round_trip(dtype: torch.dtype) -> torch.Tensor | None:
         metrics = Metrics()
-        metrics.add_shared_cache()
-        cache = SharedPrefixCache(redis_server.url, f"test:round-trip:{dtype}:", (30, 64), dtype, 60, 1.0, metrics)
-        await cache.start()
+        redis = SharedRedis(redis_server.url, 1.0, metrics)
+        await redis.start()
+        cache = SharedPrefixCache(redis, f"test:round-trip:{dtype}:", (30, 64), dtype, 60, metrics)
         await cache.put("k", prefix.to(dtype))
         back = await cache.get("k", "image")
-        await cache.close()
+        await redis.close()
         assert sample_of(metrics, "onellm_shared_cache_hits_total", modality="image") == 1
         return back
 
@@ -82,11 +83,11 @@ def test_prefixes_of_every_served_dtype_come_back_from_redis_as_they_went_in(red
 def test_a_value_that_is_not_a_prefix_of_this_model_is_a_miss(redis_server, value):
     async def read() -> torch.Tensor | None:
         metrics = Metrics()
-        metrics.add_shared_cache()
-        cache = SharedPrefixCache(redis_server.url, "test:bad:", (30, 64), torch.float32, 60, 1.0, metrics)
-        await cache.start()
+        redis = SharedRedis(redis_server.url, 1.0, metrics)
+        await redis.start()
+        cache = SharedPrefixCache(redis, "test:bad:", (30, 64), torch.float32, 60, metrics)
         back = await cache.get("k", "image")
-        await cache.close()
+        await redis.close()
         assert sample_of(metrics, "onellm_shared_cache_errors_total", operation="invalid_value") == 1
         assert sample_of(metrics, "onellm_shared_cache_hits_total", modality="image") == 0
         return back

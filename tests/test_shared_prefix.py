@@ -14,7 +14,8 @@ import torch
 import inputs_files as files
 from server.metrics import Metrics
 from server.cache.prefix_cache import PrefixCache
-from server.core.service import ChatService
+from server.config import Settings
+from server.core.service import ChatService, chat_service_for
 from server.core.chat import Attachment, Chat, Turn
 from server.engines.local import LocalEngine
 from server.errors import InputError
@@ -37,8 +38,9 @@ def chat(data: bytes, params: dict | None = None) -> Chat:
 
 @pytest.fixture
 def service(tiny_model):
-    service = ChatService(load_model(tiny_model), LocalEngine(tiny_model / "llm"), Metrics(), preprocess_workers=1,
-                          prefix_cache_bytes=0, default_max_tokens=8)  # no cache: only a run in flight is shared
+    # no cache: only a run in flight is shared
+    settings = Settings(preprocess_workers=1, prefix_cache_mb=0, default_max_tokens=8)
+    service = chat_service_for(settings, load_model(tiny_model), LocalEngine(tiny_model / "llm"), Metrics())
     yield service
     service.close()
 
@@ -51,7 +53,7 @@ def hold(service):
 
     def hold_worker() -> threading.Event:
         releases.append(threading.Event())
-        service._preprocess.submit(releases[-1].wait)
+        service.workers.decoding.submit(releases[-1].wait)
         return releases[-1]
 
     yield hold_worker
@@ -82,7 +84,7 @@ def test_requests_bringing_the_same_file_at_once_share_one_decode_and_one_encode
     assert count(service, "onellm_prefix_shared_runs_total") == 1
     assert torch.equal(first.embeddings, second.embeddings)
     assert not torch.equal(first.embeddings, third.embeddings)
-    assert service.runs.runs == {}
+    assert service.prefixes.runs.runs == {}
 
 
 def test_a_request_that_leaves_does_not_take_the_shared_run_from_the_other(service, hold):
@@ -98,7 +100,7 @@ def test_a_request_that_leaves_does_not_take_the_shared_run_from_the_other(servi
         leaving.cancel()
         await asyncio.gather(leaving, return_exceptions=True)
         await asyncio.sleep(0.05)
-        assert not staying.done() and len(service.runs.runs) == 1
+        assert not staying.done() and len(service.prefixes.runs.runs) == 1
         release_decode.set()
         shared = await staying
         return leaving, shared, await service.prepare(chat(data), None)  # then alone: a run of its own
@@ -122,11 +124,11 @@ def test_a_shared_run_stops_when_every_request_waiting_for_it_has_left(service, 
         for request in requests:
             request.cancel()
         await asyncio.gather(*requests, return_exceptions=True)
-        assert all(r.cancelled() for r in requests) and service.runs.runs == {}
+        assert all(r.cancelled() for r in requests) and service.prefixes.runs.runs == {}
         release_decode.set()
         await asyncio.sleep(0.2)
         assert count(service, "onellm_preprocess_seconds_count") == 0, "decoding ran for nobody"
-        assert service.batcher.batch_sizes == []
+        assert service.workers.batcher.batch_sizes == []
         return await service.prepare(chat(data), None)  # the same file again: a run of its own
 
     again = asyncio.run(all_leave_then_one_comes_back())

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from server.traffic.access import REQUEST_ID
 from server.metrics import Metrics
 from server.core.service import ChatService, Generation
 from server.core.chat import Chat
+from server.core.request_id import REQUEST_ID
 from server.engines.base import EngineUnavailable, Sampling
 from server.errors import InputError
 

@@ -32,8 +32,9 @@ from server.metrics import Metrics
 from server.traffic.quotas import CallerQuotas, Quota
 from server.storage.records import MediaReferences, Records
 from server.entrypoints.responses.router import responses_router
-from server.core.service import ChatService
+from server.core.service import ChatService, chat_service_for
 from server.config import MiB, Settings
+from server.cache.redis_client import SharedRedis
 from server.cache.shared_prefixes import shared_cache_for
 from server.core.chat import (SANE_UUID, SINGLE_FIELDS, UPLOAD_FIELDS, Chat, Upload, attachment_count, chat_from_form,
                                 chat_from_openai, parse_json_body)
@@ -136,21 +137,18 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
                         split.total / MiB, settings.memory_budget_mb)
         if model.config.get("random_weights"):
             log.warning("model '%s' has random weights: its answers are meaningless", model.name)
-        shared_cache = None
+        shared_redis = shared_cache = None
         if settings.cache_url:
-            shared_cache = shared_cache_for(settings.cache_url, model, settings.cache_ttl_s,
-                                            settings.cache_timeout_ms / 1000, app.state.metrics)
-            await shared_cache.start()  # a Redis that is down does not stop the gateway from serving
+            shared_redis = SharedRedis(settings.cache_url, settings.cache_timeout_ms / 1000, app.state.metrics)
+            await shared_redis.start()  # a Redis that is down does not stop the gateway from serving
+            shared_cache = shared_cache_for(shared_redis, model, settings.cache_ttl_s)
         references = MediaReferences(Records(f"onellm:ref:{model.name}:", int(settings.references_mb * MiB),
-                                             settings.cache_ttl_s, shared_cache))
+                                             settings.cache_ttl_s, shared_redis))
         app.state.stored_responses = Records(f"onellm:response:{model.name}:", int(settings.stored_responses_mb * MiB),
-                                             settings.response_ttl_s, shared_cache)
+                                             settings.response_ttl_s, shared_redis)
         app.state.files = file_store_for(settings)
         await app.state.files.start()
-        app.state.service = ChatService(model, engine, app.state.metrics, settings.preprocess_workers,
-                                        int(settings.prefix_cache_mb * (1 << 20)), settings.default_max_tokens,
-                                        settings.encoder_max_batch, settings.encoder_max_wait_ms,
-                                        settings.decoder_limits(), settings.stall_timeout_s, shared_cache, references)
+        app.state.service = chat_service_for(settings, model, engine, app.state.metrics, shared_cache, references)
         # torch, transformers and the model are ~0.5 M objects that live as long as the process; a
         # full collection walked them all, 190-290 ms with every stream stopped. Frozen, it skips them
         gc.collect()
@@ -160,8 +158,8 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         gc.unfreeze()  # so that they are freed at exit as usual
         app.state.service.close()
         await app.state.files.close()
-        if shared_cache:
-            await shared_cache.close()
+        if shared_redis:
+            await shared_redis.close()
         await engine.close()
 
     errors = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 429, 503, 504)}

@@ -1,7 +1,7 @@
 """Small records a gateway keeps for a while, each an API key's own: media references (a uuid ->
 the attachment's prefix key) and stored responses (for `previous_response_id`).
 
-A bounded local copy always; with a shared cache (Redis) configured, Redis is where they are
+A bounded local copy always; with a shared Redis configured (cache_url), Redis is where they are
 looked up first, so that a chat's next turn finds them on any gateway, and the local copy is
 what answers while Redis is down. A write or delete that Redis did not take (it was down, or
 too slow) is kept locally as the newer truth and written to Redis once it answers again: an
@@ -13,7 +13,7 @@ import math
 import time
 from collections import OrderedDict
 
-from server.cache.shared_prefixes import SharedPrefixCache
+from server.cache.redis_client import SharedRedis
 from server.errors import InputError
 
 
@@ -21,7 +21,7 @@ class Records:
     """Values by (tenant, key); the local copy holds up to `capacity_bytes` of them, least recently
     used first out. A deletion Redis has not taken yet is held as a tombstone (value None)."""
 
-    def __init__(self, namespace: str, capacity_bytes: int, ttl_s: int, shared: SharedPrefixCache | None):
+    def __init__(self, namespace: str, capacity_bytes: int, ttl_s: int, shared: SharedRedis | None):
         self.namespace = namespace
         self.capacity = capacity_bytes
         self.ttl_s = ttl_s
@@ -39,7 +39,7 @@ class Records:
     async def get(self, tenant: str, key: str) -> bytes | None:
         name = self._name(tenant, key)
         if self.shared is not None and name not in self.unsynced:
-            answered, value = await self.shared.get_value(name)
+            answered, value = await self.shared.get(name)
             if answered:  # Redis is the truth while it answers: a record deleted elsewhere is gone
                 return value
         entry = self.local.get(name)
@@ -64,9 +64,9 @@ class Records:
         if self.shared is None:
             return
         if value is None:
-            written = await self.shared.delete_value(name)
+            written = await self.shared.delete(name)
         else:
-            written = await self.shared.set_value(name, value, self.ttl_s)
+            written = await self.shared.set(name, value, self.ttl_s)
         if not written and name in self.local:
             self.unsynced.add(name)
         elif value is None:
@@ -90,8 +90,8 @@ class Records:
                 self.unsynced.discard(name)
                 continue
             value = entry[1]
-            written = (await self.shared.delete_value(name) if value is None
-                       else await self.shared.set_value(name, value, math.ceil(left_s)))
+            written = (await self.shared.delete(name) if value is None
+                       else await self.shared.set(name, value, math.ceil(left_s)))
             if not written:
                 return
             if self.local.get(name) is entry:  # not written again meanwhile

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from server.core.service import preprocess_attachment
+from server.core.prefixes import preprocess_attachment
 from server.config import Settings
 from server.core.chat import group_uploads
 from server.errors import InputError

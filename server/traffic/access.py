@@ -3,7 +3,6 @@
 ASGI middlewares, so that they answer before any route runs and cover every route alike.
 """
 
-import contextvars
 import hashlib
 import hmac
 import json
@@ -17,9 +16,9 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.core.request_id import REQUEST_ID
 from server.errors import InputError
 
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # a client's own id is kept when it is a plain token; anything else could forge log lines
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 # probes carry no credentials (kubelet, load balancers: liveness /health, readiness /ready); the

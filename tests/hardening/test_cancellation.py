@@ -17,7 +17,8 @@ import inputs_files as files
 import media
 from gateways import PROJECT_KEYS
 from server.metrics import Metrics
-from server.core.service import ChatService
+from server.config import Settings
+from server.core.service import chat_service_for
 from server.core.chat import Attachment, Chat, Turn
 from server.engines.local import LocalEngine
 from server.model.onellm import load_model
@@ -35,15 +36,15 @@ def total(metrics: Metrics, name: str) -> float:
 def test_a_cancelled_request_runs_none_of_its_queued_decoding_and_nothing_in_the_encoder(tiny_model):
     model = load_model(tiny_model)
     metrics = Metrics()
-    service = ChatService(model, LocalEngine(tiny_model / "llm"), metrics, preprocess_workers=1,
-                          prefix_cache_bytes=0, default_max_tokens=8)
+    service = chat_service_for(Settings(preprocess_workers=1, prefix_cache_mb=0, default_max_tokens=8), model,
+                               LocalEngine(tiny_model / "llm"), metrics)
     videos = [Attachment("video", {"video": video(seed)}) for seed in range(3)]
     chat = Chat([Turn("user", "What happens?", videos)])
 
     async def cancel_while_queued():
         # the one decoding worker is held busy, so every video of the request waits in its queue
         release = threading.Event()
-        service._preprocess.submit(release.wait)
+        service.workers.decoding.submit(release.wait)
         request = asyncio.ensure_future(service.prepare(chat, None))
         await asyncio.sleep(0.05)
         request.cancel()
@@ -53,9 +54,9 @@ def test_a_cancelled_request_runs_none_of_its_queued_decoding_and_nothing_in_the
         await asyncio.sleep(0.05)
 
     asyncio.run(cancel_while_queued())
-    service._preprocess.shutdown(wait=True)
+    service.workers.decoding.shutdown(wait=True)
     assert total(metrics, "onellm_preprocess_seconds_count") == 0, "queued decoding ran for a cancelled request"
-    assert service.batcher.batch_sizes == []
+    assert service.workers.batcher.batch_sizes == []
     assert total(metrics, "onellm_encoder_runs_total") == 0
     service.close()
 

@@ -1,0 +1,132 @@
+"""An attachment -> its prefix, the rows the encoder makes of it for the prompt.
+
+Made once: a prefix comes from the local cache when the same bytes came before, from the run
+already making it when they are arriving at the same time, from the shared cache when another
+gateway made it, and only else from decoding and the encoder. A media reference (a uuid sent
+instead of the bytes) stands for the prefix key of the bytes that came with it."""
+
+import asyncio
+import threading
+
+import torch
+
+from server.cache.prefix_cache import PrefixCache, SharedRuns, prefix_key
+from server.cache.shared_prefixes import SharedPrefixCache
+from server.core.chat import Attachment
+from server.core.workers import Workers
+from server.errors import Cancelled, InputError
+from server.media.modalities import MODALITIES
+from server.metrics import Metrics
+from server.model.onellm import OneLLM
+from server.storage.records import MediaReferences, gone
+
+
+class Prefixes:
+    """`cache_bytes` of prefixes held locally; `shared`: other gateways' prefixes, behind the local
+    cache; `references`: what media uuids stand for (None: references are refused)."""
+
+    def __init__(self, model: OneLLM, metrics: Metrics, workers: Workers, cache_bytes: int, decoder_limits: dict,
+                 shared: SharedPrefixCache | None = None, references: MediaReferences | None = None):
+        self.model = model
+        self.metrics = metrics
+        self.workers = workers
+        self.decoder_limits = decoder_limits  # passed to every modality's preprocess
+        self.cache = PrefixCache(cache_bytes)
+        self.runs = SharedRuns()
+        self.shared = shared
+        self.references = references
+
+    async def key(self, attachment: Attachment, tenant: str) -> str:
+        """The prefix key of an attachment: its bytes' hash, or what its reference stands for (which
+        also settles its modality). `tenant`: whose references it may use."""
+        if attachment.reference is None:
+            # hashing a 64 MiB upload takes ~30 ms that every stream would wait out on the event loop
+            return await self.workers.off_loop(prefix_key, self.model.name, attachment.modality, attachment.files,
+                                               attachment.options)
+        part_field = MODALITIES[attachment.modality].fields[0]
+        param = attachment.params.get(part_field, part_field)
+        try:
+            if self.references is None:
+                raise gone(attachment.reference, param)
+            modality, key = await self.references.resolve(tenant, attachment.reference, param)
+        except InputError:
+            self.metrics.media_references.labels("not_found").inc()
+            raise
+        if MODALITIES[modality].fields[0] != part_field:
+            raise InputError(400, f"uuid '{attachment.reference}' is a '{modality}' attachment, sent here as "
+                                  f"'{part_field}': refer to it in the part it came in", param)
+        attachment.modality = modality
+        return key
+
+    async def prefix(self, attachment: Attachment, key: str) -> torch.Tensor:
+        """One attachment -> its prefix [30, D] (`key`: its prefix key)."""
+        m = attachment.modality
+        if m not in self.model.encoder.modalities:
+            part = next(iter(attachment.files), None) or attachment.params.get(MODALITIES[m].fields[0], m)
+            raise InputError(400, f"model '{self.model.name}' does not accept '{m}' inputs", part)
+        if (cached := self.cache.get(key)) is not None:
+            self.metrics.prefix_cache_hits.labels(m).inc()
+            return cached
+        if self.runs.running(key):
+            self.metrics.prefix_shared_runs.labels(m).inc()
+        try:
+            return await self.runs.result(key, lambda: self._new_prefix(key, attachment))
+        except InputError as e:  # a copy per request: each names the content part its own bytes came in
+            raise InputError(e.status, e.message, attachment.params.get(e.param, e.param), e.headers, e.code) from None
+
+    async def _new_prefix(self, key: str, attachment: Attachment) -> torch.Tensor:
+        """Looked up in the shared cache within the run, so requests bringing the same new file at
+        once ask Redis once."""
+        m = attachment.modality
+        if self.shared and (shared := await self.shared.get(key, m)) is not None:
+            self.cache.put(key, shared)
+            return shared
+        if attachment.reference is not None:  # evicted since: only the bytes can make it again
+            self.metrics.media_references.labels("not_found").inc()
+            field_name = MODALITIES[m].fields[0]
+            raise gone(attachment.reference, attachment.params.get(field_name, field_name))
+        # asyncio cannot stop a decode that a pool thread has begun: the decoder checks `cancel`
+        cancel = threading.Event()
+        try:
+            inputs = await self.workers.off_loop(_preprocess, attachment, {**self.decoder_limits, "cancel": cancel},
+                                                 self.metrics)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        prefix = await self.workers.encode(m, inputs)
+        self.metrics.encoder_runs.labels(m).inc()
+        self.cache.put(key, prefix)
+        if self.shared:
+            await self.shared.put(key, prefix)
+        return prefix
+
+    async def remember(self, tenant: str, attachments: list[Attachment], keys: list[str]) -> None:
+        """After a chat's attachments were served: each of their uuids (the gateway's, the client's,
+        the reference it came by) stands for its prefix key for another TTL."""
+        self.metrics.media_references.labels("served").inc(sum(a.reference is not None for a in attachments))
+        if self.references is None:
+            return
+        for a, key in zip(attachments, keys):
+            for uuid in {key, a.uuid or key, a.reference or key}:
+                await self.references.remember(tenant, uuid, a.modality, key)
+
+
+def _preprocess(attachment: Attachment, limits: dict, metrics: Metrics) -> torch.Tensor:
+    with metrics.preprocess_seconds.labels(attachment.modality).time(), metrics.decodes_running.track_inprogress():
+        try:
+            return preprocess_attachment(attachment, limits)
+        except Cancelled:
+            metrics.decodes_cancelled.labels(attachment.modality).inc()
+            raise
+
+
+def preprocess_attachment(attachment: Attachment, limits: dict) -> torch.Tensor:
+    """Decode one attachment with the gateway's decoder `limits`; a decoder failing in a way it did
+    not foresee is still the file's fault."""
+    try:
+        return MODALITIES[attachment.modality].preprocess(attachment.files, {**attachment.options, **limits})
+    except (InputError, Cancelled):  # Cancelled: nobody waits for this result any more
+        raise
+    except Exception as e:  # noqa: BLE001 - untrusted bytes can break a decoder in any way
+        field_name = next(reversed(attachment.files))
+        raise InputError(422, f"could not read the '{field_name}' upload: {type(e).__name__}", field_name) from None

@@ -1,0 +1,33 @@
+"""The threads that work off the event loop: a bounded pool for all work on upload bytes, and one
+thread for the encoder, whose requests are batched."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from server.metrics import Metrics
+from server.model.batcher import EncoderBatcher
+from server.model.onellm import OneLLM
+
+
+class Workers:
+    def __init__(self, model: OneLLM, metrics: Metrics, decoding_threads: int, encoder_max_batch: int = 8,
+                 encoder_max_wait_ms: float = 1.0):
+        # decoding runs in a pool so a large video never stalls other users' token streams;
+        # the encoder has one thread of its own: torch already uses every core for one batch
+        self.decoding = ThreadPoolExecutor(decoding_threads, thread_name_prefix="preprocess")
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")
+        self.batcher = EncoderBatcher(model, self._encoder, encoder_max_batch, encoder_max_wait_ms / 1000, metrics)
+
+    async def off_loop(self, fn, *args):
+        """`fn(*args)` in the decoding pool: the one bounded pool for all work on upload bytes."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoding, fn, *args)
+
+    async def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """One model input -> its prefix, in the encoder's next batch of `modality`."""
+        return await self.batcher.encode(modality, inputs)
+
+    def close(self) -> None:
+        self.decoding.shutdown(wait=False, cancel_futures=True)
+        self._encoder.shutdown(wait=False, cancel_futures=True)

@@ -17,10 +17,12 @@ from server.cache.prefix_cache import PrefixCache, SharedRuns, prefix_key
 from server.storage.records import MediaReferences, gone
 from server.cache.shared_prefixes import SharedPrefixCache
 from server.core.chat import Attachment, Chat
-from server.engines.base import Engine, EngineUnavailable, Sampling, Usage
+from server.engines.base import Engine, EngineUnavailable, PromptRejected, Sampling, Usage
 from server.errors import Cancelled, InputError
 from server.model.onellm import OneLLM
-from server.media.modalities import MODALITIES
+from server.config import DecoderLimits, Settings
+from server.media.modalities import MODALITIES, preprocess
+from server.media.modalities.base import Decoding
 
 
 @dataclass
@@ -50,13 +52,13 @@ class Generation:
 class ChatService:
     def __init__(self, model: OneLLM, engine: Engine, metrics: Metrics, preprocess_workers: int,
                  prefix_cache_bytes: int, default_max_tokens: int, max_batch: int = 8, max_wait_ms: float = 1.0,
-                 decoder_limits: dict | None = None, stall_timeout_s: float | None = None,
+                 decoder_limits: DecoderLimits | None = None, stall_timeout_s: float | None = None,
                  shared_cache: SharedPrefixCache | None = None, references: MediaReferences | None = None):
         self.model = model
         self.engine = engine
         self.metrics = metrics
         self.default_max_tokens = default_max_tokens
-        self.decoder_limits = decoder_limits or {}  # passed to every modality's preprocess
+        self.decoder_limits = decoder_limits or Settings().decoder_limits()
         self.stall_timeout_s = stall_timeout_s
         self.context = model.config["llm"]["max_positions"]
         self.block_rows = model.config["encoder"]["prefix_tokens"] + 2  # start tag, prefix, end tag
@@ -134,8 +136,7 @@ class ChatService:
         # asyncio cannot stop a decode that a pool thread has begun: the decoder checks `cancel`
         cancel = threading.Event()
         try:
-            inputs = await self.off_loop(_preprocess, attachment, {**self.decoder_limits, "cancel": cancel},
-                                         self.metrics)
+            inputs = await self.off_loop(_preprocess, attachment, self.decoder_limits, cancel, self.metrics)
         except asyncio.CancelledError:
             cancel.set()
             raise
@@ -215,6 +216,8 @@ class ChatService:
                 except TimeoutError:
                     raise EngineUnavailable(f"the {self.engine.name} engine sent nothing for "
                                             f"{self.stall_timeout_s:g} s (stall_timeout_s)") from None
+                except PromptRejected as e:  # the engine's refusal, told to the client as its mistake
+                    raise InputError(e.status, e.message, e.param, code=e.code) from None
                 if generation.first_token_at is None:
                     generation.first_token_at = time.monotonic()
                     self.metrics.ttft.observe(generation.first_token_at - generation.started)
@@ -234,22 +237,17 @@ async def all_or_none(coroutines: list[Awaitable]) -> list:
     return [task.result() for task in tasks]
 
 
-def _preprocess(attachment: Attachment, limits: dict, metrics: Metrics) -> torch.Tensor:
+def _preprocess(attachment: Attachment, limits: DecoderLimits, cancel: threading.Event,
+                metrics: Metrics) -> torch.Tensor:
     with metrics.preprocess_seconds.labels(attachment.modality).time(), metrics.decodes_running.track_inprogress():
         try:
-            return preprocess_attachment(attachment, limits)
+            return preprocess_attachment(attachment, limits, cancel)
         except Cancelled:
             metrics.decodes_cancelled.labels(attachment.modality).inc()
             raise
 
 
-def preprocess_attachment(attachment: Attachment, limits: dict) -> torch.Tensor:
-    """Decode one attachment with the gateway's decoder `limits`; a decoder failing in a way it did
-    not foresee is still the file's fault."""
-    try:
-        return MODALITIES[attachment.modality].preprocess(attachment.files, {**attachment.options, **limits})
-    except (InputError, Cancelled):  # Cancelled: nobody waits for this result any more
-        raise
-    except Exception as e:  # noqa: BLE001 - untrusted bytes can break a decoder in any way
-        field_name = next(reversed(attachment.files))
-        raise InputError(422, f"could not read the '{field_name}' upload: {type(e).__name__}", field_name) from None
+def preprocess_attachment(attachment: Attachment, limits: DecoderLimits,
+                          cancel: threading.Event | None = None) -> torch.Tensor:
+    """Decode one attachment with the gateway's decoder `limits` and its request's options."""
+    return preprocess(attachment.modality, attachment.files, Decoding(limits, cancel, **attachment.options))

@@ -27,7 +27,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as ClosedConnection, RedisError
 
-from server.errors import InputError
+from server.config import DecoderLimits
+from server.errors import InputError, Unavailable
 from server.media.decoders.arrays import load_array
 from server.media.decoders.images import decode_image
 from server.media.sniff import sniff
@@ -67,7 +68,7 @@ def new_record(data: bytes, filename: str, purpose: str, ttl_s: int, kind: str) 
                       hashlib.sha256(data).hexdigest(), kind, now)
 
 
-def check_upload(data: bytes, limits: dict) -> str:
+def check_upload(data: bytes, limits: DecoderLimits) -> str:
     """What kind of file `data` is, after the checks inline attachments get before decoding:
     the bytes name the kind (never the file name), and a kind no decoder reads is refused."""
     param = "file"
@@ -80,9 +81,9 @@ def check_upload(data: bytes, limits: dict) -> str:
         raise InputError(415, f"the uploaded file is {kind.describe()}, which no modality reads; accepted: "
                               "images, videos, audio, .npy or CSV arrays, 3D meshes", param)
     if kind.family == "image":  # the header's pixel count, as for an inline image
-        decode_image(data, param, limits["max_pixels"])
+        decode_image(data, param, limits.max_image_pixels)
     if kind.family == "array":  # object arrays are pickles in disguise
-        load_array(data, param, max_decode_mb=limits["max_decode_mb"])
+        load_array(data, param, max_decode_mb=limits.max_decode_mb)
     return kind.family
 
 
@@ -303,7 +304,7 @@ class RedisFileStore:
             if not await self._link(keys, args):  # bytes not held yet (or expiring just now): send them once
                 await self.client.set(keys[0], data, exat=record.expires_at, nx=True)
                 if not await self._link(keys, args):
-                    raise InputError(503, "the file store lost the upload while storing it; retry", "file")
+                    raise Unavailable("the file store lost the upload while storing it; retry", "file")
         return record
 
     async def get(self, tenant: str, file_id: str) -> StoredFile | None:
@@ -370,7 +371,7 @@ async def _unavailable_as_503():
     try:
         yield
     except (RedisError, OSError) as e:
-        raise InputError(503, f"the file store is unavailable ({type(e).__name__})", headers={"Retry-After": "1"}) from None
+        raise Unavailable(f"the file store is unavailable ({type(e).__name__})", headers={"Retry-After": "1"}) from None
 
 
 def file_store_for(settings) -> LocalFileStore | RedisFileStore:

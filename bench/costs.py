@@ -23,7 +23,9 @@ import torch
 from media import MIX, make_item
 from server.engines.base import Sampling, Usage
 from server.engines.local import LocalEngine
-from server.media.modalities import MODALITIES
+from server.config import Settings
+from server.media.modalities import preprocess
+from server.media.modalities.base import Decoding
 from server.model.onellm import load_model
 
 
@@ -52,12 +54,13 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}\n")
     print("| modality | decode (ms) | encoder, batch 1 (ms) | generate (ms) |")
     print("|---|---:|---:|---:|")
+    limits = Settings().decoder_limits()
     means = []
     for modality in MIX:
         rows = []
         for seed in range(args.files + 1):  # the first file warms up allocations and kernels
             item = make_item(modality, 600_000 + seed)
-            inputs, decode = cpu_ms(lambda: MODALITIES[modality].preprocess(item.files, item.options))
+            inputs, decode = cpu_ms(lambda: preprocess(modality, item.files, Decoding(limits, **item.options)))
             prefix, encode = cpu_ms(lambda: model.encode(modality, inputs.unsqueeze(0))[0])
             embeddings = model.embeddings(model.prompt_ids([("user", item.text)]), [(modality, prefix)])
             _, gen = cpu_ms(lambda: asyncio.run(generate(engine, embeddings, args.max_tokens)))

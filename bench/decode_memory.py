@@ -99,7 +99,8 @@ def measure(name: str, folder: Path) -> None:
     """In this process: decode the case's files once, print bytes in, peak growth, answer."""
     from server.config import Settings
     from server.errors import InputError
-    from server.media.modalities import MODALITIES
+    from server.media.modalities import preprocess
+    from server.media.modalities.base import Decoding
 
     modality, makers = CASES[name]
     files = {field: (folder / f"{name}.{field}").read_bytes() for field in makers}
@@ -107,7 +108,7 @@ def measure(name: str, folder: Path) -> None:
     start = time.monotonic()
     with peak_growth() as growth:
         try:
-            answer = "x".join(map(str, MODALITIES[modality].preprocess(files, limits).shape))
+            answer = "x".join(map(str, preprocess(modality, files, Decoding(limits)).shape))
         except InputError as error:
             answer = f"{error.status}: {error.message[:70]}"
     seconds = time.monotonic() - start

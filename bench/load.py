@@ -56,7 +56,9 @@ import torch
 from media import IMU_RATE, MIX, Item, make_item, mixed
 from server.engines.base import Sampling, Usage
 from server.engines.vllm import completion_request
-from server.media.modalities import MODALITIES
+from server.config import Settings
+from server.media.modalities import preprocess
+from server.media.modalities.base import Decoding
 from server.model.onellm import OneLLM, load_model
 
 FOLLOW_UP = "Tell me more."
@@ -246,7 +248,7 @@ def total(metrics: dict[str, float], name: str, **labels) -> float:
 def prompt_embeddings(model: OneLLM, item: Item, history: list[tuple[str, str]] = ()) -> torch.Tensor:
     """The prompt embeddings the gateway builds for a chat opening with `item` (its text the first
     user turn, then `history`), with the encoder at batch 1."""
-    inputs = MODALITIES[item.modality].preprocess(item.files, item.options)
+    inputs = preprocess(item.modality, item.files, Decoding(Settings().decoder_limits(), **item.options))
     prefix = model.encode(item.modality, inputs.unsqueeze(0))[0]
     return model.embeddings(model.prompt_ids([("user", item.text), *history]), [(item.modality, prefix)])
 

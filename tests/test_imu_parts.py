@@ -7,6 +7,7 @@ import torch
 
 import media
 from server.entrypoints.protocol import ChatCompletionRequest
+from server.config import Settings
 from server.core.prefixes import preprocess_attachment
 from server.core.chat import Fetched, chat_from_openai
 
@@ -18,7 +19,7 @@ def imu_part(data: bytes, rate: float) -> dict:
 def model_inputs(*parts: dict) -> list[torch.Tensor]:
     request = ChatCompletionRequest(messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "?"}]}])
     (turn,) = chat_from_openai(request, Fetched()).turns
-    return [preprocess_attachment(attachment, {}) for attachment in turn.attachments]
+    return [preprocess_attachment(attachment, Settings().decoder_limits()) for attachment in turn.attachments]
 
 
 def test_two_imu_parts_of_one_message_keep_their_own_sample_rates():

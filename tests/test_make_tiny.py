@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from server.cli import main
-from server.tools.convert import MODALITIES
+from server.tools.checkpoint import MODALITIES
 
 
 def tensors(folder) -> dict[str, torch.Tensor]:

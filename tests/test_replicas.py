@@ -8,10 +8,9 @@ import torch
 
 from server.metrics import Metrics
 from server.config import Settings
-from server.engines.base import EngineUnavailable, Sampling, Usage
+from server.engines.base import EngineUnavailable, PromptRejected, Sampling, Usage
 from server.engines.replicas import ReplicatedVLLMEngine
 from server.engines.routing import Router
-from server.errors import InputError
 from vllm_standin import (ANSWER, CUT_AFTER_TEXT, CUT_BEFORE_TEXT, FAIL, HOLD, RECORDED_DELTAS, RECORDED_IDS,
                           REJECT, StandInVLLM)
 
@@ -124,7 +123,7 @@ def test_a_failure_after_text_ends_the_answer_and_is_not_spliced(standins):
 
 
 def test_a_prompt_vllm_rejects_is_not_retried(standins):
-    engine, _, error = failing_answer(standins, REJECT, InputError)
+    engine, _, error = failing_answer(standins, REJECT, PromptRejected)
     assert error.status == 400 and error.code == "context_length_exceeded"
     assert [len(s.posted) for s in standins] == [1, 0, 0]
     # the prompt's fault, not the backend's

@@ -10,9 +10,8 @@ import httpx
 import pytest
 import torch
 
-from server.engines.base import EngineUnavailable, Sampling, Usage
+from server.engines.base import EngineUnavailable, PromptRejected, Sampling, Usage
 from server.engines.vllm import SSEParser, VLLMEngine, completion_request
-from server.errors import InputError
 from vllm_standin import HOLD, MODELS, RECORDED_DELTAS, RECORDED_IDS, RECORDED_STREAM, TOO_LONG, StandInVLLM
 
 
@@ -236,7 +235,7 @@ def test_cancelling_the_consumer_closes_the_upstream_response():
 def test_prompt_too_long_is_the_clients_mistake_told_in_our_words(caplog):
     engine = VLLMEngine("http://vllm:8000", model="m",
                         transport=fake_vllm(lambda request: httpx.Response(400, content=TOO_LONG)))
-    with pytest.raises(InputError) as error:
+    with pytest.raises(PromptRejected) as error:
         collect(engine)
     assert error.value.status == 400
     assert error.value.param == "messages"
@@ -251,7 +250,7 @@ def test_other_requests_vllm_refuses_are_told_without_its_text():
     refusal = b'{"error": {"message": "prompt_embeds of /models/x: bad dtype", "param": null, "code": 400}}'
     engine = VLLMEngine("http://vllm:8000", model="m",
                         transport=fake_vllm(lambda request: httpx.Response(400, content=refusal)))
-    with pytest.raises(InputError) as error:
+    with pytest.raises(PromptRejected) as error:
         collect(engine)
     assert (error.value.status, error.value.param, error.value.code) == (400, "messages", None)
     assert "/models/x" not in error.value.message and "context window" not in error.value.message

@@ -13,7 +13,7 @@ from server.core.service import ChatService, Generation
 from server.core.chat import Chat
 from server.core.request_id import REQUEST_ID
 from server.engines.base import EngineUnavailable, Sampling
-from server.errors import InputError
+from server.errors import InputError, InternalError, RequestError, Unavailable
 
 log = logging.getLogger("onellm.gateway")
 # each stop string is matched against the text of every token: its length bounds that work
@@ -89,25 +89,25 @@ async def text_deltas(answer: Answer) -> AsyncIterator[str]:
             yield delta
 
 
-def stream_failure(error: Exception) -> InputError:
+def stream_failure(error: Exception) -> RequestError:
     """A failure after a stream started, as its client is told of it: a message that is the same
     every time (the error's own status, 503 for an engine that failed, else 500), its detail in
     the log."""
-    if isinstance(error, InputError):
+    if isinstance(error, RequestError):
         log.warning("stream ended by an error: %s", error.message)
         return error
     if isinstance(error, EngineUnavailable):
         log.warning("the LLM engine failed mid-answer: %s", error)
         return engine_unavailable()
     log.error("the answer failed mid-stream", exc_info=error)
-    return InputError(500, f"the answer failed on the server (request {REQUEST_ID.get()})")
+    return InternalError(f"the answer failed on the server (request {REQUEST_ID.get()})")
 
 
-def engine_unavailable() -> InputError:
+def engine_unavailable() -> Unavailable:
     """What a client is told of an engine that is down or failed: why is for the operators to read
     in the log (it names the backends' URLs); the request id tells them which line."""
-    return InputError(503, f"the LLM engine is unavailable; retry shortly (request {REQUEST_ID.get()})",
-                      headers={"Retry-After": "1"}, code="engine_unavailable")
+    return Unavailable(f"the LLM engine is unavailable; retry shortly (request {REQUEST_ID.get()})",
+                       headers={"Retry-After": "1"}, code="engine_unavailable")
 
 
 class StreamFailed(Exception):
@@ -152,7 +152,7 @@ def check_model(service: ChatService, name: str | None) -> None:
 
 def status_label(error: BaseException) -> str:
     """The status label of a request that ended with `error`."""
-    if isinstance(error, InputError):
+    if isinstance(error, RequestError):
         return str(error.status)
     if isinstance(error, EngineUnavailable):
         return "503"

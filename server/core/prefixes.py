@@ -14,8 +14,10 @@ from server.cache.prefix_cache import PrefixCache, SharedRuns, prefix_key
 from server.cache.shared_prefixes import SharedPrefixCache
 from server.core.chat import Attachment
 from server.core.workers import Workers
+from server.config import DecoderLimits
 from server.errors import Cancelled, InputError
-from server.media.modalities import MODALITIES
+from server.media.modalities import MODALITIES, preprocess
+from server.media.modalities.base import Decoding
 from server.metrics import Metrics
 from server.model.onellm import OneLLM
 from server.storage.records import MediaReferences, gone
@@ -25,7 +27,7 @@ class Prefixes:
     """`cache_bytes` of prefixes held locally; `shared`: other gateways' prefixes, behind the local
     cache; `references`: what media uuids stand for (None: references are refused)."""
 
-    def __init__(self, model: OneLLM, metrics: Metrics, workers: Workers, cache_bytes: int, decoder_limits: dict,
+    def __init__(self, model: OneLLM, metrics: Metrics, workers: Workers, cache_bytes: int, decoder_limits: DecoderLimits,
                  shared: SharedPrefixCache | None = None, references: MediaReferences | None = None):
         self.model = model
         self.metrics = metrics
@@ -88,8 +90,7 @@ class Prefixes:
         # asyncio cannot stop a decode that a pool thread has begun: the decoder checks `cancel`
         cancel = threading.Event()
         try:
-            inputs = await self.workers.off_loop(_preprocess, attachment, {**self.decoder_limits, "cancel": cancel},
-                                                 self.metrics)
+            inputs = await self.workers.off_loop(_preprocess, attachment, self.decoder_limits, cancel, self.metrics)
         except asyncio.CancelledError:
             cancel.set()
             raise
@@ -111,22 +112,17 @@ class Prefixes:
                 await self.references.remember(tenant, uuid, a.modality, key)
 
 
-def _preprocess(attachment: Attachment, limits: dict, metrics: Metrics) -> torch.Tensor:
+def _preprocess(attachment: Attachment, limits: DecoderLimits, cancel: threading.Event,
+                metrics: Metrics) -> torch.Tensor:
     with metrics.preprocess_seconds.labels(attachment.modality).time(), metrics.decodes_running.track_inprogress():
         try:
-            return preprocess_attachment(attachment, limits)
+            return preprocess_attachment(attachment, limits, cancel)
         except Cancelled:
             metrics.decodes_cancelled.labels(attachment.modality).inc()
             raise
 
 
-def preprocess_attachment(attachment: Attachment, limits: dict) -> torch.Tensor:
-    """Decode one attachment with the gateway's decoder `limits`; a decoder failing in a way it did
-    not foresee is still the file's fault."""
-    try:
-        return MODALITIES[attachment.modality].preprocess(attachment.files, {**attachment.options, **limits})
-    except (InputError, Cancelled):  # Cancelled: nobody waits for this result any more
-        raise
-    except Exception as e:  # noqa: BLE001 - untrusted bytes can break a decoder in any way
-        field_name = next(reversed(attachment.files))
-        raise InputError(422, f"could not read the '{field_name}' upload: {type(e).__name__}", field_name) from None
+def preprocess_attachment(attachment: Attachment, limits: DecoderLimits,
+                          cancel: threading.Event | None = None) -> torch.Tensor:
+    """Decode one attachment with the gateway's decoder `limits` and its request's options."""
+    return preprocess(attachment.modality, attachment.files, Decoding(limits, cancel, **attachment.options))

@@ -16,7 +16,7 @@ from server.core.chat import Chat
 from server.core.context import ContextWindow
 from server.core.prefixes import Prefixes
 from server.core.workers import Workers
-from server.engines.base import Engine, EngineUnavailable, Sampling, Usage
+from server.engines.base import Engine, EngineUnavailable, PromptRejected, Sampling, Usage
 from server.errors import InputError
 from server.metrics import Metrics
 from server.model.onellm import OneLLM
@@ -114,6 +114,8 @@ class ChatService:
                 except TimeoutError:
                     raise EngineUnavailable(f"the {self.engine.name} engine sent nothing for "
                                             f"{self.stall_timeout_s:g} s (stall_timeout_s)") from None
+                except PromptRejected as e:  # the engine's refusal, told to the client as its mistake
+                    raise InputError(e.status, e.message, e.param, code=e.code) from None
                 if generation.first_token_at is None:
                     generation.first_token_at = time.monotonic()
                     self.metrics.ttft.observe(generation.first_token_at - generation.started)

@@ -1,4 +1,5 @@
-"""The one interface every LLM engine offers the gateway."""
+"""The one interface every LLM engine offers the gateway, the failures it reports, and the
+metrics an engine records (as interfaces: the gateway's prometheus Metrics is one)."""
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,6 +29,48 @@ class Usage:
 
 class EngineUnavailable(Exception):
     """The LLM engine cannot take requests right now (down, unreachable, overloaded)."""
+
+
+class PromptRejected(Exception):
+    """The engine refuses this prompt and would refuse it on any replica (longer than the
+    context window, invalid): the request's fault, so it is neither retried nor held against
+    the backend. Its fields are an OpenAI error's, as the gateway passes them on to the client."""
+
+    status = 400
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param  # the request field to change
+        self.code = code
+
+
+class Counter(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Gauge(Counter, Protocol):
+    def dec(self, amount: float = 1) -> None: ...
+
+    def set(self, value: float) -> None: ...
+
+
+class CountersByBackend(Protocol):
+    def labels(self, backend: str) -> Counter: ...
+
+
+class GaugesByBackend(Protocol):
+    def labels(self, backend: str) -> Gauge: ...
+
+
+class BackendMetrics(Protocol):
+    """What an engine over several backends records, by backend URL."""
+
+    backend_requests: CountersByBackend  # sent, retries included
+    backend_failures: CountersByBackend
+    backend_in_flight: GaugesByBackend
+    backend_healthy: GaugesByBackend  # 1 while it takes requests
+    vllm_retries: Counter  # requests sent again to another backend
 
 
 class Engine(Protocol):

@@ -14,8 +14,7 @@ from contextlib import aclosing
 
 import torch
 
-from server.metrics import Metrics
-from server.engines.base import EngineUnavailable, Sampling, Usage
+from server.engines.base import BackendMetrics, EngineUnavailable, Sampling, Usage
 from server.engines.routing import Router
 from server.engines.vllm import VLLMEngine
 
@@ -27,7 +26,7 @@ class ReplicatedVLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, urls: Sequence[str], metrics: Metrics, policy: str = "affinity",
+    def __init__(self, urls: Sequence[str], metrics: BackendMetrics, policy: str = "affinity",
                  probe_interval_s: float = 2.0, dtype: torch.dtype = torch.float32, **engine_options):
         """`engine_options` go to each VLLMEngine (timeouts, a transport)."""
         self.backends = {url: VLLMEngine(url, dtype=dtype, **engine_options)

@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 import httpx
 import torch
 
-from server.engines.base import EngineUnavailable, Sampling, Usage
-from server.errors import InputError
+from server.engines.base import EngineUnavailable, PromptRejected, Sampling, Usage
 
 log = logging.getLogger("onellm.vllm")
 # OneLLM's chat template separates turns with "###"; the model must never run into the
@@ -113,10 +112,10 @@ def _raise_for_error(status: int, payload: dict | str) -> None:
         log.warning("vLLM refused the request (param %r): %s", param, message)
         where = "max_tokens" if param == "max_tokens" else "messages"
         if param in ("max_tokens", "input_tokens") or "context length" in message:
-            raise InputError(400, "the prompt and max_tokens do not fit the model's context window: send fewer or "
-                                  "shorter messages or attachments, or a smaller max_tokens", where,
-                             code="context_length_exceeded")
-        raise InputError(400, "the LLM engine refused the request as invalid", where)
+            raise PromptRejected("the prompt and max_tokens do not fit the model's context window: send fewer or "
+                                 "shorter messages or attachments, or a smaller max_tokens", where,
+                                 code="context_length_exceeded")
+        raise PromptRejected("the LLM engine refused the request as invalid", where)
     raise EngineUnavailable(f"vLLM failed the request ({status}): {message}")
 
 

@@ -39,7 +39,7 @@ from server.cache.shared_prefixes import shared_cache_for
 from server.core.chat import (SANE_UUID, SINGLE_FIELDS, UPLOAD_FIELDS, Chat, Upload, attachment_count, chat_from_form,
                                 chat_from_openai, parse_json_body)
 from server.engines.base import Engine, EngineUnavailable
-from server.errors import InputError
+from server.errors import InputError, RequestError, Unavailable
 from server.model.onellm import OneLLM, load_model
 
 log = logging.getLogger("onellm.gateway")
@@ -79,7 +79,7 @@ def build_engine(settings: Settings, model: OneLLM, metrics: Metrics) -> Engine:
     return LocalEngine(model.path / "llm", device=settings.device, dtype=model.dtype)
 
 
-def error_response(error: InputError) -> JSONResponse:
+def error_response(error: RequestError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
@@ -169,14 +169,14 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     app.state.draining = False  # set by `onellm serve` on SIGTERM
     add_guards(app, settings)
 
-    def count_refused(request: Request, error: InputError) -> JSONResponse:
+    def count_refused(request: Request, error: RequestError) -> JSONResponse:
         """A chat request refused before its chat was read (bad form, unknown model, ...) counts too."""
         if kind_of(request.scope) == "chat" and not getattr(request.state, "counted", False):
             app.state.metrics.requests.labels("unread", str(error.status)).inc()
         return error_response(error)
 
-    @app.exception_handler(InputError)
-    async def on_input_error(request: Request, e: InputError):
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, e: RequestError):
         return count_refused(request, e)
 
     @app.exception_handler(EngineUnavailable)
@@ -295,7 +295,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
         service = getattr(app.state, "service", None)
         if service is None or not await service.engine.ready():
             engine = service.engine.name if service else "none"
-            return error_response(InputError(503, f"not ready: the {engine} engine is not answering"))
+            return error_response(Unavailable(f"not ready: the {engine} engine is not answering"))
         return JSONResponse({"status": "ready", "model": service.model.name, "engine": service.engine.name})
 
     @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})

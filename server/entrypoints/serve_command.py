@@ -9,60 +9,21 @@ import uvicorn
 
 from server.traffic.access import logging_config
 from server.traffic.connections import connection_class
-from server.config import Settings
+from server.config import SECTIONS, Settings
 from server.engines.routing import POLICIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model folder (env ONELLM_MODEL; default model_repo/tiny)")
-    parser.add_argument("--vllm-url", help="vLLM OpenAI server(s) to decode on, comma-separated "
-                        "(env ONELLM_VLLM_URL); without it the embedded in-process engine serves")
-    parser.add_argument("--routing", choices=POLICIES, help="how each request picks one of several vLLM "
-                        "servers (env ONELLM_ROUTING; default affinity: a chat's turns stay on one server "
-                        "unless it is much busier than the others)")
-    parser.add_argument("--cache-url", help="Redis (redis://host:port/db) where gateways share attachment "
-                        "prefixes (env ONELLM_CACHE_URL); without it each gateway caches only its own")
-    parser.add_argument("--cache-timeout-ms", type=float, help="connect and reply timeout of that Redis; slower "
-                        "is treated as down (env ONELLM_CACHE_TIMEOUT_MS; default 100)")
-    parser.add_argument("--cache-ttl-s", type=int, help="lifetime of a prefix in that Redis "
-                        "(env ONELLM_CACHE_TTL_S; default 86400)")
-    parser.add_argument("--files-dir", help="directory of the files uploaded with POST /v1/files (env "
-                        "ONELLM_FILES_DIR; default ~/.local/share/onellm-serve/files)")
-    parser.add_argument("--files-url", help="Redis (redis://host:port/db) to keep uploaded files in instead, "
-                        "shared by every gateway (env ONELLM_FILES_URL)")
-    parser.add_argument("--host", help="address to listen on (env ONELLM_HOST; default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (env ONELLM_PORT; default 8080)")
-    parser.add_argument("--device", help="torch device of the encoder and local engine (env ONELLM_DEVICE; default cpu)")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                        help="encoder dtype (env ONELLM_DTYPE; default: as stored)")
-    parser.add_argument("--allowed-url-hosts", type=_list,
-                        help="comma-separated hosts whose http(s) attachment URLs may be fetched: "
-                        "'host' on its scheme's default port (80, 443) only, 'host:port' on that port "
-                        "(env ONELLM_ALLOWED_URL_HOSTS; default none)")
-    parser.add_argument("--encoder-max-batch", type=int, help="requests of one modality encoded as one batch "
-                        "(env ONELLM_ENCODER_MAX_BATCH; default 8)")
-    parser.add_argument("--encoder-max-wait-ms", type=float, help="longest wait for a batch to fill "
-                        "(env ONELLM_ENCODER_MAX_WAIT_MS; default 1)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                        help="env ONELLM_LOG_LEVEL; only debug logs prompts and upload sizes")
-    parser.add_argument("--api-keys-file", help="file of API keys, one a line; with it or env ONELLM_API_KEYS "
-                        "(comma-separated) every path but /health needs 'Authorization: Bearer <key>'")
-    parser.add_argument("--cors-origins", type=_list, help="comma-separated origins browsers may call from "
-                        "(env ONELLM_CORS_ORIGINS; default none)")
-    parser.add_argument("--trusted-proxies", type=_list, help="comma-separated addresses or CIDRs of proxies "
-                        "whose X-Forwarded-For names the client, for the per-address limits and the logs "
-                        "(env ONELLM_TRUSTED_PROXIES; default none: the peer's address counts)")
-    limits = parser.add_argument_group("limits and overload")
+    """A flag for each setting that has a help text, in a group per section of the settings."""
+    groups = {section: parser.add_argument_group(title) for section, title in SECTIONS.items()}
     for f in fields(Settings):
-        if "help" in f.metadata:
-            env = f"ONELLM_{f.name.upper()}"
-            default = "" if f.default is None else f"; default {f.default}"
-            limits.add_argument(f"--{f.name.replace('_', '-')}", type=f.metadata["type"],
-                                help=f"{f.metadata['help']} (env {env}{default})")
-
-
-def _list(value: str) -> tuple[str, ...]:
-    return tuple(v for v in value.split(",") if v)
+        if f.metadata["help"] is None:  # set by its ONELLM_* variable only
+            continue
+        default = "" if f.default is None else f"; default {'none' if f.default == () else f.default}"
+        choices = POLICIES if f.name == "routing" else f.metadata["choices"] or None
+        groups[f.metadata["section"]].add_argument(
+            f"--{f.name.replace('_', '-')}", type=f.metadata["parse"], choices=choices,
+            help=f"{f.metadata['help']} (env ONELLM_{f.name.upper()}{default})")
 
 
 class _Server(uvicorn.Server):

@@ -12,16 +12,31 @@ import asyncio
 import time
 from collections import defaultdict
 from concurrent.futures import Executor
+from typing import Protocol
 
 import torch
 
-from server.metrics import Metrics
 from server.model.onellm import OneLLM
+
+
+class Histogram(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class HistogramsByModality(Protocol):
+    def labels(self, modality: str) -> Histogram: ...
+
+
+class BatchMetrics(Protocol):
+    """What the batcher records of each batch; the gateway's prometheus Metrics has these."""
+
+    encoder_seconds: HistogramsByModality  # one batch on the encoder thread
+    encoder_batch_size: HistogramsByModality
 
 
 class EncoderBatcher:
     def __init__(self, model: OneLLM, executor: Executor, max_batch: int, max_wait_s: float,
-                 metrics: Metrics | None = None):
+                 metrics: BatchMetrics | None = None):
         self.model = model
         self.metrics = metrics
         self.executor = executor

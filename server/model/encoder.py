@@ -9,7 +9,7 @@ from torch import nn
 
 from server.model.clip import Clip, build_visual, patch_tokens, run_trunk
 from server.model.upm import Block, Router, mix_experts
-from server.media.modalities import MODALITIES
+from server.model.tokenizers import TOKENIZERS
 
 
 def _under(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -34,8 +34,7 @@ class Encoder(nn.Module):
 
         self.clip = Clip(build_visual(_under(weights, "clip.visual."), clip_heads))
         self.conv1 = nn.ModuleDict({
-            m: MODALITIES[m].tokenizer(_under(weights, f"conv1.{m}."))
-            for m in modalities if MODALITIES[m].tokenizer is not None})
+            m: TOKENIZERS[m](_under(weights, f"conv1.{m}.")) for m in modalities if m in TOKENIZERS})
         self.positional_embedding = nn.ParameterDict({
             m: nn.Parameter(torch.empty_like(weights[f"positional_embedding.{m}"])) for m in self.conv1})
 

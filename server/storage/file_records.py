@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from server.cache.redis_client import REDIS_ERRORS
-from server.errors import InputError
+from server.errors import Unavailable
 
 # a download is read and sent this much at a time: what one held by a reader that stopped reading costs
 PIECE_BYTES = 256 << 10
@@ -59,4 +59,4 @@ async def unavailable_as_503():
     try:
         yield
     except REDIS_ERRORS as e:
-        raise InputError(503, f"the file store is unavailable ({type(e).__name__})", headers={"Retry-After": "1"}) from None
+        raise Unavailable(f"the file store is unavailable ({type(e).__name__})", headers={"Retry-After": "1"}) from None

@@ -7,6 +7,7 @@ bring them, and drop the bytes when the last record naming them is deleted or ex
 an upload must be, and which store the settings choose.
 """
 
+from server.config import DecoderLimits
 from server.errors import InputError
 from server.media.decoders.arrays import load_array
 from server.media.decoders.images import decode_image
@@ -19,7 +20,7 @@ PURPOSES = ("user_data", "vision")
 ACCEPTED_FAMILIES = {"image", "video", "audio", "array", "mesh", "text"}
 
 
-def check_upload(data: bytes, limits: dict) -> str:
+def check_upload(data: bytes, limits: DecoderLimits) -> str:
     """What kind of file `data` is, after the checks inline attachments get before decoding:
     the bytes name the kind (never the file name), and a kind no decoder reads is refused."""
     param = "file"
@@ -32,9 +33,9 @@ def check_upload(data: bytes, limits: dict) -> str:
         raise InputError(415, f"the uploaded file is {kind.describe()}, which no modality reads; accepted: "
                               "images, videos, audio, .npy or CSV arrays, 3D meshes", param)
     if kind.family == "image":  # the header's pixel count, as for an inline image
-        decode_image(data, param, limits["max_pixels"])
+        decode_image(data, param, limits.max_image_pixels)
     if kind.family == "array":  # object arrays are pickles in disguise
-        load_array(data, param, max_decode_mb=limits["max_decode_mb"])
+        load_array(data, param, max_decode_mb=limits.max_decode_mb)
     return kind.family
 
 

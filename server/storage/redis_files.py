@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from server.cache.redis_client import connect
-from server.errors import InputError
+from server.errors import InputError, Unavailable
 from server.storage.file_records import (PIECE_BYTES, StoredFile, new_record, stored_file_from_json, tenant_key,
                                          unavailable_as_503)
 
@@ -64,7 +64,7 @@ class RedisFileStore:
             if not await self._link(keys, args):  # bytes not held yet (or expiring just now): send them once
                 await self.client.set(keys[0], data, exat=record.expires_at, nx=True)
                 if not await self._link(keys, args):
-                    raise InputError(503, "the file store lost the upload while storing it; retry", "file")
+                    raise Unavailable("the file store lost the upload while storing it; retry", "file")
         return record
 
     async def get(self, tenant: str, file_id: str) -> StoredFile | None:

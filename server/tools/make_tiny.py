@@ -16,7 +16,8 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from server.tools.convert import CHECKPOINT_FILE, MODALITIES, ConvertError, convert
+from server.tools.checkpoint import CHECKPOINT_FILE, MODALITIES, ConvertError
+from server.tools.convert import convert
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
 VOCAB_SIZE = 1000

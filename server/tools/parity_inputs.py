@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from server.core.prefixes import preprocess_attachment
-from server.config import Settings
+from server.config import DecoderLimits, Settings
 from server.core.chat import group_uploads
 from server.errors import InputError
+from server.media.modalities import preprocess
+from server.media.modalities.base import Decoding
 
 TOLERANCE = 1e-3
 # what the gateway sends when a request names no option (its form and JSON defaults)
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("fixture", type=Path, help="folder with cases.json and expected.safetensors")
 
 
-def check_case(fixture: Path, case: dict, expected: torch.Tensor, limits: dict) -> CaseResult:
+def check_case(fixture: Path, case: dict, expected: torch.Tensor, limits: DecoderLimits) -> CaseResult:
     uploads = [(field, (fixture / path).read_bytes()) for field, path in case["files"].items()]
     result = CaseResult(case["name"], case["modality"], None, tuple(expected.shape), None)
     try:
@@ -51,7 +52,8 @@ def check_case(fixture: Path, case: dict, expected: torch.Tensor, limits: dict) 
         if [a.modality for a in attachments] != [case["modality"]]:
             result.problem = f"the files make {[a.modality for a in attachments]}, not one {case['modality']}"
             return result
-        ours = preprocess_attachment(attachments[0], limits)
+        (attachment,) = attachments
+        ours = preprocess(attachment.modality, attachment.files, Decoding(limits, **attachment.options))
     except InputError as error:
         result.problem = f"refused: {error.status} {error.message}"
         return result

@@ -17,7 +17,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.core.request_id import REQUEST_ID
-from server.errors import InputError
+from server.errors import InputError, InternalError, RequestError, Unavailable
 
 # a client's own id is kept when it is a plain token; anything else could forge log lines
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -28,7 +28,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 log = logging.getLogger("onellm.access")
 
 
-async def send_error(send: Send, error: InputError, close: bool = False) -> None:
+async def send_error(send: Send, error: RequestError, close: bool = False) -> None:
     """The JSON error body, sent by a middleware (outside the app's exception handlers)."""
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -91,7 +91,7 @@ class RequestIds:
         except Exception:
             # the app's last-resort handler answers further out, where this header is not added
             if not started:
-                await send_error(send_with_id, InputError(500, "internal server error"))
+                await send_error(send_with_id, InternalError("internal server error"))
             raise
 
 
@@ -213,8 +213,8 @@ class Gate:
             return await send_error(send, InputError(401, "a valid API key is required (Authorization: Bearer <key>)",
                                                      headers={"WWW-Authenticate": "Bearer"}))
         if self.draining():
-            return await send_error(send, InputError(503, "the server is shutting down; retry on another instance",
-                                                     headers={"Retry-After": "1"}), close=True)
+            return await send_error(send, Unavailable("the server is shutting down; retry on another instance",
+                                                      headers={"Retry-After": "1"}), close=True)
         if key is not None:
             state = scope.setdefault("state", {})
             state["caller"], state["fingerprint"], state["tenant"] = key.id, key.fingerprint, key.tenant

@@ -17,14 +17,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.traffic.access import caller_of, metric_key, send_error
 from server.metrics import Metrics
-from server.errors import InputError
+from server.errors import InputError, RequestError, TimedOut
 from server.traffic.routes import kind_of
 
 # a short fixed hint: a slot frees as soon as any answer ends, and clients back off on repeats
 RETRY_AFTER_S = 1
 
 
-def sse_error(error: InputError) -> str:
+def sse_error(error: RequestError) -> str:
     """How a stream that has started reports a failure: an `error` event, then the usual end."""
     return f"event: error\ndata: {json.dumps(error.body())}\n\ndata: [DONE]\n\n"
 
@@ -161,7 +161,7 @@ class ChatGuard:
                 headers={"Retry-After": str(RETRY_AFTER_S)}))
         except TimeoutError:
             self.metrics.rejected.labels("timeout").inc()
-            error = InputError(504, f"the request took longer than {self.timeout_s:g} s (request_timeout_s)")
+            error = TimedOut(f"the request took longer than {self.timeout_s:g} s (request_timeout_s)")
             if not response.started:
                 await send_error(send, error, close=True)
             elif response.streaming and not response.complete:

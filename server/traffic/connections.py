@@ -25,10 +25,10 @@ import h11
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 
 from server.metrics import Metrics
-from server.errors import InputError
+from server.errors import InputError, RequestError, Unavailable
 
 
-def raw_response(error: InputError) -> bytes:
+def raw_response(error: RequestError) -> bytes:
     """A whole HTTP/1.1 response, written past h11: it sends responses only to a request it has parsed."""
     body = json.dumps(error.body()).encode()
     head = [f"HTTP/1.1 {error.status} {STATUS_PHRASES[error.status].decode()}", "content-type: application/json",
@@ -55,9 +55,9 @@ class Connection(H11Protocol):
         self._await_headers()
         if self._open_connections() > self.max_connections and not self._make_room():
             self.metrics.refusals.labels("max_connections", "").inc()
-            self._close_with(InputError(503, f"the server has {self.max_connections} connections open, its limit "
-                                             "(max_connections), all busy; retry shortly",
-                                        headers={"Retry-After": "1"}))
+            self._close_with(Unavailable(f"the server has {self.max_connections} connections open, its limit "
+                                         "(max_connections), all busy; retry shortly",
+                                         headers={"Retry-After": "1"}))
 
     def data_received(self, data: bytes) -> None:
         if self._header_deadline is None and self.conn.their_state is h11.IDLE:
@@ -110,7 +110,7 @@ class Connection(H11Protocol):
         else:
             self.transport.close()
 
-    def _close_with(self, error: InputError) -> None:
+    def _close_with(self, error: RequestError) -> None:
         self._stop_waiting()
         self.transport.write(raw_response(error))
         self.transport.close()

@@ -21,7 +21,7 @@ from server.traffic.access import metric_key, send_error
 from server.traffic.limits import _mib
 from server.metrics import Metrics
 from server.config import Settings
-from server.errors import InputError
+from server.errors import InputError, RequestError, Unavailable
 
 
 class _TooSlow(Exception):
@@ -86,7 +86,7 @@ class Intake:
         finally:
             upload.end()
 
-    def _refusal(self, client: str, reserved: int) -> tuple[str, InputError] | None:
+    def _refusal(self, client: str, reserved: int) -> tuple[str, RequestError] | None:
         s = self.settings
         if self.uploading >= s.max_uploads:
             return "max_uploads", InputError(429, f"the server is receiving {s.max_uploads} uploads, its limit "
@@ -99,10 +99,10 @@ class Intake:
             return "max_buffered_bytes", self._over_budget()
         return None
 
-    def _over_budget(self, param: str | None = None) -> InputError:
-        return InputError(503, f"the server holds {_mib(self.settings.max_buffered_bytes)} of request bodies and "
-                               "the files they fetch, its limit (max_buffered_bytes); retry shortly", param,
-                          headers={"Retry-After": "1"})
+    def _over_budget(self, param: str | None = None) -> Unavailable:
+        return Unavailable(f"the server holds {_mib(self.settings.max_buffered_bytes)} of request bodies and "
+                           "the files they fetch, its limit (max_buffered_bytes); retry shortly", param,
+                           headers={"Retry-After": "1"})
 
 
 class Charge:

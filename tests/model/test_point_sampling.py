@@ -2,7 +2,7 @@
 
 import torch
 
-from server.media.modalities.point import PointTokenizer, furthest_point_sample, group_neighbours
+from server.model.tokenizers.point import PointTokenizer, furthest_point_sample, group_neighbours
 
 
 def line_cloud(n: int) -> torch.Tensor:

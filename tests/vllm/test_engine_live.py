@@ -11,9 +11,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from server.engines.base import EngineUnavailable, Sampling, Usage
+from server.engines.base import EngineUnavailable, PromptRejected, Sampling, Usage
 from server.engines.vllm import VLLMEngine
-from server.errors import InputError
 
 MODALITIES = ["image", "video", "audio", "point", "rgbd", "rgbn", "fmri", "imu"]
 
@@ -114,7 +113,7 @@ def test_reference_prefix_gives_reference_greedy_ids(vllm_server, encoder_weight
 
 def test_prompt_longer_than_the_context_is_a_400(vllm_server, encoder_weights):
     embeddings = text_embeddings(encoder_weights, [1] + [319] * 2100)
-    with pytest.raises(InputError) as error:
+    with pytest.raises(PromptRejected) as error:
         generate(vllm_server, embeddings, Sampling(max_tokens=4))
     # vLLM's own text stays in the log; the client is told in our words, with a code to act on
     assert error.value.status == 400

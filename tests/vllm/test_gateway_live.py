@@ -15,7 +15,9 @@ from server.cli import main
 from server.engines.base import Sampling
 from server.engines.local import LocalEngine
 from server.model.onellm import load_model
-from server.media.modalities import MODALITIES
+from server.config import Settings
+from server.media.modalities import preprocess
+from server.media.modalities.base import Decoding
 
 MAX_TOKENS = 8
 QUESTION = "What is this?"
@@ -53,7 +55,7 @@ def in_process(vllm_model_dir):
     engine = LocalEngine(vllm_model_dir / "llm")
 
     def answer(modality: str, files: dict[str, bytes]) -> str:
-        prefix = model.encode(modality, MODALITIES[modality].preprocess(files, {})[None])[0]
+        prefix = model.encode(modality, preprocess(modality, files, Decoding(Settings().decoder_limits()))[None])[0]
         embeddings = model.embeddings(model.prompt_ids([("user", QUESTION)]), [(modality, prefix)])
 
         async def collect():

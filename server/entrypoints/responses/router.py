@@ -22,7 +22,7 @@ from server.media.fetch import fetch_all
 from server.entrypoints.files.router import read_stored
 from server.traffic.limits import check_chat
 from server.core.chat import UPLOAD_FIELDS, Attachment, Chat, Turn, chat_from_openai, parse_json_body
-from server.errors import InputError
+from server.errors import InputError, RequestError
 from server.media.modalities import MODALITIES
 from server.traffic.routes import chat_route
 
@@ -97,7 +97,7 @@ def _chat_part(part, where: str) -> dict:
 PART_PARAM = re.compile(r"(input\[(\d+)\]\.content\[(\d+)\])\.(\w+)\.(\w+)")
 
 
-def _renamed(error: InputError, body: schemas.ResponsesRequest) -> InputError:
+def _renamed(error: RequestError, body: schemas.ResponsesRequest) -> RequestError:
     """An error about the chat made of the input, naming the input instead: the item, and the
     place in a flat part (`image_url`, `data`, `file_id`) where its chat part nests it."""
     param = error.param
@@ -203,7 +203,7 @@ async def create_response(request: Request) -> Response:
         request.state.counted = True
         answer = await start_answer(service, chat, sampling_fields(body.max_output_tokens, temperature, top_p, None,
                                                                    body.seed), tenant, time.monotonic())
-    except InputError as e:
+    except RequestError as e:
         raise _renamed(e, body) from None
     media = answer.generation.prepared.media
     header = {"X-Media-UUIDs": ",".join(media)} if media else {}

@@ -1,26 +1,30 @@
-"""What one modality is: the upload fields that carry it, its preprocessing, its tokenizer."""
+"""What one modality is to the gateway: the upload fields that carry it and its preprocessing.
+(What it is to the network, its tokenizer, is in server/model/tokenizers.)"""
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import nn
 
-Preprocess = Callable[[Mapping[str, bytes], Mapping[str, Any]], torch.Tensor]
+from server.config import DecoderLimits
+from server.media.decoders.arrays import IMU_RATE
 
 
-def limits(options: Mapping[str, Any], **names: str) -> dict[str, Any]:
-    """Decoder keyword arguments from the preprocess options: {argument: options[option]} for
-    each `argument=option` given, when the gateway set that option (else the decoder's default)."""
-    return {argument: options[option] for argument, option in names.items() if option in options}
+@dataclass(frozen=True)
+class Decoding:
+    """How one attachment is decoded: the gateway's limits, and what its request adds."""
+
+    limits: DecoderLimits
+    cancel: threading.Event | None = None  # set once nobody waits for the result: the decoder stops
+    imu_sample_rate: float = IMU_RATE  # Hz of an IMU series, as its request says
+
+
+Preprocess = Callable[[Mapping[str, bytes], Decoding], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Modality:
     name: str  # as in the checkpoint (`resample_tokens.<name>`, ...)
     fields: tuple[str, ...]  # upload fields that together make one attachment
-    preprocess: Preprocess  # files by field, options -> one model input (no batch dim)
-    # builds the modality's own tokenizer from its `conv1.<name>.*` tensors; None: CLIP's patch
-    # conv over frames [T, 3, H, W] with the trunk output averaged over T
-    tokenizer: Callable[[dict[str, torch.Tensor]], nn.Module] | None = None
+    preprocess: Preprocess  # files by field, decoding -> one model input (no batch dim)

@@ -1,28 +1,10 @@
-import torch
-from torch import nn
-
 from server.media.decoders.arrays import fmri_tensor
-from server.media.modalities.base import Modality, limits
-
-
-class FmriTokenizer(nn.Linear):
-    """Voxels [B, 1, 15724] -> [B, 8, W]: one linear layer to 8W, read row-major as [W, 8]."""
-
-    @classmethod
-    def from_weights(cls, weights: dict[str, torch.Tensor]) -> "FmriTokenizer":
-        out_features, in_features = weights["weight"].shape
-        return cls(in_features, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)  # [B, 1, 8W]
-        return y.reshape(y.shape[0], -1, 8).transpose(1, 2)  # [B, W, 8] -> the 8 columns are the tokens
-
+from server.media.modalities.base import Modality
 
 MODALITY = Modality(
     name="fmri",
     fields=("fmri",),
-    preprocess=lambda files, options: fmri_tensor(  # [1, 15724]
-        files["fmri"], "fmri", **limits(options, max_repeats="max_fmri_repeats", max_decode_mb="max_decode_mb",
-                                  cancel="cancel")),
-    tokenizer=FmriTokenizer.from_weights,
+    preprocess=lambda files, decoding: fmri_tensor(  # [1, 15724]
+        files["fmri"], "fmri", max_repeats=decoding.limits.max_fmri_repeats,
+        max_decode_mb=decoding.limits.max_decode_mb, cancel=decoding.cancel),
 )

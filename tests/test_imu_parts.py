@@ -6,9 +6,10 @@ import base64
 import torch
 
 import media
-from server.entrypoints.protocol import ChatCompletionRequest
+from server.entrypoints.chat_completions.parse import chat_from_openai
+from server.entrypoints.chat_completions.protocol import ChatCompletionRequest
 from server.core.service import preprocess_attachment
-from server.core.chat import Fetched, chat_from_openai
+from server.media.fetch import Fetched
 
 
 def imu_part(data: bytes, rate: float) -> dict:

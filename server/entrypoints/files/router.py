@@ -48,12 +48,12 @@ def _filename(upload: UploadFile) -> str:
 
 
 @router.post("/v1/files", response_model=FileObject,
-                   openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
-                       "schema": {"type": "object", "required": ["file", "purpose"], "properties": {
-                           "file": {"type": "string", "format": "binary"},
-                           "purpose": {"type": "string", "enum": list(PURPOSES)},
-                           "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
-                           "expires_after[seconds]": {"type": "integer"}}}}}}})
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+                 "schema": {"type": "object", "required": ["file", "purpose"], "properties": {
+                     "file": {"type": "string", "format": "binary"},
+                     "purpose": {"type": "string", "enum": list(PURPOSES)},
+                     "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                     "expires_after[seconds]": {"type": "integer"}}}}}}})
 async def upload_file(request: Request) -> FileObject:
     settings = request.app.state.settings
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -93,7 +93,7 @@ async def list_files(request: Request, purpose: str | None = None, limit: int = 
         records = records[at + 1:] if at is not None else []
     page = [FileObject(**r.openai()) for r in records[:limit]]
     return FileList(data=page, first_id=page[0].id if page else None, last_id=page[-1].id if page else None,
-                            has_more=len(records) > limit)
+                    has_more=len(records) > limit)
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject)
@@ -105,8 +105,8 @@ async def get_file(request: Request, file_id: str) -> FileObject:
 
 
 @router.get("/v1/files/{file_id}/content",
-                  responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
-                                                                                       "format": "binary"}}}}})
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                 "format": "binary"}}}}})
 @download_route
 async def file_content(request: Request, file_id: str) -> StreamingResponse:
     """The bytes a piece at a time as the client takes them, never the whole file: a reader that

@@ -64,8 +64,8 @@ def _response(base: dict, message_id: str, answer: Answer, text: str) -> Respons
         **base, status=status,
         output=[OutputMessage(id=message_id, status=status, content=[OutputText(text=text)])],
         usage=ResponseUsage(input_tokens=prepared.prompt_tokens, output_tokens=usage.completion_tokens,
-                                    total_tokens=prepared.prompt_tokens + usage.completion_tokens,
-                                    media=prepared.media or None),
+                            total_tokens=prepared.prompt_tokens + usage.completion_tokens,
+                            media=prepared.media or None),
         incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None)
 
 
@@ -128,7 +128,7 @@ async def response_events(answer: Answer, base: dict, message_id: str, finish):
     except Exception as e:  # noqa: BLE001 - whatever failed, the client is told so and the stream ends
         error = stream_failure(e)
         failed = ResponseObject(**base, status="failed", output=[],
-                                        error={"code": "server_error", "message": error.message}).model_dump()
+                                error={"code": "server_error", "message": error.message}).model_dump()
         yield event("response.failed", response=failed)
         raise StreamFailed(error.status) from None
     yield event("response.output_text.done", **where, text=text, logprobs=[])

@@ -43,6 +43,11 @@ class Split:
                 f"{mib(self.responses)}, media uuids {mib(self.references)}")
 
 
+def format_bytes(n: int) -> str:
+    """A limit as its setting reads in errors: whole MiB where it is one, else bytes."""
+    return f"{n >> 20} MiB" if n and n % MiB == 0 else f"{n} bytes"
+
+
 def shares(budget_mb: float, workers: int) -> dict[str, float]:
     """The budget's share of each stage's setting, in that setting's own unit."""
     budget = budget_mb * MiB

@@ -6,10 +6,11 @@ import base64
 import torch
 
 import media
-from server.entrypoints.protocol import ChatCompletionRequest
 from server.config import Settings
 from server.core.prefixes import preprocess_attachment
-from server.core.chat import Fetched, chat_from_openai
+from server.entrypoints.chat_completions.parse import chat_from_openai
+from server.entrypoints.chat_completions.protocol import ChatCompletionRequest
+from server.media.fetch import Fetched
 
 
 def imu_part(data: bytes, rate: float) -> dict:

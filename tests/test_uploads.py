@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from server.core.chat import BASE64_PIECE, chat_from_form, decode_base64
+from server.core.parts import BASE64_PIECE, decode_base64
+from server.entrypoints.chat_form.parse import chat_from_form
 from server.errors import InputError
 
 

@@ -1,33 +1,82 @@
 """What a chat request's parts point at outside the request, read before its parts are: remote
 attachment URLs (only from allowed hosts and ports) and stored files (only the caller's own).
 
-Nothing is fetched before the request's attachments are counted, and every byte fetched counts
-against the memory budget (max_buffered_bytes) before it is kept, until the request ends."""
+Nothing is fetched before the request's attachments are counted (the endpoints count them first),
+and every byte fetched counts against the memory budget (max_buffered_bytes) before it is kept,
+until the request ends."""
 
 import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import httpx
-from fastapi import Request
 
-from server.entrypoints.files.router import read_stored
-from server.traffic.intake import Charge, charge_of
-from server.traffic.limits import _mib, check_attachment_count
-from server.entrypoints.protocol import ChatCompletionRequest
-from server.core.chat import Fetched, attachment_count, file_ids, media_fields, remote_urls
+from server.budget import format_bytes
+from server.config import Settings
 from server.errors import InputError
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-async def fetch_all(request: Request, body: ChatCompletionRequest, earlier_attachments: int = 0) -> Fetched:
-    """`earlier_attachments`: those of the stored conversation the request continues."""
-    settings = request.app.state.settings
-    check_attachment_count(earlier_attachments + attachment_count(media_fields(body)), settings.max_attachments)
-    charge = charge_of(request)
-    urls = {url: await fetch_remote(url, param, settings, charge) for url, param in remote_urls(body).items()} \
-        if settings.allowed_url_hosts else {}
-    files = {file_id: await read_stored(request, file_id, param) for file_id, param in file_ids(body).items()}
-    return Fetched(urls, files)
+class Charge(Protocol):
+    """The bytes one request holds against max_buffered_bytes (the traffic layer's Charge)."""
+
+    def reserve(self, nbytes: int, param: str) -> None:
+        """Counts `nbytes` more before they are kept; past the budget, an error naming `param`."""
+
+
+class StoredFiles(Protocol):
+    """The file store, as far as reading a file a chat names goes: a record has `bytes` and `kind`."""
+
+    async def get(self, tenant: str, file_id: str) -> Any | None: ...
+
+    async def content(self, tenant: str, file_id: str) -> tuple[Any, bytes] | None: ...
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What a request's parts point at, read before its parts are: remote URLs' bytes, and the
+    stored files' (kind, bytes) by id."""
+
+    urls: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+
+
+class Fetcher:
+    """Reads what one request's parts point at: `tenant`'s own stored files, and remote URLs where
+    `settings` allow them; each byte is charged to the request (`charge`) before it is kept."""
+
+    def __init__(self, settings: Settings, files: StoredFiles, tenant: str, charge: Charge):
+        self.settings = settings
+        self.files = files
+        self.tenant = tenant
+        self.charge = charge
+
+    async def all(self, urls: list[tuple[str, str]], file_ids: list[tuple[str, str]]) -> Fetched:
+        """`urls`, `file_ids`: (param, url) and (param, file id) of the parts, in request order;
+        each URL and file is read once, charged under the first param that names it."""
+        remote: dict[str, bytes] = {}
+        for param, url in urls:  # none fetched when no host is allowed: the parts refuse them later
+            if self.settings.allowed_url_hosts and url not in remote:
+                remote[url] = await fetch_remote(url, param, self.settings, self.charge)
+        stored: dict[str, tuple[str, bytes]] = {}
+        for param, file_id in file_ids:
+            if file_id not in stored:
+                stored[file_id] = await self.stored(file_id, param)
+        return Fetched(remote, stored)
+
+    async def stored(self, file_id: object, param: str) -> tuple[str, bytes]:
+        """(kind, bytes) of a stored file a chat names; one the caller cannot see is a 400 naming the
+        part. Its size, from its record, counts against the memory budget before it is read."""
+        record = await self.files.get(self.tenant, file_id) if isinstance(file_id, str) else None
+        if record is not None:
+            self.charge.reserve(record.bytes, param)
+        found = await self.files.content(self.tenant, file_id) if record is not None else None
+        if found is None:
+            raise InputError(400, f"no file '{file_id}' is stored for this API key (it may have expired or been "
+                                  "deleted); upload it again with POST /v1/files", param, code="file_not_found")
+        record, data = found
+        return record.kind, data
 
 
 def _host_port(url: httpx.URL) -> tuple[str, int | None]:
@@ -42,7 +91,7 @@ def is_allowed(url: httpx.URL, allowed_hosts: tuple[str, ...]) -> bool:
     return (port == DEFAULT_PORTS.get(url.scheme) and host in allowed) or f"{host}:{port}" in allowed
 
 
-async def fetch_remote(url: str, param: str, settings, charge: Charge) -> bytes:
+async def fetch_remote(url: str, param: str, settings: Settings, charge: Charge) -> bytes:
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as e:
@@ -67,7 +116,7 @@ async def fetch_remote(url: str, param: str, settings, charge: Charge) -> bytes:
 async def _download(url: httpx.URL, param: str, max_bytes: int, charge: Charge, timeout_s: float) -> bytes:
     """The body as it was sent: compressed bodies are not asked for, nor inflated (a few kB of
     gzip can inflate to gigabytes), so they reach the decoders as what they are, and fail there."""
-    too_large = InputError(413, f"the remote file is larger than the limit of {_mib(max_bytes)} (max_file_bytes)",
+    too_large = InputError(413, f"the remote file is larger than the limit of {format_bytes(max_bytes)} (max_file_bytes)",
                            param)
     async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
         async with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:

@@ -8,8 +8,8 @@ when its generator is closed) all go with it.
 """
 
 import asyncio
-import json
 from collections import deque
+from collections.abc import Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from starlette.requests import ClientDisconnect
@@ -22,11 +22,6 @@ from server.traffic.routes import kind_of
 
 # a short fixed hint: a slot frees as soon as any answer ends, and clients back off on repeats
 RETRY_AFTER_S = 1
-
-
-def sse_error(error: RequestError) -> str:
-    """How a stream that has started reports a failure: an `error` event, then the usual end."""
-    return f"event: error\ndata: {json.dumps(error.body())}\n\ndata: [DONE]\n\n"
 
 
 class Overloaded(Exception):
@@ -137,13 +132,16 @@ class _Response:
 
 
 class ChatGuard:
-    """ASGI middleware around the chat endpoints: admission, request timeout, disconnects."""
+    """ASGI middleware around the chat endpoints: admission, request timeout, disconnects.
+    `stream_error` frames the error that ends a stream the deadline cut, in the stream's wire format."""
 
-    def __init__(self, app: ASGIApp, admission: Admission, timeout_s: float, metrics: Metrics):
+    def __init__(self, app: ASGIApp, admission: Admission, timeout_s: float, metrics: Metrics,
+                 stream_error: Callable[[RequestError], str]):
         self.app = app
         self.admission = admission
         self.timeout_s = timeout_s
         self.metrics = metrics
+        self.stream_error = stream_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if kind_of(scope) != "chat":
@@ -165,7 +163,8 @@ class ChatGuard:
             if not response.started:
                 await send_error(send, error, close=True)
             elif response.streaming and not response.complete:
-                await send({"type": "http.response.body", "body": sse_error(error).encode(), "more_body": False})
+                body = self.stream_error(error).encode()
+                await send({"type": "http.response.body", "body": body, "more_body": False})
         except ClientDisconnect:
             pass  # the client left during its upload: there is no one to answer
 

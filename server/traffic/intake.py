@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.traffic.access import metric_key, send_error
-from server.traffic.limits import _mib
+from server.budget import format_bytes
 from server.metrics import Metrics
 from server.config import Settings
 from server.errors import InputError, RequestError, Unavailable
@@ -100,9 +100,9 @@ class Intake:
         return None
 
     def _over_budget(self, param: str | None = None) -> Unavailable:
-        return Unavailable(f"the server holds {_mib(self.settings.max_buffered_bytes)} of request bodies and "
-                           "the files they fetch, its limit (max_buffered_bytes); retry shortly", param,
-                           headers={"Retry-After": "1"})
+        limit = format_bytes(self.settings.max_buffered_bytes)
+        return Unavailable(f"the server holds {limit} of request bodies and the files they fetch, its limit "
+                           "(max_buffered_bytes); retry shortly", param, headers={"Retry-After": "1"})
 
 
 class Charge:

@@ -13,7 +13,7 @@ import pytest
 import media
 from gateway_helpers import (assert_error, expected_prompt_tokens, metric, parse_sse, prompt_ids, token_count,
                              wait_metric)
-from server.core.chat import BASE64_PIECE
+from server.core.parts import BASE64_PIECE
 
 
 def data_url(data: bytes, mime: str) -> str:

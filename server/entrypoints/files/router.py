@@ -11,15 +11,14 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
-from server.entrypoints import protocol as schemas
-from server.traffic.access import tenant_of
-from server.storage.files import PURPOSES, check_upload
-from server.traffic.intake import charge_of
-from server.traffic.limits import read_form
+from server.entrypoints.files.protocol import FileDeleted, FileList, FileObject
+from server.entrypoints.forms import read_form
 from server.errors import InputError
+from server.storage.files import PURPOSES, check_upload
+from server.traffic.access import tenant_of
 from server.traffic.routes import download_route
 
-files_router = APIRouter()
+router = APIRouter()
 FORM_FIELDS = {"file", "purpose", "expires_after[anchor]", "expires_after[seconds]"}
 MIN_TTL_S = 3600  # OpenAI's shortest expires_after
 
@@ -27,21 +26,6 @@ MIN_TTL_S = 3600  # OpenAI's shortest expires_after
 def _not_found(file_id: str) -> InputError:
     return InputError(404, f"no file '{file_id}' (it may have expired or been deleted)", "file_id",
                       code="file_not_found")
-
-
-async def read_stored(request: Request, file_id: object, param: str) -> tuple[str, bytes]:
-    """(kind, bytes) of a stored file a chat names; one the caller cannot see is a 400 naming the
-    part. Its size, from its record, counts against the memory budget before it is read."""
-    store, tenant = request.app.state.files, tenant_of(request)
-    record = await store.get(tenant, file_id) if isinstance(file_id, str) else None
-    if record is not None:
-        charge_of(request).reserve(record.bytes, param)
-    found = await store.content(tenant, file_id) if record is not None else None
-    if found is None:
-        raise InputError(400, f"no file '{file_id}' is stored for this API key (it may have expired or been "
-                              "deleted); upload it again with POST /v1/files", param, code="file_not_found")
-    record, data = found
-    return record.kind, data
 
 
 def _ttl(form, settings) -> int:
@@ -63,14 +47,14 @@ def _filename(upload: UploadFile) -> str:
     return re.sub(r"[^\w.+@=,-]", "_", name)[:255] or "upload"
 
 
-@files_router.post("/v1/files", response_model=schemas.FileObject,
-                   openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
-                       "schema": {"type": "object", "required": ["file", "purpose"], "properties": {
-                           "file": {"type": "string", "format": "binary"},
-                           "purpose": {"type": "string", "enum": list(PURPOSES)},
-                           "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
-                           "expires_after[seconds]": {"type": "integer"}}}}}}})
-async def upload_file(request: Request) -> schemas.FileObject:
+@router.post("/v1/files", response_model=FileObject,
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+                 "schema": {"type": "object", "required": ["file", "purpose"], "properties": {
+                     "file": {"type": "string", "format": "binary"},
+                     "purpose": {"type": "string", "enum": list(PURPOSES)},
+                     "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                     "expires_after[seconds]": {"type": "integer"}}}}}}})
+async def upload_file(request: Request) -> FileObject:
     settings = request.app.state.settings
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InputError(415, "POST /v1/files takes multipart/form-data: file=@path, purpose=user_data")
@@ -94,12 +78,12 @@ async def upload_file(request: Request) -> schemas.FileObject:
         raise InputError(400, f"this API key already stores {settings.max_files_per_key} files (max_files_per_key); "
                               "delete some first", "file", code="files_limit")
     record = await store.add(tenant, data, filename, purpose, ttl_s, kind)
-    return schemas.FileObject(**record.openai())
+    return FileObject(**record.openai())
 
 
-@files_router.get("/v1/files", response_model=schemas.FileList)
+@router.get("/v1/files", response_model=FileList)
 async def list_files(request: Request, purpose: str | None = None, limit: int = Query(10_000, ge=1, le=10_000),
-                     order: Literal["asc", "desc"] = "desc", after: str | None = None) -> schemas.FileList:
+                     order: Literal["asc", "desc"] = "desc", after: str | None = None) -> FileList:
     records = sorted(await request.app.state.files.list(tenant_of(request)), key=lambda r: r.uploaded_at,
                      reverse=order == "desc")
     if purpose is not None:
@@ -107,22 +91,22 @@ async def list_files(request: Request, purpose: str | None = None, limit: int = 
     if after is not None:  # the page after that id, as OpenAI pages lists
         at = next((i for i, r in enumerate(records) if r.id == after), None)
         records = records[at + 1:] if at is not None else []
-    page = [schemas.FileObject(**r.openai()) for r in records[:limit]]
-    return schemas.FileList(data=page, first_id=page[0].id if page else None, last_id=page[-1].id if page else None,
-                            has_more=len(records) > limit)
+    page = [FileObject(**r.openai()) for r in records[:limit]]
+    return FileList(data=page, first_id=page[0].id if page else None, last_id=page[-1].id if page else None,
+                    has_more=len(records) > limit)
 
 
-@files_router.get("/v1/files/{file_id}", response_model=schemas.FileObject)
-async def get_file(request: Request, file_id: str) -> schemas.FileObject:
+@router.get("/v1/files/{file_id}", response_model=FileObject)
+async def get_file(request: Request, file_id: str) -> FileObject:
     record = await request.app.state.files.get(tenant_of(request), file_id)
     if record is None:
         raise _not_found(file_id)
-    return schemas.FileObject(**record.openai())
+    return FileObject(**record.openai())
 
 
-@files_router.get("/v1/files/{file_id}/content",
-                  responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
-                                                                                       "format": "binary"}}}}})
+@router.get("/v1/files/{file_id}/content",
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                 "format": "binary"}}}}})
 @download_route
 async def file_content(request: Request, file_id: str) -> StreamingResponse:
     """The bytes a piece at a time as the client takes them, never the whole file: a reader that
@@ -135,8 +119,8 @@ async def file_content(request: Request, file_id: str) -> StreamingResponse:
                              headers={"Content-Length": str(record.bytes)})
 
 
-@files_router.delete("/v1/files/{file_id}", response_model=schemas.FileDeleted)
-async def delete_file(request: Request, file_id: str) -> schemas.FileDeleted:
+@router.delete("/v1/files/{file_id}", response_model=FileDeleted)
+async def delete_file(request: Request, file_id: str) -> FileDeleted:
     if not await request.app.state.files.delete(tenant_of(request), file_id):
         raise _not_found(file_id)
-    return schemas.FileDeleted(id=file_id, deleted=True)
+    return FileDeleted(id=file_id, deleted=True)

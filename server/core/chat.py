@@ -50,6 +50,7 @@ class Turn:
 class Chat:
     turns: list[Turn]
     system: str | None = None  # None: the model's own system prompt
+    messages_param: str = "messages"  # the request field holding the chat, named in errors about it as a whole
 
 
 def group_uploads(uploads: list[Upload | tuple[str, bytes]], options: dict, param: str) -> list[Attachment]:
@@ -104,7 +105,7 @@ def chat_of(turns: list[Turn], param: str = "messages") -> Chat:
     for turn in turns:
         if turn.role == "system":
             system = turn.text
-    chat = Chat([turn for turn in turns if turn.role != "system"], system)
+    chat = Chat([turn for turn in turns if turn.role != "system"], system, param)
     check_turns(chat.turns, param)
     return chat
 

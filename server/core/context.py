@@ -31,4 +31,4 @@ class ContextWindow:
             if room >= wanted or (start == starts[-1] and room >= 1):
                 return start, ids, min(wanted, room)
         raise InputError(400, f"the current message needs {length} prompt tokens plus max_tokens={wanted}, "
-                              f"more than the context window of {self.size} tokens", "messages")
+                              f"more than the context window of {self.size} tokens", chat.messages_param)

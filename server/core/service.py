@@ -33,6 +33,7 @@ class Prepared:
     affinity: str  # the same for every turn of the chat: see ChatService.affinity
     media: list[str] = field(default_factory=list)  # the uuid of each attachment in the prompt, in order
     first_turn: int = 0  # the chat's turns before it did not fit the context
+    messages_param: str = "messages"  # the chat's Chat.messages_param
 
     @property
     def prompt_tokens(self) -> int:
@@ -79,7 +80,8 @@ class ChatService:
         await self.prefixes.remember(tenant, attachments, keys)
         embeddings = self.model.embeddings(ids, [(a.modality, p) for a, p in zip(attachments, prefixes)])
         return Prepared(embeddings, max_tokens, [a.modality for a in attachments],
-                        await self.affinity(chat, dict(zip(map(id, attachments), keys)), tenant), list(keys), start)
+                        await self.affinity(chat, dict(zip(map(id, attachments), keys)), tenant), list(keys), start,
+                        chat.messages_param)
 
     async def affinity(self, chat: Chat, known_keys: dict[int, str], tenant: str) -> str:
         """What every turn of a chat shares, whichever gateway serves it: its first user message,
@@ -115,7 +117,8 @@ class ChatService:
                     raise EngineUnavailable(f"the {self.engine.name} engine sent nothing for "
                                             f"{self.stall_timeout_s:g} s (stall_timeout_s)") from None
                 except PromptRejected as e:  # the engine's refusal, told to the client as its mistake
-                    raise InputError(e.status, e.message, e.param, code=e.code) from None
+                    param = prepared.messages_param if e.param == "messages" else e.param
+                    raise InputError(e.status, e.message, param, code=e.code) from None
                 if generation.first_token_at is None:
                     generation.first_token_at = time.monotonic()
                     self.metrics.ttft.observe(generation.first_token_at - generation.started)

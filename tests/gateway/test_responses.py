@@ -312,6 +312,7 @@ REFUSED = {  # what is wrong: (the request's fields, the param and code of the e
         {"type": "input_image", "image_url": "data:image/png;base64,"}]}, {"role": "user", "content": "Hi"}]},
         "input[0].content", None),
     "max_output_tokens over the limit": ({"input": "Hi", "max_output_tokens": 100_000}, "max_output_tokens", None),
+    "longer than the context window": ({"input": "word " * 4000, "max_output_tokens": 8}, "input", None),
     # metadata is stored with the response, in Redis too: bounded as OpenAI bounds it
     "metadata, 17 pairs": ({"input": "Hi", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", None),
     "metadata, a long key": ({"input": "Hi", "metadata": {"k" * 65: "v"}}, "metadata", None),

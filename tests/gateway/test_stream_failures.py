@@ -123,3 +123,10 @@ def test_an_unreachable_backend_is_a_503_that_names_no_backend(client, gateway, 
         assert str(standin.port) in gateway.log()  # the operators' detail
     finally:
         standin.start()
+
+
+def test_a_prompt_vllm_refuses_names_the_responses_input(client, standin):
+    standin.completions = REJECT
+    response = client.post("/v1/responses", json={"input": "Hi"})
+    error = assert_error(response, 400, "input")
+    assert error["code"] == "context_length_exceeded"

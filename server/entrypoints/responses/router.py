@@ -48,13 +48,6 @@ async def _read_chat(request: Request, body: ResponsesRequest) -> tuple[Chat, st
     return chat, system
 
 
-def _naming_input(error: InputError) -> InputError:
-    """The service and the engines name a chat's messages as chat completions does: here they are `input`."""
-    if error.param != "messages":
-        return error
-    return InputError(error.status, error.message, "input", error.headers, error.code)
-
-
 def _response(base: dict, message_id: str, answer: Answer, text: str) -> ResponseObject:
     """The finished response; incomplete when the answer was cut at max_output_tokens (or at the
     end of the context window)."""
@@ -80,11 +73,7 @@ async def create_response(request: Request) -> Response:
     temperature, top_p = body.temperature if body.temperature is not None else 0.0, body.top_p or 1.0
     chat, system = await _read_chat(request, body)
     check_chat(chat, request.app.state.settings, body.max_output_tokens, "max_output_tokens", "input", "input")
-    try:
-        answer = await start(request, chat, sampling_fields(body.max_output_tokens, temperature, top_p, None,
-                                                            body.seed))
-    except InputError as e:
-        raise _naming_input(e) from None
+    answer = await start(request, chat, sampling_fields(body.max_output_tokens, temperature, top_p, None, body.seed))
     base = dict(id=_new_id("resp_"), created_at=now(), model=request.app.state.service.model.name,
                 instructions=body.instructions, previous_response_id=body.previous_response_id, store=body.store,
                 max_output_tokens=body.max_output_tokens, temperature=temperature, top_p=top_p,

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from server.core.parts import BASE64_PIECE, decode_base64
-from server.entrypoints.chat_form.parse import chat_from_form
+from server.entrypoints.chat_form.parse import chat_from_form, form_stop
 from server.errors import InputError
 
 
@@ -40,6 +40,12 @@ def test_assistant_messages_carry_no_attachments():
 
 
 # --- base64, decoded a piece at a time ----------------------------------------------------------
+
+@pytest.mark.parametrize("stop, taken", [("[END]", "[END]"), ("[1,", "[1,"), ('["###", "END"]', ["###", "END"]),
+                                         ("END", "END")])
+def test_a_form_stop_is_a_json_list_of_strings_or_else_the_text_itself(stop, taken):
+    assert form_stop(stop) == taken
+
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()

@@ -87,7 +87,7 @@ MULTIPART = [
     ("seed-beyond-64-bits", lambda c: form(c, seed=str(2**70), temperature="1"), 400, "seed"),
     ("audio-too-long", lambda c: form(c, [upload("audio", silent_flac(601), "long.flac")]), 413, "audio"),
     ("stream-not-a-boolean", lambda c: form(c, stream="maybe"), 400, "stream"),
-    ("stop-bad-json-list", lambda c: form(c, stop="[1,"), 400, "stop"),
+    ("stop-json-list-of-numbers", lambda c: form(c, stop="[1, 2]"), 400, "stop"),
     ("stop-longer-than-1024", lambda c: form(c, stop="x" * 1025), 400, "stop"),
     ("messages-not-json", lambda c: form(c, messages="[{role: user}", prompt=None), 400, "messages"),
     ("messages-not-a-list", lambda c: form(c, messages='{"role": "user"}', prompt=None), 400, "messages"),

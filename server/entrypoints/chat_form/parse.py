@@ -100,12 +100,13 @@ def _take_uploads(remaining: list, names, role: str, param: str) -> list:
 
 
 def form_stop(stop: str | None) -> str | list[str] | None:
-    """A form's `stop` is one string, or a JSON list of strings."""
+    """A form's `stop` is one string, or a JSON list of strings; text that only looks like a list
+    (`[END]`, not JSON) is the string itself."""
     if stop and stop.startswith("["):
         try:
             value = json.loads(stop)
         except json.JSONDecodeError:
-            raise InputError(400, "stop: not a valid JSON list", "stop") from None
+            return stop
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
             raise InputError(400, "stop: expected a list of strings", "stop")
         return value

@@ -162,6 +162,7 @@ def test_sigterm_drains_the_answer_in_flight_then_exits_0(busy):
             late = kept_alive.getresponse()
             assert late.status == 503 and b"shutting down" in late.read()
             assert late.getheader("connection") == "close" and late.getheader("retry-after") == "1"
+            kept_alive.close()
             rest = list(lines)
     events = [line for line in rest if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"

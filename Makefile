@@ -35,11 +35,12 @@ vllm-stop:
 	scripts/vllm-serve.sh stop $(or $(VLLM_PORT),8000)
 
 # The real programs the tests drive, from Debian: Chromium for the page (Playwright's own
-# browser download is not used), redis-server and haproxy for the scale-out tier, promtool
+# browser download is not used), Node.js for the fetch() SSE example, redis-server and haproxy
+# for the scale-out tier, promtool
 # (package prometheus) for the alerting rules, dockerd and debootstrap for the container tier
 # (which runs a Docker engine of its own).
-SYSTEM_COMMANDS := chromium redis-server haproxy promtool dockerd debootstrap
-SYSTEM_PACKAGES := chromium redis-server haproxy prometheus docker.io debootstrap
+SYSTEM_COMMANDS := chromium node redis-server haproxy promtool dockerd debootstrap
+SYSTEM_PACKAGES := chromium nodejs redis-server haproxy prometheus docker.io debootstrap
 system-packages:
 	@for command in $(SYSTEM_COMMANDS); do command -v $$command >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; fi

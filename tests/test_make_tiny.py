@@ -1,7 +1,6 @@
 """`onellm make-tiny`: a converted-layout random model, deterministic for a seed, built offline."""
 
 import json
-import time
 
 import pytest
 import torch
@@ -18,11 +17,10 @@ def tensors(folder) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def second_build(tmp_path_factory):
-    """Another make-tiny with the default seed, timed, in a fresh folder."""
+    """Another make-tiny with the default seed, in a fresh folder."""
     out = tmp_path_factory.mktemp("again") / "tiny"
-    start = time.perf_counter()
     assert main(["make-tiny", "--out", str(out)]) == 0
-    return out, time.perf_counter() - start
+    return out
 
 
 def test_layout(tiny_model):
@@ -65,7 +63,7 @@ def test_llm_loads(tiny_model):
 
 
 def test_same_seed_same_model(tiny_model, second_build):
-    again, _ = second_build
+    again = second_build
     first, second = tensors(tiny_model), tensors(again)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -79,8 +77,7 @@ def test_other_seed_other_weights(tiny_model, tmp_path):
     assert not torch.equal(first["clip.visual.conv1.weight"], other["clip.visual.conv1.weight"])
 
 
-def test_fast_and_says_it_is_random(second_build, tmp_path, capsys):
-    _, seconds = second_build
-    assert seconds < 30
+def test_says_it_is_random(tmp_path, capsys):
+    # how long it takes: bench/timings.py make-tiny
     assert main(["make-tiny", "--out", str(tmp_path / "tiny")]) == 0
     assert "random" in capsys.readouterr().out.lower()

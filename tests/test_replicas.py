@@ -1,5 +1,6 @@
 """The engine over several vLLMs, against stand-in vLLM servers on loopback ports: routing,
-failover before the first text, no splicing after it, health from probes and failures."""
+failover before the first text, no splicing after it, health from probes and failures. (A
+prompt that vLLM rejects, which the real one does: tests/vllm/test_engine_live.py.)"""
 
 import asyncio
 
@@ -12,7 +13,7 @@ from server.engines.base import EngineUnavailable, PromptRejected, Sampling, Usa
 from server.engines.replicas import ReplicatedVLLMEngine
 from server.engines.routing import Router
 from vllm_standin import (ANSWER, CUT_AFTER_TEXT, CUT_BEFORE_TEXT, FAIL, HOLD, RECORDED_DELTAS, RECORDED_IDS,
-                          REJECT, StandInVLLM)
+                          StandInVLLM)
 
 SLOW_PROBE = 3600.0  # no background probe during the test: health changes only by what requests see
 
@@ -120,15 +121,6 @@ def test_a_failure_after_text_ends_the_answer_and_is_not_spliced(standins):
     assert [len(s.posted) for s in standins] == [1, 0, 0]
     assert sample(engine, "onellm_vllm_retries_total") == 0
     assert sample(engine, "onellm_vllm_backend_failures_total", standins[0]) == 1
-
-
-def test_a_prompt_vllm_rejects_is_not_retried(standins):
-    engine, _, error = failing_answer(standins, REJECT, PromptRejected)
-    assert error.status == 400 and error.code == "context_length_exceeded"
-    assert [len(s.posted) for s in standins] == [1, 0, 0]
-    # the prompt's fault, not the backend's
-    assert sample(engine, "onellm_vllm_backend_healthy", standins[0]) == 1
-    assert sample(engine, "onellm_vllm_retries_total") == 0
 
 
 def test_a_request_is_tried_on_two_backends_at_most(standins):

@@ -61,6 +61,11 @@ def hold(service):
         release.set()
 
 
+def queued(service: ChatService) -> int:
+    """How many jobs wait for the decoding worker."""
+    return service._preprocess._work_queue.qsize()
+
+
 async def until(condition, within: float = 30) -> None:
     deadline = time.monotonic() + within
     while not condition():
@@ -74,7 +79,7 @@ def test_requests_bringing_the_same_file_at_once_share_one_decode_and_one_encode
     async def three_at_once():
         release = hold()
         requests = [asyncio.ensure_future(service.prepare(chat(data), None)) for data in (same, same, other)]
-        await asyncio.sleep(0.05)  # each has queued its hash behind the held worker
+        await until(lambda: queued(service) == 3)  # each has queued its hash behind the held worker
         release.set()
         return await asyncio.gather(*requests)
 
@@ -93,13 +98,13 @@ def test_a_request_that_leaves_does_not_take_the_shared_run_from_the_other(servi
     async def one_leaves():
         release_hashes = hold()
         leaving, staying = (asyncio.ensure_future(service.prepare(chat(data), None)) for _ in range(2))
-        await asyncio.sleep(0.05)
+        await until(lambda: queued(service) == 2)
         release_decode = hold()  # queued after both hashes: the shared decode waits behind it
         release_hashes.set()
         await until(lambda: count(service, "onellm_prefix_shared_runs_total") == 1)
         leaving.cancel()
         await asyncio.gather(leaving, return_exceptions=True)
-        await asyncio.sleep(0.05)
+        # a run is forgotten as its last waiter leaves, before that waiter has finished leaving
         assert not staying.done() and len(service.prefixes.runs.runs) == 1
         release_decode.set()
         shared = await staying
@@ -117,7 +122,7 @@ def test_a_shared_run_stops_when_every_request_waiting_for_it_has_left(service, 
     async def all_leave_then_one_comes_back():
         release_hashes = hold()
         requests = [asyncio.ensure_future(service.prepare(chat(data), None)) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await until(lambda: queued(service) == 2)
         release_decode = hold()
         release_hashes.set()
         await until(lambda: count(service, "onellm_prefix_shared_runs_total") == 1)
@@ -126,7 +131,7 @@ def test_a_shared_run_stops_when_every_request_waiting_for_it_has_left(service, 
         await asyncio.gather(*requests, return_exceptions=True)
         assert all(r.cancelled() for r in requests) and service.prefixes.runs.runs == {}
         release_decode.set()
-        await asyncio.sleep(0.2)
+        await service.off_loop(lambda: None)  # one worker, first in first out: what was queued has run
         assert count(service, "onellm_preprocess_seconds_count") == 0, "decoding ran for nobody"
         assert service.workers.batcher.batch_sizes == []
         return await service.prepare(chat(data), None)  # the same file again: a run of its own
@@ -144,7 +149,7 @@ def test_a_bad_file_shared_by_two_requests_is_each_ones_error_under_its_own_name
         release_hashes = hold()
         requests = [asyncio.ensure_future(service.prepare(chat(broken, params), None))
                     for params in ({}, {"video": where})]
-        await asyncio.sleep(0.05)
+        await until(lambda: queued(service) == 2)
         release_decode = hold()  # the decode fails fast: held until both requests wait for it
         release_hashes.set()
         await until(lambda: count(service, "onellm_prefix_shared_runs_total") == 1)

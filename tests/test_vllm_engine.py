@@ -1,5 +1,7 @@
-"""The vLLM engine without a vLLM: request bodies, the SSE parser, and the engine's
-behaviour against recorded server answers (httpx.MockTransport)."""
+"""The vLLM engine without a vLLM: request bodies, the SSE parser, and the engine's behaviour
+against the stand-in vLLM on a loopback socket (tests/vllm_standin.py: recorded answers and the
+faults it makes for real); httpx.MockTransport only for what the stand-in cannot send or see
+(an error event, vLLM's abort, a stream ending cleanly without [DONE], the client closing)."""
 
 import asyncio
 import base64
@@ -12,7 +14,7 @@ import torch
 
 from server.engines.base import EngineUnavailable, PromptRejected, Sampling, Usage
 from server.engines.vllm import SSEParser, VLLMEngine, completion_request
-from vllm_standin import HOLD, MODELS, RECORDED_DELTAS, RECORDED_IDS, RECORDED_STREAM, TOO_LONG, StandInVLLM
+from vllm_standin import FAIL, HOLD, MODELS, RECORDED_DELTAS, RECORDED_IDS, RECORDED_STREAM, REJECT, StandInVLLM
 
 
 def decode_embeddings(body: dict) -> torch.Tensor:
@@ -159,18 +161,23 @@ def recorded(chunk_size: int = 50):
     return lambda request: httpx.Response(200, stream=ClosingStream(chunks))
 
 
-def test_stream_relays_deltas_and_fills_usage():
+@pytest.fixture
+def standin():
+    server = StandInVLLM()
+    yield server
+    server.release.set()
+    server.stop()
+
+
+def test_stream_relays_deltas_and_fills_usage(standin):
     usage = Usage()
-    requests = []
-    engine = VLLMEngine("http://vllm:8000/", transport=fake_vllm(recorded(), requests))
+    engine = VLLMEngine(standin.url + "/")
     assert collect(engine, usage=usage) == RECORDED_DELTAS
     assert usage.token_ids == RECORDED_IDS
     assert usage.completion_tokens == 4
     assert usage.finish_reason == "length"
     # the served model was discovered from /v1/models and used in the request
-    posted = [r for r in requests if r.url.path == "/v1/completions"]
-    assert len(posted) == 1
-    assert httpx.Response(200, content=posted[0].content).json()["model"] == "/models/tiny/llm"
+    assert [body["model"] for body in standin.posted] == ["/models/tiny/llm"]
 
 
 def test_model_is_discovered_once():
@@ -232,9 +239,9 @@ def test_cancelling_the_consumer_closes_the_upstream_response():
     assert body.closed
 
 
-def test_prompt_too_long_is_the_clients_mistake_told_in_our_words(caplog):
-    engine = VLLMEngine("http://vllm:8000", model="m",
-                        transport=fake_vllm(lambda request: httpx.Response(400, content=TOO_LONG)))
+def test_prompt_too_long_is_the_clients_mistake_told_in_our_words(standin, caplog):
+    standin.completions = REJECT
+    engine = VLLMEngine(standin.url, model="m")
     with pytest.raises(PromptRejected) as error:
         collect(engine)
     assert error.value.status == 400
@@ -256,9 +263,9 @@ def test_other_requests_vllm_refuses_are_told_without_its_text():
     assert "/models/x" not in error.value.message and "context window" not in error.value.message
 
 
-def test_server_errors_mean_unavailable():
-    engine = VLLMEngine("http://vllm:8000", model="m",
-                        transport=fake_vllm(lambda request: httpx.Response(500, text="Internal Server Error")))
+def test_server_errors_mean_unavailable(standin):
+    standin.completions = FAIL
+    engine = VLLMEngine(standin.url, model="m")
     with pytest.raises(EngineUnavailable, match=r"\(500\): Internal Server Error"):
         collect(engine)
 
@@ -288,11 +295,10 @@ def test_stream_cut_before_done_is_unavailable():
         collect(engine)
 
 
-def test_timeout_is_unavailable():
-    def slow(request):
-        raise httpx.ReadTimeout("no answer", request=request)
-    engine = VLLMEngine("http://vllm:8000", model="m", transport=fake_vllm(slow))
-    with pytest.raises(EngineUnavailable, match="timed out"):
+def test_timeout_is_unavailable(standin):
+    standin.completions = HOLD  # the first text, then nothing until released
+    engine = VLLMEngine(standin.url, model="m", timeout=0.5)
+    with pytest.raises(EngineUnavailable, match="timed out: ReadTimeout"):
         collect(engine)
 
 
@@ -316,13 +322,13 @@ def test_nothing_listening():
     assert asyncio.run(probe()) is False
 
 
-def test_ready_follows_health():
-    statuses = iter([200, 503])
-    engine = VLLMEngine("http://vllm:8000", transport=httpx.MockTransport(
-        lambda request: httpx.Response(next(statuses))))
+def test_ready_follows_health(standin):
+    engine = VLLMEngine(standin.url)
 
     async def probe():
-        answers = [await engine.ready(), await engine.ready()]
+        answers = [await engine.ready()]
+        standin.healthy = False
+        answers.append(await engine.ready())
         await engine.close()
         return answers
 

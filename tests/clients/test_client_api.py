@@ -10,7 +10,9 @@ import pytest
 from onellm_client import (APIConnectionError, AsyncChatStream, AsyncClient, BadRequestError, ChatResult, ChatStream,
                            Client, MediaNotFoundError, NotFoundError, OneLLMError, ServiceUnavailableError,
                            UnprocessableError, UnsupportedMediaError)
+from gateway_process import GatewayProcess
 from scraped_metrics import total
+from vllm_standin import CUT_AFTER_TEXT, HOLD, RECORDED_DELTAS, StandInVLLM
 
 # the upload fields of each modality; depth and normal maps travel with an image
 MODALITIES = {"image": ["image"], "video": ["video"], "audio": ["audio"], "point": ["point"], "fmri": ["fmri"],
@@ -189,30 +191,40 @@ def test_unreachable_server():
     assert caught.value.status is None and isinstance(caught.value, OneLLMError)
 
 
-def test_error_event_mid_stream_raises_after_the_text_before_it():
-    # the live tiny model never fails mid-answer, so this is the gateway's framing, recorded
-    body = ('data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,'
-            '"delta":{"role":"assistant","content":""}}]}\n\n'
-            'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,'
-            '"delta":{"content":"Hel"}}]}\n\n'
-            'event: error\ndata: {"error": {"type": "service_unavailable", "message": '
-            '"the LLM engine failed mid-answer: gone", "param": null}}\n\n'
-            'data: [DONE]\n\n')
-    stream = ChatStream(httpx.Response(200, content=body.encode(), request=httpx.Request("POST", "http://x/v1/chat")))
-    received = []
-    with pytest.raises(ServiceUnavailableError) as caught:
-        for delta in stream:
-            received.append(delta)
-    assert received == ["Hel"]
+@pytest.fixture
+def over_standin(tiny_model, tmp_path):
+    """A gateway of its own (its failures are logged with tracebacks, on purpose) over a stand-in
+    vLLM that sends the first text of its recorded answer, then fails as it is told."""
+    standin = StandInVLLM()
+    server = GatewayProcess(tiny_model, tmp_path, ["--vllm-url", standin.url, "--log-level", "warning"]).start()
+    yield server, standin
+    standin.release.set()
+    server.stop()
+    standin.stop()
+
+
+def test_error_event_mid_stream_raises_after_the_text_before_it(over_standin):
+    server, standin = over_standin
+    standin.completions = CUT_AFTER_TEXT  # the backend's connection drops after the first text
+    with Client(server.url) as client, client.chat("Hi") as stream:
+        received = []
+        with pytest.raises(ServiceUnavailableError) as caught:
+            for delta in stream:
+                received.append(delta)
+    assert received == RECORDED_DELTAS[:1]
     assert (caught.value.status, caught.value.type) == (503, "service_unavailable")
-    assert "mid-answer" in caught.value.message
+    # the gateway's own words (the canned body this test read before had made up "mid-answer")
+    assert "LLM engine is unavailable" in caught.value.message
 
 
-def test_a_stream_cut_before_done_is_a_connection_error():
-    body = 'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
-    stream = ChatStream(httpx.Response(200, content=body.encode(), request=httpx.Request("POST", "http://x/v1/chat")))
-    with pytest.raises(APIConnectionError):
-        stream.result()
+def test_a_stream_cut_before_done_is_a_connection_error(over_standin):
+    server, standin = over_standin
+    standin.completions = HOLD  # the first text, then nothing until released
+    with Client(server.url) as client, client.chat("Hi") as stream:
+        assert next(iter(stream)) == RECORDED_DELTAS[0]
+        server.process.kill()  # the gateway dies mid-answer: no error event, no [DONE]
+        with pytest.raises(APIConnectionError):
+            stream.result()
 
 
 def test_async_client(gateway, media):

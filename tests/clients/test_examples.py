@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from client_helpers import REPO, clean_env
+from missing import unavailable
 from onellm_client import Client
 
 EXAMPLES = REPO / "clients" / "examples"
@@ -54,7 +55,7 @@ def test_openai_sdk_example(gateway, example_files):
 def test_fetch_sse_example(gateway, example_files):
     node = shutil.which("node")
     if node is None:
-        pytest.skip("node is not installed")
+        unavailable("node is not installed (make system-packages installs it)")
     done = subprocess.run([node, str(EXAMPLES / "fetch_sse.js"), "cat.jpg", "What is in this image?"],
                           cwd=example_files, capture_output=True, text=True, timeout=120,
                           env={**clean_env(), "ONELLM_URL": gateway})

@@ -6,6 +6,7 @@ import itertools
 import re
 import socket
 import time
+import uuid
 
 import httpx
 import pytest
@@ -126,26 +127,36 @@ def test_an_insane_request_id_is_replaced(client, given):
 
 
 def test_every_response_has_a_request_id(hardened, client):
-    ids = {httpx.get(f"{hardened.url}/health").headers["x-request-id"],  # open path
-           httpx.get(f"{hardened.url}/v1/models").headers["x-request-id"],  # 401
-           client.post("/v1/chat", data={"prompt": "hi", "max_tokens": "999"}).headers["x-request-id"],  # 400
-           client.post("/v1/chat", data={"prompt": "hi", "max_tokens": "2"}).headers["x-request-id"]}  # 200 stream
-    assert len(ids) == 4
+    responses = [httpx.get(f"{hardened.url}/health"),  # open path
+                 httpx.get(f"{hardened.url}/v1/models"),  # no key
+                 client.post("/v1/chat", data={"prompt": "hi", "max_tokens": "999"}),  # past max_tokens_limit
+                 client.post("/v1/chat", data={"prompt": "hi", "max_tokens": "2"})]  # a streamed answer
+    assert [r.status_code for r in responses] == [200, 401, 400, 200], [r.text for r in responses]
+    assert len({r.headers["x-request-id"] for r in responses}) == 4
 
 
 def test_every_log_line_of_a_request_carries_its_id(hardened, client):
-    text = hardened.log()
-    for line in text.splitlines():
-        if "uvicorn.access" in line:  # the access line is written while the request is served
+    probe = uuid.uuid4().hex
+    response = client.get("/v1/models", params={"probe": probe}, headers={"X-Request-ID": "access-5c2d"})
+    assert response.status_code == 200
+    # uvicorn writes the access line as the response starts, before the client can read it
+    lines = [line for line in hardened.log().splitlines() if probe in line]
+    assert len(lines) == 1 and "uvicorn.access" in lines[0] and "[access-5c2d]" in lines[0], lines
+    for line in hardened.log().splitlines():
+        if "uvicorn.access" in line:  # every request's, this one's and the earlier tests'
             assert not re.search(r"\[-\]", line), line
 
 
 def test_prompts_and_uploads_stay_out_of_the_log_below_debug(hardened, client):
     secret = "my-secret-diagnosis-84c1"
     upload = b"\x89PNG\r\n\x1a\n" + secret.encode() * 10
-    client.post("/v1/chat", files=[("image", ("scan.png", upload))], data={"prompt": f"is it {secret}?"})
-    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": secret}], "max_tokens": 2})
-    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 7}], "max_tokens": 2})
+    statuses = [
+        client.post("/v1/chat", files=[("image", ("scan.png", upload))], data={"prompt": f"is it {secret}?"}),
+        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": secret}], "max_tokens": 2}),
+        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 7}], "max_tokens": 2}),
+    ]
+    # each got as far as its path goes: the upload to its decoder, the prompt to an answer, the bad part to its 400
+    assert [r.status_code for r in statuses] == [422, 200, 400], [r.text for r in statuses]
     assert secret not in hardened.log()
     assert "scan.png" not in hardened.log()
 

@@ -8,6 +8,7 @@ import io
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -33,6 +34,17 @@ def total(metrics: Metrics, name: str) -> float:
     return sum(s.value for family in metrics.registry.collect() for s in family.samples if s.name == name)
 
 
+def queued(pool: ThreadPoolExecutor) -> int:
+    """How many jobs wait in `pool` for a worker."""
+    return pool._work_queue.qsize()
+
+
+async def until(condition) -> None:
+    async with asyncio.timeout(60):
+        while not condition():
+            await asyncio.sleep(0.01)  # polling the state, not waiting it out
+
+
 def test_a_cancelled_request_runs_none_of_its_queued_decoding_and_nothing_in_the_encoder(tiny_model):
     model = load_model(tiny_model)
     metrics = Metrics()
@@ -40,21 +52,26 @@ def test_a_cancelled_request_runs_none_of_its_queued_decoding_and_nothing_in_the
                                LocalEngine(tiny_model / "llm"), metrics)
     videos = [Attachment("video", {"video": video(seed)}) for seed in range(3)]
     chat = Chat([Turn("user", "What happens?", videos)])
+    pool = service.workers.decoding
 
-    async def cancel_while_queued():
-        # the one decoding worker is held busy, so every video of the request waits in its queue
-        release = threading.Event()
-        service.workers.decoding.submit(release.wait)
+    async def cancel_while_decodes_are_queued():
+        # the one decoding worker is held twice: while the videos' hashes queue behind it, then,
+        # once they have run, while the videos' decodes queue behind it
+        hashes_wait, decodes_wait = threading.Event(), threading.Event()
+        pool.submit(hashes_wait.wait)
         request = asyncio.ensure_future(service.prepare(chat, None))
-        await asyncio.sleep(0.05)
+        await until(lambda: queued(pool) == len(videos))
+        holding_decodes = pool.submit(decodes_wait.wait)
+        hashes_wait.set()
+        await until(lambda: holding_decodes.running() and queued(pool) == len(videos))
         request.cancel()
         await asyncio.gather(request, return_exceptions=True)
         assert request.cancelled()
-        release.set()
-        await asyncio.sleep(0.05)
+        decodes_wait.set()
+        # one worker, first in first out: once this has run, so has all that was still queued
+        await asyncio.get_running_loop().run_in_executor(pool, lambda: None)
 
-    asyncio.run(cancel_while_queued())
-    service.workers.decoding.shutdown(wait=True)
+    asyncio.run(cancel_while_decodes_are_queued())
     assert total(metrics, "onellm_preprocess_seconds_count") == 0, "queued decoding ran for a cancelled request"
     assert service.workers.batcher.batch_sizes == []
     assert total(metrics, "onellm_encoder_runs_total") == 0

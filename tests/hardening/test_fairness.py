@@ -102,12 +102,12 @@ def test_a_client_leaving_while_queued_leaves_the_queue_at_once(crowded):
                 sock.sendall(f"POST /v1/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
                              "Content-Type: application/x-www-form-urlencoded\r\n"
                              f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-                until(lambda: metric(url, "onellm_admission_waiting") == 1, 10)
+                until(lambda: metric(url, "onellm_admission_waiting") == 1, 60)
                 assert metric(url, "onellm_admission_waiting") == 1
-            left = time.monotonic()
-            until(lambda: metric(url, "onellm_admission_waiting") == 0, 10)
+            until(lambda: metric(url, "onellm_admission_waiting") == 0, 60)
             assert metric(url, "onellm_admission_waiting") == 0
-            assert time.monotonic() - left < 2  # long before either answer ends and its turn comes
+            # both long answers still hold their slots: it left the queue before its turn came
+            assert metric(url, "onellm_queue_depth") == 2
 
 
 def test_a_keys_file_line_is_a_key_alone_or_a_key_with_known_options():

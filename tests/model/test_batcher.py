@@ -37,8 +37,14 @@ def test_concurrent_requests_run_as_one_batch_with_their_own_rows(model):
 
 
 def test_a_full_batch_runs_without_waiting_and_the_rest_follows(model):
-    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=2, max_wait_s=60)  # the timer never fires
-    prefixes = run_concurrently(batcher, images(4))
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=2, max_wait_s=3600)  # the timer never fires
+
+    async def main():
+        # a generous deadline, far below the timer: a batcher that waited it out fails here
+        async with asyncio.timeout(120):
+            return await asyncio.gather(*(batcher.encode("image", x) for x in images(4)))
+
+    prefixes = asyncio.run(main())
     assert batcher.batch_sizes == [2, 2]
     assert len(prefixes) == 4
 

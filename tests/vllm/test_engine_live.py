@@ -12,7 +12,11 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from server.engines.base import EngineUnavailable, PromptRejected, Sampling, Usage
-from server.engines.vllm import VLLMEngine
+from server.engines.replicas import ReplicatedVLLMEngine
+from server.engines.routing import Router
+from server.engines.vllm import SSEParser, VLLMEngine, completion_request, request_json
+from server.metrics import Metrics
+from vllm_standin import RECORDED_STREAM, StandInVLLM
 
 MODALITIES = ["image", "video", "audio", "point", "rgbd", "rgbn", "fmri", "imu"]
 
@@ -118,6 +122,66 @@ def test_prompt_longer_than_the_context_is_a_400(vllm_server, encoder_weights):
     # vLLM's own text stays in the log; the client is told in our words, with a code to act on
     assert error.value.status == 400
     assert error.value.code == "context_length_exceeded", error.value.message
+
+
+def test_a_prompt_vllm_rejects_is_not_retried_on_another_replica(vllm_server, encoder_weights):
+    """Over two backends, the real vLLM first: its 400 for a prompt past the context is the
+    prompt's fault, so the other backend is not asked and the real one stays healthy."""
+    other = StandInVLLM()
+    urls = [vllm_server, other.url]
+    affinity = next(key for key in (f"chat-{i}" for i in range(1000)) if Router(urls).pick(key) == vllm_server)
+    embeddings = text_embeddings(encoder_weights, [1] + [319] * 2100)
+
+    async def run():
+        engine = ReplicatedVLLMEngine(urls, Metrics(), probe_interval_s=3600)
+        try:
+            with pytest.raises(PromptRejected) as error:
+                async for _ in engine.stream(embeddings, Sampling(max_tokens=4), None, affinity):
+                    pass
+        finally:
+            await engine.close()
+        return engine, error.value
+
+    try:
+        engine, error = asyncio.run(run())
+    finally:
+        other.stop()
+    assert error.status == 400 and error.code == "context_length_exceeded"
+    assert other.posted == []
+    registry = engine.metrics.registry
+    assert registry.get_sample_value("onellm_vllm_backend_healthy", {"backend": vllm_server}) == 1
+    assert registry.get_sample_value("onellm_vllm_retries_total") == 0
+
+
+def stream_shape(events: list[str]) -> list:
+    """What a client of the stream relies on, without the values: each event's fields (and its
+    choices' fields), which fields are null, and the order of the events."""
+    shape = []
+    for data in events:
+        if data == "[DONE]":
+            shape.append(data)
+            continue
+        event = json.loads(data)
+        choices = [(sorted(c), sorted(k for k, v in c.items() if v is None)) for c in event["choices"]]
+        shape.append((sorted(event), choices, sorted(event.get("usage") or {})))
+    return shape
+
+
+def test_the_standin_vllm_streams_what_the_real_one_does(vllm_server, encoder_weights, reference):
+    """tests/vllm_standin.py answers with a stream recorded from this vLLM; asked the same (4 tokens,
+    as the recording), the real one's events must have the same fields in the same order, so
+    that the stand-in cannot drift from what it stands in for."""
+    embeddings = text_embeddings(encoder_weights, reference["image"]["prompt_ids"])
+    model = httpx.get(f"{vllm_server}/v1/models", timeout=10).json()["data"][0]["id"]
+    body = completion_request(embeddings, Sampling(max_tokens=4, stop=(), ignore_eos=True), model)
+    events = []
+    parser = SSEParser()
+    with httpx.stream("POST", f"{vllm_server}/v1/completions", content=request_json(body), timeout=120,
+                      headers={"Content-Type": "application/json"}) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_bytes():
+            events += parser.feed(chunk)
+    assert stream_shape(events) == stream_shape(SSEParser().feed(RECORDED_STREAM)), events
 
 
 def test_closing_the_stream_aborts_the_request_in_vllm(vllm_server, encoder_weights, reference):

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -97,6 +98,21 @@ class GatewayProcess:
 
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
+
+
+def start_all(servers: list["GatewayProcess"]) -> list["GatewayProcess"]:
+    """Starts the gateways at once (each start is mostly the wait for its model to load); if one
+    fails to start, the others are stopped before the failure is raised."""
+    with ThreadPoolExecutor(len(servers)) as pool:
+        starts = [pool.submit(server.start) for server in servers]
+    try:
+        for start in starts:
+            start.result()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 # the states of /proc/net/tcp's `st` column, by their hex code

@@ -100,6 +100,15 @@ class GatewayProcess:
         return len(os.listdir(f"/proc/{self.pid}/task"))
 
 
+def serving(server: GatewayProcess, ready_headers: dict | None = None):
+    """A fixture's gateway: started, handed out, then stopped; it must exit 0 on SIGTERM without a
+    traceback in its log (one would mean some request hit a path nobody handled)."""
+    server.start(ready_headers)
+    yield server
+    assert server.stop() == 0, server.log()[-3000:]
+    assert "Traceback" not in server.log(), server.log()[-5000:]
+
+
 def start_all(servers: list["GatewayProcess"]) -> list["GatewayProcess"]:
     """Starts the gateways at once (each start is mostly the wait for its model to load); if one
     fails to start, the others are stopped before the failure is raised."""

@@ -15,15 +15,6 @@ POLICIES = ("round-robin", "least-loaded")
 
 
 @pytest.fixture(scope="module")
-def standins():
-    servers = [StandInVLLM(), StandInVLLM()]
-    yield servers
-    for server in servers:
-        server.release.set()
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def routed(model_dir, standins, tmp_path_factory) -> dict[str, GatewayProcess]:
     """One gateway per policy, both over the two stand-ins, started together."""
     urls = ",".join(s.url for s in standins)

@@ -13,17 +13,9 @@ project, and two decoding workers.
 import httpx
 import pytest
 
-from gateway_process import GatewayProcess, flags
+from gateway_process import GatewayProcess, flags, serving
 from gateways import (CROWDED, ENV_KEYS, FILE_KEY, KEYS, KEYS_FILE, LIMITS, ORIGIN, PROJECT_KEYS, PROJECT_KEYS_FILE,
                       PROJECTS_ENV, SLOW_CLIENTS)
-
-
-def serving(server: GatewayProcess, ready_headers: dict | None = None):
-    """The gateway for the session; it must exit 0 on SIGTERM without a traceback in its log."""
-    server.start(ready_headers)
-    yield server
-    assert server.stop() == 0, server.log()[-3000:]
-    assert "Traceback" not in server.log(), server.log()[-5000:]
 
 
 @pytest.fixture(scope="session")

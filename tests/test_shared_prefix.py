@@ -35,9 +35,16 @@ def chat(data: bytes, params: dict | None = None) -> Chat:
     return Chat([Turn("user", "What happens?", [Attachment("video", {"video": data}, params=params or {})])])
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    """The model and its LLM, loaded once: nothing here changes them, and each test's service is new."""
+    return load_model(tiny_model), LocalEngine(tiny_model / "llm")
+
+
 @pytest.fixture
-def service(tiny_model):
-    service = ChatService(load_model(tiny_model), LocalEngine(tiny_model / "llm"), Metrics(), preprocess_workers=1,
+def service(loaded):
+    model, engine = loaded
+    service = ChatService(model, engine, Metrics(), preprocess_workers=1,
                           prefix_cache_bytes=0, default_max_tokens=8)  # no cache: only a run in flight is shared
     yield service
     service.close()

@@ -1,4 +1,4 @@
-"""The bounds on what a gateway keeps and receives, through a live gateway of their own (`BOUNDS`):
+"""The bounds on what a gateway keeps and receives, through the `bounded` gateway (gateways.BOUNDS):
 request bodies received at once (`max_uploads`, for all clients together), files stored per key
 (`max_files_per_key`), how long a stored response lives (`response_ttl_s`), and the memory for
 stored responses, media uuids and prefixes (`stored_responses_mb`, `references_mb`, `prefix_cache_mb`),
@@ -13,24 +13,10 @@ import httpx
 import pytest
 
 import media
-from gateway_process import GatewayProcess, flags, serving
+from gateways import BOUNDS
 from scraped_metrics import total
 
-PREFIX_BYTES = 30 * 128 * 4  # a prefix of make-tiny's model: 30 rows of 128 float32
-BOUNDS = {
-    "max_uploads": 2,  # below max_uploads_per_client, so that one client reaches it
-    "max_files_per_key": 3,
-    "response_ttl_s": 5,
-    "stored_responses_mb": 0.008,  # a few records of ~1-2 kB
-    "references_mb": 0.002,  # about ten uuids of ~200 bytes
-    "prefix_cache_mb": 3.5 * PREFIX_BYTES / (1 << 20),  # three prefixes
-}
 DEADLINE_S = 60  # generous: the machine is shared
-
-
-@pytest.fixture(scope="module")
-def bounded(tiny_model, tmp_path_factory):
-    yield from serving(GatewayProcess(tiny_model, tmp_path_factory.mktemp("bounded"), flags(BOUNDS)))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -30,7 +31,9 @@ def flags(settings: dict) -> list[str]:
 class GatewayProcess:
     """`onellm serve` in a subprocess; stderr and stdout go to `log_path`, temp files to `tmpdir`."""
 
-    def __init__(self, model_dir: Path, workdir: Path, args: list[str], env: dict[str, str] | None = None):
+    def __init__(self, model_dir: Path, workdir: Path, args: list[str], env: dict[str, str] | None = None,
+                 ready_headers: dict[str, str] | None = None):
+        """`ready_headers`: what its /ready needs (an API key, where keys are configured)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "serve.log"
@@ -40,6 +43,7 @@ class GatewayProcess:
         # uploaded files stay in the test's folder, and a restart with the same workdir finds them
         self.files_dir = workdir / "files"
         self.env = {"ONELLM_FILES_DIR": str(self.files_dir), **(env or {})}
+        self.ready_headers = ready_headers
         self.process: subprocess.Popen | None = None
 
     @property
@@ -49,7 +53,7 @@ class GatewayProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, ready_headers: dict | None = None) -> "GatewayProcess":
+    def start(self) -> "GatewayProcess":
         env = {k: v for k, v in os.environ.items() if not k.startswith("ONELLM_")}
         env.update(PYTHONUNBUFFERED="1", TMPDIR=str(self.tmpdir), **self.env)
         with open(self.log_path, "ab") as log:
@@ -60,7 +64,7 @@ class GatewayProcess:
             if self.process.poll() is not None:
                 pytest.fail(f"onellm serve exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/ready", headers=ready_headers, timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/ready", headers=self.ready_headers, timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -97,6 +101,35 @@ class GatewayProcess:
 
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
+
+
+def stop_cleanly(server: GatewayProcess) -> None:
+    """Stops a fixture's gateway: it must exit 0 on SIGTERM without a traceback in its log (one
+    would mean some request hit a path nobody handled)."""
+    assert server.stop() == 0, server.log()[-3000:]
+    assert "Traceback" not in server.log(), server.log()[-5000:]
+
+
+def serving(server: GatewayProcess):
+    """A fixture's gateway: started, handed out, then stopped cleanly."""
+    server.start()
+    yield server
+    stop_cleanly(server)
+
+
+def start_all(servers: list["GatewayProcess"]) -> list["GatewayProcess"]:
+    """Starts the gateways at once (each start is mostly the wait for its model to load); if one
+    fails to start, the others are stopped before the failure is raised."""
+    with ThreadPoolExecutor(len(servers)) as pool:
+        starts = [pool.submit(server.start) for server in servers]
+    try:
+        for start in starts:
+            start.result()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 # the states of /proc/net/tcp's `st` column, by their hex code

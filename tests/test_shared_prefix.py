@@ -36,11 +36,18 @@ def chat(data: bytes, params: dict | None = None) -> Chat:
     return Chat([Turn("user", "What happens?", [Attachment("video", {"video": data}, params=params or {})])])
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    """The model and its LLM, loaded once: nothing here changes them, and each test's service is new."""
+    return load_model(tiny_model), LocalEngine(tiny_model / "llm")
+
+
 @pytest.fixture
-def service(tiny_model):
+def service(loaded):
+    model, engine = loaded
     # no cache: only a run in flight is shared
     settings = Settings(preprocess_workers=1, prefix_cache_mb=0, default_max_tokens=8)
-    service = chat_service_for(settings, load_model(tiny_model), LocalEngine(tiny_model / "llm"), Metrics())
+    service = chat_service_for(settings, model, engine, Metrics())
     yield service
     service.close()
 
@@ -63,7 +70,7 @@ def hold(service):
 
 def queued(service: ChatService) -> int:
     """How many jobs wait for the decoding worker."""
-    return service._preprocess._work_queue.qsize()
+    return service.workers.decoding._work_queue.qsize()
 
 
 async def until(condition, within: float = 30) -> None:

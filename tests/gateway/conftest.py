@@ -16,6 +16,7 @@ import pytest
 
 from gateway_helpers import ALLOWED_HOST
 from gateway_process import GatewayProcess
+from vllm_standin import StandInVLLM
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +93,25 @@ def file_server():
     server = FileServer()
     yield server
     server.close()
+
+
+def stopped(standins: list[StandInVLLM]) -> None:
+    for standin in standins:
+        standin.release.set()  # an answer still held ends
+        standin.stop()
+
+
+@pytest.fixture(scope="module")
+def standin():
+    """A stand-in vLLM on loopback (tests/vllm_standin.py) for the module's own gateway."""
+    server = StandInVLLM()
+    yield server
+    stopped([server])
+
+
+@pytest.fixture(scope="module")
+def standins():
+    """Two stand-in vLLMs, for a module's gateway over several backends."""
+    servers = [StandInVLLM(), StandInVLLM()]
+    yield servers
+    stopped(servers)

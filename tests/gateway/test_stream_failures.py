@@ -10,17 +10,9 @@ import pytest
 
 from gateway_helpers import assert_error, metric
 from gateway_process import GatewayProcess
-from vllm_standin import ANSWER, BAD_JSON, BAD_UTF8, CUT_AFTER_TEXT, RECORDED_DELTAS, REJECT, StandInVLLM
+from vllm_standin import ANSWER, BAD_JSON, BAD_UTF8, CUT_AFTER_TEXT, RECORDED_DELTAS, REJECT
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture(scope="module")
-def standin():
-    server = StandInVLLM()
-    yield server
-    server.release.set()
-    server.stop()
 
 
 @pytest.fixture(scope="module")

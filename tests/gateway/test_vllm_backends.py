@@ -11,18 +11,10 @@ import pytest
 import media
 from gateway_helpers import assert_error, metric, metrics, parse_sse
 from gateway_process import GatewayProcess
-from vllm_standin import ANSWER, CUT_AFTER_TEXT, RECORDED_DELTAS, StandInVLLM
+from vllm_standin import ANSWER, CUT_AFTER_TEXT, RECORDED_DELTAS
 
 BACKEND_FAMILIES = ("onellm_vllm_backend_requests_total", "onellm_vllm_backend_failures_total",
                     "onellm_vllm_backend_in_flight", "onellm_vllm_backend_healthy")
-
-
-@pytest.fixture(scope="module")
-def standins():
-    servers = [StandInVLLM(), StandInVLLM()]
-    yield servers
-    for server in servers:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The main hardening gateway's API keys, CORS origin and limits."""
+"""The hardening gateways' API keys, CORS origin and limits."""
 
 ENV_KEYS = ("env-key-0f3a9c", "env-key-7d21e8")
 FILE_KEY = "file-key-5b86c4"
@@ -52,3 +52,14 @@ PROJECT_KEYS_FILE = f"""{PROJECT_KEYS["team-1"]} name=team max_concurrent=1
 {PROJECT_KEYS["new"]} project=acme name=acme-new
 """
 PROJECTS_ENV = {"ONELLM_PREPROCESS_WORKERS": "2"}  # an environment setting only
+
+# the bounded gateway: what it keeps is a few records' worth, so that a handful of requests reaches it
+PREFIX_BYTES = 30 * 128 * 4  # a prefix of make-tiny's model: 30 rows of 128 float32
+BOUNDS = {
+    "max_uploads": 2,  # below max_uploads_per_client, so that one client reaches it
+    "max_files_per_key": 3,
+    "response_ttl_s": 5,
+    "stored_responses_mb": 0.008,  # a few records of ~1-2 kB
+    "references_mb": 0.002,  # about ten uuids of ~200 bytes
+    "prefix_cache_mb": 3.5 * PREFIX_BYTES / (1 << 20),  # three prefixes
+}

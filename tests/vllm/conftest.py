@@ -1,5 +1,6 @@
 """The live-vLLM tier: a real vLLM OpenAI server (the CPU build in .venv-vllm) serving the
-LLM converted from the reference fixture, started ONCE per pytest session.
+LLM converted from the reference fixture, started ONCE per pytest session; and a second one, also
+started once, that the fault tests stop, freeze, kill and start again (`throwaway_vllm`).
 
 Every test collected under tests/vllm/ is marked `vllm`, so `pytest -m "not vllm"` skips
 the tier. Without .venv-vllm (`make vllm-env`) the tier is skipped, or fails when CI is set.
@@ -42,3 +43,18 @@ def start_vllm(vllm_installed, vllm_model_dir: Path, tmp_path_factory):
 def vllm_server(start_vllm) -> str:
     """The base URL of the session's shared vLLM server."""
     return start_vllm().url
+
+
+@pytest.fixture(scope="session")
+def _throwaway(start_vllm) -> VLLMServer:
+    return start_vllm()
+
+
+@pytest.fixture
+def throwaway_vllm(_throwaway: VLLMServer) -> VLLMServer:
+    """The vLLM a fault test may stop, freeze or kill (the shared one is never touched), running:
+    started again here if a test before this one failed before it started it again itself."""
+    if not _throwaway.healthy():
+        _throwaway.stop()
+        _throwaway.start()
+    return _throwaway

@@ -218,9 +218,9 @@ def test_closing_the_stream_aborts_the_request_in_vllm(vllm_server, encoder_weig
     assert metric(vllm_server, "vllm:generation_tokens_total") - generated_before < sampling.max_tokens
 
 
-def test_engine_survives_a_vllm_restart(start_vllm, encoder_weights, reference):
+def test_engine_survives_a_vllm_restart(throwaway_vllm, encoder_weights, reference):
     """A second server, stopped and started again under one engine: no restart of the engine."""
-    server = start_vllm()
+    server = throwaway_vllm
     embeddings = text_embeddings(encoder_weights, reference["image"]["prompt_ids"])
     sampling = Sampling(max_tokens=4, stop=(), ignore_eos=True)
 

@@ -1,7 +1,7 @@
 """Faults of a real vLLM under a live gateway (issue 6).
 
-The gateway decodes on a vLLM started for this module alone (the session's shared server is
-never touched), on a port of its own. With K answers asked for at once through the gateway,
+The gateway decodes on the tier's throwaway vLLM (the session's shared server is never touched),
+on a port of its own. With K answers asked for at once through the gateway,
 that vLLM is frozen (SIGSTOP of its process group: the slow engine) as soon as one streams,
 later killed (SIGKILL: the dying one) likewise, then started again on the same port. Every
 answer ends complete, with an `error` event and `[DONE]`, or (not started yet) with a clean
@@ -32,17 +32,12 @@ LONG = 1900
 SHORT = 50
 
 
-@pytest.fixture(scope="module")
-def own_vllm(start_vllm):
-    return start_vllm()
-
-
-@pytest.fixture(scope="module")
-def gateway(own_vllm, vllm_model_dir, tmp_path_factory):
+@pytest.fixture
+def gateway(throwaway_vllm, vllm_model_dir, tmp_path_factory):
     # one decoding thread: a pool of more may still be growing after the warm-up (its threads
     # start on demand), which the leak check below would take for a leaked thread
     server = GatewayProcess(vllm_model_dir, tmp_path_factory.mktemp("faults"),
-                            ["--vllm-url", own_vllm.url, "--stall-timeout-s", str(STALL_S)],
+                            ["--vllm-url", throwaway_vllm.url, "--stall-timeout-s", str(STALL_S)],
                             env={"ONELLM_PREPROCESS_WORKERS": "1"})
     server.start()
     yield server
@@ -138,10 +133,10 @@ def settled(gateway: GatewayProcess, vllm_port: int, baseline: tuple[int, int, s
         time.sleep(0.2)
 
 
-def test_vllm_frozen_killed_and_restarted_under_streaming_load(gateway, own_vllm):
+def test_vllm_frozen_killed_and_restarted_under_streaming_load(gateway, throwaway_vllm):
     # warm up: pools, threads and connections reach their working size
     assert finish(stream_all(gateway.url, K, seed=0, max_tokens=SHORT), within=60) == ["complete"] * K
-    baseline = snapshot(gateway, own_vllm.port)
+    baseline = snapshot(gateway, throwaway_vllm.port)
 
     # On 2 busy cores vLLM's HTTP front end may start some answers seconds after others, or
     # relay an answer only once it is whole, so each fault below strikes as soon as one answer
@@ -149,7 +144,7 @@ def test_vllm_frozen_killed_and_restarted_under_streaming_load(gateway, own_vllm
     ended = {"complete", "error", "refused"}
 
     # slow: vLLM frozen mid-answer -> the stall timeout ends each open stream with an error
-    group = own_vllm.process.pid  # scripts/vllm-serve.sh runs vLLM in a process group of its own
+    group = throwaway_vllm.process.pid  # scripts/vllm-serve.sh runs vLLM in a process group of its own
     streams = stream_all(gateway.url, K, seed=10, started=1)
     os.killpg(group, signal.SIGSTOP)
     try:
@@ -163,7 +158,7 @@ def test_vllm_frozen_killed_and_restarted_under_streaming_load(gateway, own_vllm
     streams = stream_all(gateway.url, K, seed=30, started=1)
     killed = time.monotonic()
     os.killpg(group, signal.SIGKILL)
-    own_vllm.process.wait(30)
+    throwaway_vllm.process.wait(30)
     outcomes = finish(streams, within=30)
     ended_s = time.monotonic() - killed
     assert set(outcomes) <= ended and set(outcomes) != {"complete"}, outcomes
@@ -177,12 +172,12 @@ def test_vllm_frozen_killed_and_restarted_under_streaming_load(gateway, own_vllm
 
     # back: the same port, the same gateway process
     restarted = time.monotonic()
-    own_vllm.start()
+    throwaway_vllm.start()
     restart_s = time.monotonic() - restarted
     assert httpx.get(f"{gateway.url}/ready", timeout=30).status_code == 200
     assert finish(stream_all(gateway.url, K, seed=40, max_tokens=SHORT), within=60) == ["complete"] * K
 
-    fds, threads, temp = settled(gateway, own_vllm.port, baseline)
+    fds, threads, temp = settled(gateway, throwaway_vllm.port, baseline)
     assert fds <= baseline[0], gateway.open_fds()
     assert threads <= baseline[1]
     assert temp == baseline[2]

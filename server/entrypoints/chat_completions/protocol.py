@@ -32,7 +32,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what torch (and vLLM) take
     stream: bool = False
     stream_options: StreamOptions | None = None
-    imu_sample_rate: float = Field(default=200.0, gt=0.0, le=10000.0)
+    imu_sample_rate: float | None = Field(default=None, gt=0.0, le=10000.0)
 
 
 class Usage(BaseModel):

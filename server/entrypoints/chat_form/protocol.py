@@ -26,4 +26,4 @@ class ChatForm(BaseModel):
     stop: str | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = True
-    imu_sample_rate: float = Field(default=200.0, gt=0.0, le=10000.0)
+    imu_sample_rate: float | None = Field(default=None, gt=0.0, le=10000.0)

@@ -96,7 +96,7 @@ class ResponsesRequest(BaseModel):
     # stored with the response, in Redis too: unbounded, one request could make its writes slow
     metadata: Annotated[dict[str, str] | None, AfterValidator(_bounded_metadata)] = None
     tools: list[dict[str, Any]] | None = None
-    imu_sample_rate: float = Field(default=200.0, gt=0.0, le=10000.0)
+    imu_sample_rate: float | None = Field(default=None, gt=0.0, le=10000.0)
 
 
 class OutputText(BaseModel):

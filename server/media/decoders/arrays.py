@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from server.errors import InputError
+from server.media.decoders.imu_columns import imu_columns, rate_from_timestamps
 from server.media.decoders.costs import MAX_DECODE_MB, check_cancelled, check_decode_memory
 from server.media.decoders.resample import resample
 from server.media.sniff import check_kind, undecodable
@@ -24,6 +25,7 @@ MAX_IMU_SAMPLES = 1_000_000
 
 _EXPECTED = "a .npy or CSV array"
 _DELIMITERS = (",", ";", "\t")
+_HEADER_BYTES = 65_536  # a header row is looked for in the first this many bytes
 _CSV_BLOCK_ROWS = 65_536  # rows parsed at once into the preallocated result
 
 
@@ -80,14 +82,40 @@ def fmri_tensor(data: bytes, param: str = "fmri", *, max_repeats: int = MAX_FMRI
     return _tensor(array.mean(axis=0, keepdims=True))
 
 
-def imu_tensor(data: bytes, sample_rate: float = IMU_RATE, param: str = "imu", *,
+def imu_tensor(data: bytes, sample_rate: float | None = None, param: str = "imu", *,
                max_samples: int = MAX_IMU_SAMPLES, max_decode_mb: float = MAX_DECODE_MB,
                cancel: threading.Event | None = None) -> torch.Tensor:
     """[6,400]: accelerometer xyz + gyroscope xyz resampled to 200 Hz as the authors did
     (server/media/decoders/resample.py), the first 2 s, zero-padded at the end when shorter.
 
     Accepts [T,6] or [6,T]; a [6,6] array is read as [T,6] (one row per time step, as
-    CSV files are written)."""
+    CSV files are written). A CSV whose header names its columns (imu_columns.py) is read by
+    name, any other columns ignored. The rate: `sample_rate` when given, else read off the
+    CSV's timestamp column, else 200 Hz."""
+    rate = _positive_rate(sample_rate, param) if sample_rate is not None else None
+    names = csv_header(data)
+    array = load_array(data, param, max_values=max(IMU_CHANNELS, len(names or ())) * max_samples,
+                       limit=f"{IMU_CHANNELS} × {max_samples} (max_imu_samples)",
+                       max_decode_mb=max_decode_mb, cancel=cancel)
+    columns = imu_columns(names, param) if names else None
+    if columns is not None and array.ndim == 2 and array.shape[1] == len(names):
+        series = array[:, columns.channels].T
+        if rate is None and columns.time is not None:
+            rate = rate_from_timestamps(array[:, columns.time], param)
+    else:
+        series = _by_position(array, param)
+    if series.shape[1] == 0:
+        raise InputError(422, f"field '{param}' has no samples", param)
+    if series.shape[1] > max_samples:
+        raise InputError(413, f"field '{param}' has {series.shape[1]} samples, more than the limit "
+                              f"of {max_samples} (max_imu_samples)", param)
+    series = resample(series, IMU_RATE if rate is None else rate, IMU_RATE, IMU_SAMPLES)
+    out = np.zeros((IMU_CHANNELS, IMU_SAMPLES))
+    out[:, : series.shape[1]] = series
+    return _tensor(out)
+
+
+def _positive_rate(sample_rate, param: str) -> float:
     try:
         rate = float(sample_rate)
     except (TypeError, ValueError):
@@ -95,29 +123,33 @@ def imu_tensor(data: bytes, sample_rate: float = IMU_RATE, param: str = "imu", *
     if not (math.isfinite(rate) and rate > 0):
         raise InputError(422, f"IMU sample rate must be a positive number of Hz, got {sample_rate!r}",
                          param)
-    array = load_array(data, param, max_values=IMU_CHANNELS * max_samples,
-                       limit=f"{IMU_CHANNELS} × {max_samples} (max_imu_samples)",
-                       max_decode_mb=max_decode_mb, cancel=cancel)
+    return rate
+
+
+def _by_position(array: np.ndarray, param: str) -> np.ndarray:
     if array.ndim == 2 and array.shape[1] == IMU_CHANNELS:
-        series = array.T
-    elif array.ndim == 2 and array.shape[0] == IMU_CHANNELS:
-        series = array
-    else:
-        raise InputError(422, f"field '{param}' has shape {list(array.shape)}, expected "
-                              f"[T,{IMU_CHANNELS}] or [{IMU_CHANNELS},T]", param)
-    if series.shape[1] == 0:
-        raise InputError(422, f"field '{param}' has no samples", param)
-    if series.shape[1] > max_samples:
-        raise InputError(413, f"field '{param}' has {series.shape[1]} samples, more than the limit "
-                              f"of {max_samples} (max_imu_samples)", param)
-    series = resample(series, rate, IMU_RATE, IMU_SAMPLES)
-    out = np.zeros((IMU_CHANNELS, IMU_SAMPLES))
-    out[:, : series.shape[1]] = series
-    return _tensor(out)
+        return array.T
+    if array.ndim == 2 and array.shape[0] == IMU_CHANNELS:
+        return array
+    raise InputError(422, f"field '{param}' has shape {list(array.shape)}, expected [T,{IMU_CHANNELS}] or "
+                          f"[{IMU_CHANNELS},T], or a CSV whose header names its columns (timestamp, accel_x, "
+                          "..., gyro_z)", param)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def csv_header(data: bytes) -> list[str] | None:
+    """The names in a CSV's header row (its first line that is not blank or a '#' comment, when
+    that line is not all numbers), or None: no header, or not text."""
+    if data.startswith(b"\x93NUMPY"):
+        return None
+    first = next(_data_lines(data[:_HEADER_BYTES].decode("utf-8-sig", errors="replace")), None)
+    if first is None:
+        return None
+    row = first.split(next((d for d in _DELIMITERS if d in first), None))
+    return None if _is_numeric_row(row) else [name.strip() for name in row]
 
 
 def _load_npy(data: bytes, param: str, size: _Size) -> np.ndarray:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 
 from server.config import DecoderLimits
-from server.media.decoders.arrays import IMU_RATE
 
 
 @dataclass(frozen=True)
@@ -17,7 +16,7 @@ class Decoding:
 
     limits: DecoderLimits
     cancel: threading.Event | None = None  # set once nobody waits for the result: the decoder stops
-    imu_sample_rate: float = IMU_RATE  # Hz of an IMU series, as its request says
+    imu_sample_rate: float | None = None  # Hz of an IMU series, as its request says (None: from the file)
 
 
 Preprocess = Callable[[Mapping[str, bytes], Decoding], torch.Tensor]

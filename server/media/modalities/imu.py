@@ -5,6 +5,6 @@ MODALITY = Modality(
     name="imu",
     fields=("imu",),
     preprocess=lambda files, decoding: imu_tensor(  # [6, 400]
-        files["imu"], float(decoding.imu_sample_rate), "imu", max_samples=decoding.limits.max_imu_samples,
+        files["imu"], decoding.imu_sample_rate, "imu", max_samples=decoding.limits.max_imu_samples,
         max_decode_mb=decoding.limits.max_decode_mb, cancel=decoding.cancel),
 )

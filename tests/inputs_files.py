@@ -110,3 +110,35 @@ def csv_bytes(array: np.ndarray, header: str | None = None, delimiter: str = ","
     lines = [header] if header else []
     lines += [delimiter.join(repr(float(v)) for v in np.atleast_1d(row)) for row in array]
     return ("\n".join(lines) + "\n").encode()
+
+
+def pcd_bytes(xyz: np.ndarray, rgb8: np.ndarray | None = None, data: str = "binary", rgb_type: str = "F",
+              extra: bool = False) -> bytes:
+    """A PCD file as PCL writes it: float32 x y z, then (with `rgb8`, [N,3] uint8) the colour packed in
+    one 32-bit field 0x00RRGGBB, typed F (PCL's float reinterpretation) or U; `extra` adds an
+    intensity field between them. binary_compressed: the fields one after another, LZF-compressed."""
+    import imagecodecs
+
+    fields = [("x", "F", xyz[:, 0].astype("<f4")), ("y", "F", xyz[:, 1].astype("<f4")),
+              ("z", "F", xyz[:, 2].astype("<f4"))]
+    if extra:
+        fields.append(("intensity", "F", np.arange(len(xyz), dtype="<f4")))
+    if rgb8 is not None:
+        packed = (rgb8[:, 0].astype("<u4") << 16) | (rgb8[:, 1].astype("<u4") << 8) | rgb8[:, 2].astype("<u4")
+        fields.append(("rgb", rgb_type, packed.view("<f4") if rgb_type == "F" else packed))
+    header = ("# .PCD v0.7 - Point Cloud Data file format\nVERSION 0.7\n"
+              f"FIELDS {' '.join(name for name, _, _ in fields)}\nSIZE {' '.join('4' for _ in fields)}\n"
+              f"TYPE {' '.join(kind for _, kind, _ in fields)}\nCOUNT {' '.join('1' for _ in fields)}\n"
+              f"WIDTH {len(xyz)}\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\nPOINTS {len(xyz)}\nDATA {data}\n").encode()
+    if data == "ascii":  # PCL writes a packed colour as the whole number its 32 bits are, whatever its TYPE
+        columns = [values.view("<u4") if name == "rgb" else values for name, _, values in fields]
+        rows = zip(*(values.tolist() for values in columns))
+        return header + "".join(" ".join(map(str, row)) + "\n" for row in rows).encode()
+    if data == "binary":
+        records = np.empty(len(xyz), [(name, values.dtype) for name, _, values in fields])
+        for name, _, values in fields:
+            records[name] = values
+        return header + records.tobytes()
+    raw = b"".join(values.tobytes() for _, _, values in fields)
+    compressed = imagecodecs.lzf_encode(raw)
+    return header + struct.pack("<II", len(compressed), len(raw)) + compressed

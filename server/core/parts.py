@@ -15,7 +15,7 @@ from server.media.sniff import Kind, sniff
 SANE_UUID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 # the upload field of a stored file, from what its bytes are; arrays and text could be any of
 # several modalities, so those are sent in a part that names one
-FILE_FIELDS = {"image": "image", "video": "video", "audio": "audio", "mesh": "point"}
+FILE_FIELDS = {"image": "image", "video": "video", "audio": "audio", "mesh": "point", "points": "point"}
 # binascii holds the GIL while it decodes, ~80 ms for a 40 MiB file. A piece (~1.5 ms; a multiple
 # of 4 characters) at a time, the GIL can pass to the event loop's thread between pieces
 BASE64_PIECE = 1 << 20
@@ -126,8 +126,8 @@ def _file_upload(body: dict | None, uuid: str | None, where: str, keys: str, fet
             else decode_base64(body["file_data"], param)
         kind = (sniff(data) or Kind("", "")).family
     if kind not in FILE_FIELDS:
-        raise InputError(400, "a file part's bytes must be an image, a video, audio or a 3D mesh; send arrays "
-                              "and other files in the part of their modality (input_fmri, input_imu, "
+        raise InputError(400, "a file part's bytes must be an image, a video, audio, a 3D mesh or a point cloud; "
+                              "send arrays and other files in the part of their modality (input_fmri, input_imu, "
                               "input_point, input_depth, input_normal) with a file_id or data", param)
     return Upload(FILE_FIELDS[kind], data, param, uuid, file_id)
 

@@ -13,7 +13,7 @@ from server.errors import InputError
 
 
 class Kind(NamedTuple):
-    family: str  # image, video, audio, array, mesh, text, pickle, archive, document
+    family: str  # image, video, audio, array, mesh, points, text, pickle, archive, document
     name: str  # the format, as people know it: PNG, MP4, PLY, ...
 
     def describe(self) -> str:
@@ -23,6 +23,7 @@ class Kind(NamedTuple):
             "audio": f"audio ({self.name})",
             "array": "a NumPy array (.npy)",
             "mesh": f"a 3D mesh ({self.name})",
+            "points": f"a point cloud ({self.name})",
             "text": "text",
             "pickle": "a Python pickle",
         }
@@ -40,7 +41,7 @@ _QUICKTIME_ATOMS = {b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
 def sniff(data: bytes) -> Kind | None:
     """The kind of file `data` is, or None when its first bytes match nothing known."""
     head = data[:64]
-    kind = _by_magic(head)
+    kind = _by_magic(head) or _point_cloud(data)
     if kind is None and _looks_like_text(data[:4096]):
         kind = _text_kind(data[:4096])
     if kind is None and _is_binary_stl(data):
@@ -95,6 +96,16 @@ def _by_magic(head: bytes) -> Kind | None:
         return Kind("archive", "gzip")
     if head.startswith(b"%PDF"):
         return Kind("document", "PDF")
+    return None
+
+
+def _point_cloud(data: bytes) -> Kind | None:
+    if data.startswith(b"LASF"):
+        # the point data format byte (offset 104) has bit 7 (or bit 6, in older LAZ) set when compressed
+        return Kind("points", "LAZ" if len(data) > 104 and data[104] & 0xC0 else "LAS")
+    # PCL writes "# .PCD v0.7 - Point Cloud Data file format" first; other writers other comments
+    if data.startswith((b"# .PCD", b"VERSION")) or data.startswith(b"#") and b"\nVERSION " in data[:1024]:
+        return Kind("points", "PCD")
     return None
 
 

@@ -17,7 +17,7 @@ from server.storage.redis_files import RedisFileStore
 
 PURPOSES = ("user_data", "vision")
 # what each modality's decoders read; anything else (pickles, archives, documents) is refused on upload
-ACCEPTED_FAMILIES = {"image", "video", "audio", "array", "mesh", "text"}
+ACCEPTED_FAMILIES = {"image", "video", "audio", "array", "mesh", "points", "text"}
 
 
 def check_upload(data: bytes, limits: DecoderLimits) -> str:
@@ -31,7 +31,7 @@ def check_upload(data: bytes, limits: DecoderLimits) -> str:
         return ""  # a decoder may still read it: decided when a chat uses it, as for inline bytes
     if kind.family not in ACCEPTED_FAMILIES:
         raise InputError(415, f"the uploaded file is {kind.describe()}, which no modality reads; accepted: "
-                              "images, videos, audio, .npy or CSV arrays, 3D meshes", param)
+                              "images, videos, audio, .npy or CSV arrays, 3D meshes, point clouds", param)
     if kind.family == "image":  # the header's pixel count, as for an inline image
         decode_image(data, param, limits.max_image_pixels)
     if kind.family == "array":  # object arrays are pickles in disguise

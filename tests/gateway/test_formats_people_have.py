@@ -5,10 +5,12 @@ read before (the decoders' tests check the tensors are equal; here the whole pat
 import base64
 
 import numpy as np
+import pytest
+import trimesh
 
 import media
 from gateway_helpers import assert_error
-from inputs_files import csv_bytes, npy_bytes
+from inputs_files import csv_bytes, npy_bytes, pcd_bytes
 
 PROMPT = "Describe it in detail."
 
@@ -51,3 +53,25 @@ def test_irregular_imu_timestamps_are_a_clear_422(client):
                            data={"prompt": PROMPT, "max_tokens": "1"})
     error = assert_error(response, 422, "imu")
     assert "irregular" in error["message"] and "imu_sample_rate" in error["message"]
+
+
+def scan(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(3000, 3)).astype(np.float32), rng.integers(0, 256, (3000, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "binary", "binary_compressed"])
+def test_pcd_answers_as_the_same_points_in_ply(client, encoding):
+    xyz, rgb8 = scan(710)
+    colours = np.concatenate([rgb8, np.full((len(rgb8), 1), 255, np.uint8)], axis=1)
+    ply = trimesh.PointCloud(xyz, colors=colours).export(file_type="ply")
+    as_ply = greedy(client, [upload("point", "scan.ply", ply)])
+    assert greedy(client, [upload("point", "scan.pcd", pcd_bytes(xyz, rgb8, encoding))]) == as_ply
+
+
+def test_a_damaged_pcd_is_named_as_pcd(client):
+    pcd = pcd_bytes(*scan(711), "ascii")
+    response = client.post("/v1/chat", files=[upload("point", "scan.pcd", pcd[: len(pcd) // 2])],
+                           data={"prompt": PROMPT, "max_tokens": "1"})
+    error = assert_error(response, 422, "point")
+    assert "point cloud (PCD)" in error["message"] and "CSV" not in error["message"]

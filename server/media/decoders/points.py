@@ -8,16 +8,18 @@ import numpy as np
 import torch
 import trimesh
 
-from server.errors import InputError
+from server.errors import Cancelled, InputError
 from server.media.decoders.arrays import load_array
 from server.media.decoders.costs import MAX_DECODE_MB
+from server.media.decoders.las import las_points
+from server.media.decoders.pcd import pcd_points
 from server.media.sniff import check_kind, undecodable
 
 N_POINTS = 8192
 MAX_POINTS = 20_000_000
 SEED = 0  # surface sampling is random in form only: the same file gives the same points
 
-_EXPECTED = "a point cloud or mesh (.npy, PLY, OBJ, GLB, OFF, STL)"
+_EXPECTED = "a point cloud or mesh (.npy, CSV, PLY, PCD, LAS, OBJ, GLB, OFF, STL)"
 _TRIMESH_TYPES = {"PLY": "ply", "OBJ": "obj", "GLB": "glb", "OFF": "off", "STL": "stl"}
 
 # trimesh logs every oddity of a file it still manages to load; uploads are not our logs.
@@ -33,16 +35,19 @@ def point_tensor(data: bytes, param: str = "point", n_points: int = N_POINTS,
     - meshes (faces present): n_points sampled uniformly on the surface with a fixed seed,
       colours interpolated from vertex colours, or the face's colour, or texture colours
       at the vertices, else 0.
-    - point clouds (no faces): the vertices with their colours (else 0).
+    - point clouds (no faces): the vertices with their colours (else 0); PCD (pcd.py) and LAS
+      (las.py) the same way, a PCD's points with a non-finite coordinate dropped.
     N is then brought to n_points: more points → evenly strided subsample (indices
     floor(i·N/n_points), cheap and order-preserving); fewer → repeated cyclically.
     Normalisation comes last, so the returned xyz have mean 0 and max norm 1 exactly."""
-    kind = check_kind(data, param, {"array", "mesh", "text"}, _EXPECTED)
+    kind = check_kind(data, param, {"array", "mesh", "points", "text"}, _EXPECTED)
     if kind is None:
         raise InputError(415, f"field '{param}' is in no format we can read, expected {_EXPECTED}",
                          param)
     if kind.family == "mesh":
         points = _load_geometry(data, param, kind, n_points)
+    elif kind.family == "points":
+        points = _load_point_cloud(data, param, kind, max_points, max_decode_mb, cancel)
     else:  # .npy, or CSV / XYZ text
         points = _from_array(load_array(data, param, max_values=6 * max_points,
                                         limit=f"6 × {max_points} (max_points)",
@@ -88,6 +93,23 @@ def _load_geometry(data: bytes, param: str, kind, n_points: int) -> np.ndarray:
         raise
     except Exception as error:  # trimesh's parsers raise whatever their input provokes
         raise undecodable(param, kind, _EXPECTED, error) from error
+
+
+def _load_point_cloud(data: bytes, param: str, kind, max_points: int, max_decode_mb: float,
+                      cancel: threading.Event | None) -> np.ndarray:
+    if kind.name == "LAZ":
+        raise InputError(415, f"field '{param}' holds a LAZ file (compressed LAS), which we do not read: "
+                              "decompress it to LAS (laszip, PDAL) or send PLY or PCD", param)
+    try:
+        if kind.name == "LAS":
+            points = las_points(data, param, max_points, max_decode_mb)
+        else:
+            points = pcd_points(data, param, max_points, max_decode_mb, cancel)
+    except (InputError, Cancelled):
+        raise
+    except Exception as error:  # laspy's and our PCD parser's complaints about a damaged file
+        raise undecodable(param, kind, _EXPECTED, error) from error
+    return points
 
 
 def _sample_surface(mesh: trimesh.Trimesh, count: int) -> np.ndarray:

@@ -105,6 +105,8 @@ def test_pixel_limit_is_checked_from_the_header():
 def test_extreme_aspect_ratio_is_refused_before_the_resize():
     strip = image_bytes(Image.new("RGB", (5100, 100)), "PNG")
     assert error_of(decode_image, strip).status == 422
+    error = error_of(decode_image, image_bytes(Image.new("RGB", (1080, 4)), "PNG"))
+    assert "is 1080x4 pixels, its sides 270 times apart" in error.message and "crop or pad" in error.message
     assert decode_image(image_bytes(Image.new("RGB", (4900, 100)), "PNG")).size == (4900, 100)
     assert error_of(video_tensor, video_bytes([np.zeros((2, 200, 3), np.uint8)] * 3)).status == 422
 
@@ -121,17 +123,19 @@ def test_image_field_errors():
     assert error_of(decode_image, png[:12]).status in (415, 422)
 
 
-def test_rgbd_stacks_image_and_stretched_16_bit_depth_map():
-    depth = np.zeros((100, 150), np.uint16)  # half the image's size
-    depth[:, 75:] = 4000  # millimetres: far on the right
+def test_rgbd_stacks_image_and_16_bit_depth_drawn_near_yellow_far_purple():
+    from matplotlib import colormaps
+
+    depth = np.full((100, 150), 4000, np.uint16)  # half the image's size, millimetres
+    depth[:, :75] = 1000  # near on the left
+    depth[:10, 140:] = 0  # no measurement: drawn as far, and not the far end of the range
     data = rgbx_tensor(red_png(), image_bytes(Image.fromarray(depth), "PNG"), "depth")
     assert_tensor(data, (2, 3, 224, 224))
     assert torch.equal(data[0], image_tensor(decode_image(red_png())))
-    white = (1 - MEAN) / STD
-    black = (0 - MEAN) / STD
+    near, far = (torch.tensor(colormaps["viridis"](v, bytes=True)[:3]).view(3, 1, 1) / 255.0 for v in (1.0, 0.0))
     # resized to 300×200, short side → 224: the map's halves meet at column 168 of 336, the crop starts at 56
-    assert torch.allclose(data[1][:, :, :100], black.expand(3, 224, 100), atol=1e-5)
-    assert torch.allclose(data[1][:, :, 124:], white.expand(3, 224, 100), atol=1e-5)
+    assert torch.allclose(data[1][:, :, :100], ((near - MEAN) / STD).expand(3, 224, 100), atol=1e-5)
+    assert torch.allclose(data[1][:, 40:, 124:], ((far - MEAN) / STD).expand(3, 184, 100), atol=1e-5)
 
 
 def test_rgbn_normal_map_keeps_its_colours_and_reports_its_own_field():

@@ -11,6 +11,11 @@ STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"], "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}}}}}
 
 
+# every API's request-wide imu_sample_rate
+IMU_RATE_HELP = ("Hz of the IMU series (0 < rate ≤ 10000); without it, the rate of a CSV's timestamp column, "
+                 "else 200 Hz")
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str

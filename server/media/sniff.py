@@ -22,6 +22,7 @@ class Kind(NamedTuple):
             "video": f"a video ({self.name})",
             "audio": f"audio ({self.name})",
             "array": "a NumPy array (.npy)",
+            "archive": "NumPy arrays (.npz)" if self.name == "NPZ" else f"a {self.name} archive",
             "mesh": f"a 3D mesh ({self.name})",
             "points": f"a point cloud ({self.name})",
             "text": "text",
@@ -41,7 +42,7 @@ _QUICKTIME_ATOMS = {b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
 def sniff(data: bytes) -> Kind | None:
     """The kind of file `data` is, or None when its first bytes match nothing known."""
     head = data[:64]
-    kind = _by_magic(head) or _point_cloud(data)
+    kind = _by_magic(head) or _point_cloud(data) or _zip(data)
     if kind is None and _looks_like_text(data[:4096]):
         kind = _text_kind(data[:4096])
     if kind is None and _is_binary_stl(data):
@@ -90,8 +91,6 @@ def _by_magic(head: bytes) -> Kind | None:
         return Kind("mesh", "PLY")
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return Kind("pickle", "pickle")
-    if head.startswith(b"PK\x03\x04"):
-        return Kind("archive", "ZIP (or .npz)")
     if head.startswith(b"\x1f\x8b"):
         return Kind("archive", "gzip")
     if head.startswith(b"%PDF"):
@@ -107,6 +106,15 @@ def _point_cloud(data: bytes) -> Kind | None:
     if data.startswith((b"# .PCD", b"VERSION")) or data.startswith(b"#") and b"\nVERSION " in data[:1024]:
         return Kind("points", "PCD")
     return None
+
+
+def _zip(data: bytes) -> Kind | None:
+    if not data.startswith(b"PK\x03\x04") or len(data) < 30:
+        return None
+    # NumPy's .npz is a ZIP of .npy files: its first member's name, after the 30-byte local header
+    name_length = int.from_bytes(data[26:28], "little")
+    first_member = data[30:30 + name_length]
+    return Kind("archive", "NPZ" if first_member.endswith(b".npy") else "ZIP")
 
 
 def _is_mpeg_audio_sync(head: bytes) -> bool:

@@ -31,7 +31,8 @@ def check_upload(data: bytes, limits: DecoderLimits) -> str:
         return ""  # a decoder may still read it: decided when a chat uses it, as for inline bytes
     if kind.family not in ACCEPTED_FAMILIES:
         raise InputError(415, f"the uploaded file is {kind.describe()}, which no modality reads; accepted: "
-                              "images, videos, audio, .npy or CSV arrays, 3D meshes, point clouds", param)
+                              "images, videos, audio, .npy or CSV arrays, 3D meshes, point clouds "
+                              "(a .npz depth or normal map is read when sent inline, in its field)", param)
     if kind.family == "image":  # the header's pixel count, as for an inline image
         decode_image(data, param, limits.max_image_pixels)
     if kind.family == "array":  # object arrays are pickles in disguise

@@ -7,10 +7,11 @@ import base64
 import numpy as np
 import pytest
 import trimesh
+from PIL import Image
 
 import media
 from gateway_helpers import assert_error
-from inputs_files import csv_bytes, npy_bytes, pcd_bytes
+from inputs_files import csv_bytes, image_bytes, npy_bytes, pcd_bytes
 
 PROMPT = "Describe it in detail."
 
@@ -75,3 +76,46 @@ def test_a_damaged_pcd_is_named_as_pcd(client):
                            data={"prompt": PROMPT, "max_tokens": "1"})
     error = assert_error(response, 422, "point")
     assert "point cloud (PCD)" in error["message"] and "CSV" not in error["message"]
+
+
+def test_depth_in_metres_answers_as_the_16_bit_png_in_millimetres(client):
+    photo = media.image("jpg", seed=720)
+    mm = (np.linspace(500, 4000, 48)[:, None] + np.random.default_rng(720).normal(0, 30, (48, 64))).astype(np.uint16)
+    as_png = greedy(client, [upload("image", "room.jpg", photo),
+                             upload("depth", "depth.png", image_bytes(Image.fromarray(mm), "PNG"))])
+    metres = npy_bytes((mm / 1000.0).astype(np.float32))
+    assert greedy(client, [upload("image", "room.jpg", photo), upload("depth", "depth.npy", metres)]) == as_png
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(photo).decode()}},
+             {"type": "input_depth", "input_depth": {"data": base64.b64encode(metres).decode()}}]
+    response = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT}, *parts]}],
+        "max_tokens": 32, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == as_png
+
+
+def test_float_normals_answer_as_their_8_bit_rendering(client):
+    photo = media.image("jpg", seed=721)
+    n = np.random.default_rng(721).normal(0, 0.3, (48, 64, 3)) + np.array([0, 0, 1.0])
+    n /= np.linalg.norm(n, axis=2, keepdims=True)
+    png = image_bytes(Image.fromarray(((n + 1) / 2 * 255).astype(np.uint8), "RGB"), "PNG")
+    as_png = greedy(client, [upload("image", "room.jpg", photo), upload("normal", "normal.png", png)])
+    assert greedy(client, [upload("image", "room.jpg", photo), upload("normal", "normal.npy", npy_bytes(n))]) == as_png
+
+
+def test_a_one_channel_16_bit_normal_map_is_a_clear_422(client):
+    depth_like = image_bytes(Image.fromarray(np.full((48, 64), 1000, np.uint16)), "PNG")
+    response = client.post("/v1/chat", files=[upload("image", "room.jpg", media.image("jpg", seed=722)),
+                                              upload("normal", "normal.png", depth_like)],
+                           data={"prompt": PROMPT, "max_tokens": "1"})
+    assert "not a normal map" in assert_error(response, 422, "normal")["message"]
+
+
+def test_each_upload_field_says_what_it_accepts_in_the_openapi_document(client):
+    body = client.get("/openapi.json").json()["paths"]["/v1/chat"]["post"]["requestBody"]
+    fields = body["content"]["multipart/form-data"]["schema"]["properties"]
+    expected = {"image": "AVIF", "video": "HEVC", "audio": "FLAC", "point": "PCD", "depth": ".npz",
+                "normal": "[-1, 1]", "fmri": "15724", "imu": "timestamps"}
+    for name, word in expected.items():
+        assert fields[name]["format"] == "binary" and word in fields[name]["description"], (name, fields[name])
+    assert "timestamp" in fields["imu_sample_rate"]["description"]

@@ -5,6 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.entrypoints.protocol import IMU_RATE_HELP
+
 
 class ChatMessage(BaseModel):
     """One OpenAI message. `content` is text or a list of parts: `text`, `image_url`, `input_audio`,
@@ -32,7 +34,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what torch (and vLLM) take
     stream: bool = False
     stream_options: StreamOptions | None = None
-    imu_sample_rate: float | None = Field(default=None, gt=0.0, le=10000.0)
+    imu_sample_rate: float | None = Field(default=None, gt=0.0, le=10000.0, description=IMU_RATE_HELP)
 
 
 class Usage(BaseModel):

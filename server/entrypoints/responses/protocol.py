@@ -4,6 +4,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SkipValidation
 
+from server.entrypoints.protocol import IMU_RATE_HELP
+
 
 class InputText(BaseModel):
     type: Literal["input_text", "output_text"]  # output_text: an earlier answer sent back
@@ -96,7 +98,7 @@ class ResponsesRequest(BaseModel):
     # stored with the response, in Redis too: unbounded, one request could make its writes slow
     metadata: Annotated[dict[str, str] | None, AfterValidator(_bounded_metadata)] = None
     tools: list[dict[str, Any]] | None = None
-    imu_sample_rate: float | None = Field(default=None, gt=0.0, le=10000.0)
+    imu_sample_rate: float | None = Field(default=None, gt=0.0, le=10000.0, description=IMU_RATE_HELP)
 
 
 class OutputText(BaseModel):

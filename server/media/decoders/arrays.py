@@ -30,18 +30,20 @@ _CSV_BLOCK_ROWS = 65_536  # rows parsed at once into the preallocated result
 
 
 def load_array(data: bytes, param: str, *, max_values: int | None = None, limit: str = "",
-               max_decode_mb: float = MAX_DECODE_MB, cancel: threading.Event | None = None) -> np.ndarray:
+               max_decode_mb: float = MAX_DECODE_MB, cancel: threading.Event | None = None,
+               finite: bool = True) -> np.ndarray:
     """A finite float64 array from a .npy file (no pickles, numeric dtypes only) or CSV
     text (comma/semicolon/tab/space separated, optional header row, '#' comments).
 
     Its size is known before it is parsed (the .npy header's shape; the CSV's data rows × the
     first row's columns) and refused past `max_values` (413 naming `limit`, the setting) or past
-    max_decode_mb at 8 bytes a value. A CSV with a single column is returned 1-D."""
+    max_decode_mb at 8 bytes a value. A CSV with a single column is returned 1-D. NaN and
+    infinities are refused (422) unless `finite` is False."""
     kind = check_kind(data, param, {"array", "text"}, _EXPECTED)
     size = _Size(param, max_values, limit, max_decode_mb, len(data) if kind is None or kind.family != "array" else 0)
     array = _load_npy(data, param, size) if kind is not None and kind.family == "array" \
         else _load_csv(data, param, kind, size, cancel)
-    if not np.isfinite(array).all():
+    if finite and not np.isfinite(array).all():
         raise InputError(422, f"field '{param}' contains NaN or infinite values", param)
     return array
 

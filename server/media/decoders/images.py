@@ -10,6 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from server.errors import InputError
 from server.media.decoders.costs import MAX_DECODE_MB, check_cancelled, check_decode_memory
+from server.media.decoders.maps import depth_image, map_array, normal_image
 from server.media.sniff import check_kind, undecodable
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -22,7 +23,7 @@ MAX_ASPECT = 50.0
 
 # Pillow modes with more than 8 bits per sample: `convert("RGB")` clips them at 255.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-_BAND_ROWS = 256  # rows of a depth map scaled at once
+_MAP_LAYOUT = {depth_image: "[H,W] depths", normal_image: "[H,W,3] normals in [-1, 1]"}
 
 
 def decode_image(data: bytes, param: str = "image", max_pixels: int = MAX_PIXELS, *,
@@ -41,11 +42,11 @@ def decode_image(data: bytes, param: str = "image", max_pixels: int = MAX_PIXELS
 def _bytes_per_pixel(img: Image.Image) -> int:
     """Working memory per pixel of decoding `img`: Pillow keeps 1 byte a pixel for 1/L/P, 2 for
     16-bit and 4 for the rest (RGB is stored as RGBX); then an upright copy when EXIF rotates
-    it, the RGB conversion, and a depth map's 8-bit levels."""
+    it, the RGB conversion, and a depth map's RGB rendering."""
     decoded = 1 if img.mode in ("1", "L", "P") else 2 if img.mode.startswith("I;16") else 4
     rotated = decoded if _exif_orientation(img) not in (None, 1) else 0
     converted = 4 if img.mode != "RGB" else 0
-    return decoded + rotated + converted + (1 if img.mode in _WIDE_MODES else 0)
+    return decoded + rotated + converted + (3 if img.mode in _WIDE_MODES else 0)
 
 
 def _exif_orientation(img: Image.Image) -> int | None:
@@ -58,8 +59,9 @@ def _exif_orientation(img: Image.Image) -> int | None:
 def check_aspect(size: tuple[int, int], param: str, max_aspect: float = MAX_ASPECT) -> None:
     long_side, short_side = max(size), min(size)
     if long_side > max_aspect * short_side:
-        raise InputError(422, f"field '{param}' is {size[0]}x{size[1]}: sides more than "
-                              f"{max_aspect:g} times apart cannot be scaled to 224", param)
+        raise InputError(422, f"field '{param}' is {size[0]}x{size[1]} pixels, its sides {long_side / short_side:.0f} "
+                              f"times apart: past {max_aspect:g} times, scaling the short side to 224 would make an "
+                              "image too long to crop; crop or pad it first", param)
 
 
 def image_tensor(img: Image.Image) -> torch.Tensor:
@@ -91,44 +93,41 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
 
 def rgbx_tensor(image: bytes, map_bytes: bytes, map_param: str, *, max_pixels: int = MAX_PIXELS,
                 max_decode_mb: float = MAX_DECODE_MB, cancel: threading.Event | None = None) -> torch.Tensor:
-    """[2,3,224,224] for rgbd / rgbn: frame 0 the RGB image, frame 1 the depth/normal map
-    converted to RGB and resized (bicubic) to the image's size first."""
+    """[2,3,224,224] for rgbd / rgbn: frame 0 the RGB image, frame 1 the depth map (`map_param`
+    "depth") or normal map ("normal") drawn as the authors' maps were (maps.py) and resized
+    (bicubic) to the image's size first."""
     rgb = decode_image(image, "image", max_pixels, max_decode_mb=max_decode_mb)
     size, image_frame = rgb.size, image_tensor(rgb)
     del rgb  # only its size is needed now: the map is decoded without it alongside
     check_cancelled(cancel)
-    depiction = _map_to_rgb(_open(map_bytes, map_param, max_pixels, max_decode_mb))
+    depiction = _depiction(map_bytes, map_param, max_pixels, max_decode_mb)
     if depiction.size != size:
         depiction = depiction.resize(size, Image.Resampling.BICUBIC)
     return torch.stack([image_frame, image_tensor(depiction)]).contiguous()
 
 
-def _map_to_rgb(img: Image.Image) -> Image.Image:
-    # 16-bit and float depth maps (millimetres, metres) would saturate to white under
-    # Pillow's conversion; stretch them over 0–255 as a depth rendering would. Done a band of
-    # rows at a time, in float64 as before, so that only the 8-bit result is held at full size.
+def _depiction(data: bytes, param: str, max_pixels: int, max_decode_mb: float) -> Image.Image:
+    """The map as the RGB image the model saw: 8-bit images as they are; 16-bit and float images,
+    .npy and .npz arrays drawn by maps.py."""
+    draw = normal_image if param == "normal" else depth_image
+    expected = f"an image or a .npy/.npz array ({_MAP_LAYOUT[draw]})"
+    kind = check_kind(data, param, {"image", "array", "archive"}, expected)
+    if kind is not None and kind.family in ("array", "archive"):
+        if kind.family == "archive" and kind.name != "NPZ":
+            raise InputError(415, f"field '{param}' holds {kind.describe()}, expected {expected}", param)
+        values = map_array(data, param, kind, max_pixels, max_decode_mb)
+        pixels = math.prod(values.shape[:2]) if values.ndim >= 2 else 0
+        if pixels > max_pixels:
+            raise InputError(413, f"field '{param}' map has {pixels} pixels, more than the limit of "
+                                  f"{max_pixels} (max_image_pixels)", param)
+        return draw(values, param)
+    img = _open(data, param, max_pixels, max_decode_mb)
     if img.mode not in _WIDE_MODES:
         return img.convert("RGB")
-    values = np.asarray(img)
-    low, high = _finite_range(values)
-    levels = np.zeros(values.shape, np.uint8)
-    if high > low:
-        for top in range(0, len(values), _BAND_ROWS):
-            band = values[top:top + _BAND_ROWS].astype(np.float64)
-            scaled = np.nan_to_num((band - low) / (high - low) * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
-            levels[top:top + _BAND_ROWS] = np.round(scaled).astype(np.uint8)
-    return Image.fromarray(levels).convert("RGB")
-
-
-def _finite_range(values: np.ndarray) -> tuple[float, float]:
-    """(min, max) of the finite values, (0, 0) if none, a band of rows at a time."""
-    low, high = math.inf, -math.inf
-    for top in range(0, len(values), _BAND_ROWS):
-        band = values[top:top + _BAND_ROWS]
-        finite = band[np.isfinite(band)] if band.dtype.kind == "f" else band
-        if finite.size:
-            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
-    return (low, high) if low <= high else (0.0, 0.0)
+    if draw is normal_image:
+        raise InputError(422, f"field '{param}' is a one-channel {img.mode} image, not a normal map: send "
+                              "an RGB image or a .npy [H,W,3] of normals in [-1, 1]", param)
+    return depth_image(np.asarray(img), param)
 
 
 def _open(data: bytes, param: str, max_pixels: int, max_decode_mb: float = MAX_DECODE_MB) -> Image.Image:

@@ -27,3 +27,4 @@ class Modality:
     name: str  # as in the checkpoint (`resample_tokens.<name>`, ...)
     fields: tuple[str, ...]  # upload fields that together make one attachment
     preprocess: Preprocess  # files by field, decoding -> one model input (no batch dim)
+    formats: str = ""  # what the modality's own upload field accepts and how each format is read

@@ -5,6 +5,8 @@ import struct
 import zlib
 
 import av
+import imagecodecs
+import laspy
 import numpy as np
 import soundfile as sf
 from PIL import Image
@@ -117,8 +119,6 @@ def pcd_bytes(xyz: np.ndarray, rgb8: np.ndarray | None = None, data: str = "bina
     """A PCD file as PCL writes it: float32 x y z, then (with `rgb8`, [N,3] uint8) the colour packed in
     one 32-bit field 0x00RRGGBB, typed F (PCL's float reinterpretation) or U; `extra` adds an
     intensity field between them. binary_compressed: the fields one after another, LZF-compressed."""
-    import imagecodecs
-
     fields = [("x", "F", xyz[:, 0].astype("<f4")), ("y", "F", xyz[:, 1].astype("<f4")),
               ("z", "F", xyz[:, 2].astype("<f4"))]
     if extra:
@@ -142,3 +142,16 @@ def pcd_bytes(xyz: np.ndarray, rgb8: np.ndarray | None = None, data: str = "bina
     raw = b"".join(values.tobytes() for _, _, values in fields)
     compressed = imagecodecs.lzf_encode(raw)
     return header + struct.pack("<II", len(compressed), len(raw)) + compressed
+
+
+def las_bytes(xyz: np.ndarray, rgb16: np.ndarray | None) -> bytes:
+    """A LAS 1.2 file written by laspy: point format 2 (xyz + 16-bit rgb) or 0 (xyz), on a 1 mm grid."""
+    las = laspy.create(point_format=2 if rgb16 is not None else 0, file_version="1.2")
+    las.header.scales = [0.001] * 3
+    las.header.offsets = [0.0] * 3
+    las.x, las.y, las.z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    if rgb16 is not None:
+        las.red, las.green, las.blue = rgb16[:, 0], rgb16[:, 1], rgb16[:, 2]
+    out = io.BytesIO()
+    las.write(out)
+    return out.getvalue()

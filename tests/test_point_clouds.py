@@ -1,15 +1,12 @@
 """Point clouds as lidar and depth-camera tools write them: PCL's PCD (ascii, binary, binary_compressed)
 and ASPRS LAS, each giving the tensor the same points give as PLY and .npy (server/media/decoders)."""
 
-import io
-
-import laspy
 import numpy as np
 import pytest
 import torch
 import trimesh
 
-from inputs_files import npy_bytes, pcd_bytes
+from inputs_files import las_bytes, npy_bytes, pcd_bytes
 from server.errors import InputError
 from server.media.decoders.lzf import lzf_decompress
 from server.media.decoders.points import point_tensor
@@ -100,18 +97,6 @@ def test_pcd_errors_name_the_format():
     assert error_of(point_tensor, pcd_bytes(xyz, rgb8, "binary"), max_points=50).status == 413
     commented = b"# written by a scanner\n" + good.split(b"\n", 1)[1]
     assert torch.equal(point_tensor(commented), point_tensor(good))
-
-
-def las_bytes(xyz: np.ndarray, rgb16: np.ndarray | None) -> bytes:
-    las = laspy.create(point_format=2 if rgb16 is not None else 0, file_version="1.2")
-    las.header.scales = [0.001] * 3
-    las.header.offsets = [0.0] * 3
-    las.x, las.y, las.z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-    if rgb16 is not None:
-        las.red, las.green, las.blue = rgb16[:, 0], rgb16[:, 1], rgb16[:, 2]
-    out = io.BytesIO()
-    las.write(out)
-    return out.getvalue()
 
 
 @pytest.mark.parametrize("depth", [8, 16])

@@ -55,17 +55,25 @@ def _seeds() -> dict[str, dict[str, bytes]]:
     cloud = np.random.default_rng(1).normal(size=(300, 6))
     imu = np.random.default_rng(2).normal(size=(120, 6))
     fmri = np.random.default_rng(3).normal(size=(2, FMRI_VOXELS)).astype(np.float32)
-    depth = files.image_bytes(Image.fromarray(np.arange(48 * 40, dtype=np.uint16).reshape(40, 48)), "PNG")
+    depth_mm = np.arange(48 * 40, dtype=np.uint16).reshape(40, 48)
+    depth = files.image_bytes(Image.fromarray(depth_mm), "PNG")
+    xyz, rgb8 = cloud[:, :3].astype(np.float32), (cloud[:, 3:] % 1 * 255).astype(np.uint8)
+    timestamped = np.concatenate([np.arange(len(imu))[:, None] * 10.0, imu], axis=1)
     return {
         "image": {fmt: files.image_bytes(_picture(), fmt) for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")}
         | {"depth PNG": depth},
+        "map": {"PNG": files.image_bytes(_picture(), "PNG"), "depth PNG": depth,
+                "depth npy": files.npy_bytes(depth_mm / 1000.0)},
         "video": {"mp4": files.video_bytes(frames, "mp4"), "webm": files.video_bytes(frames, "webm", "libvpx-vp9"),
                   "mov": files.video_bytes(frames, "mov")},
         "audio": {fmt: files.sound_bytes(tone, 16000, fmt) for fmt in ("WAV", "FLAC", "OGG")}
         | {"m4a": files.audio_only_mp4(0.5)},
         "point": {"npy": files.npy_bytes(cloud), "csv": files.csv_bytes(cloud)}
-        | {fmt: _mesh(fmt) for fmt in ("ply", "obj", "stl", "glb", "off")},
-        "imu": {"npy": files.npy_bytes(imu), "csv": files.csv_bytes(imu, header="ax,ay,az,gx,gy,gz")},
+        | {fmt: _mesh(fmt) for fmt in ("ply", "obj", "stl", "glb", "off")}
+        | {f"pcd {data}": files.pcd_bytes(xyz, rgb8, data) for data in ("ascii", "binary", "binary_compressed")}
+        | {"las": files.las_bytes(xyz.astype(np.float64), rgb8.astype(np.uint16) * 257)},
+        "imu": {"npy": files.npy_bytes(imu), "csv": files.csv_bytes(imu, header="ax,ay,az,gx,gy,gz"),
+                "logger csv": files.csv_bytes(timestamped, header="timestamp,gx,gy,gz,ax,ay,az")},
         "fmri": {"npy": files.npy_bytes(fmri), "csv": files.csv_bytes(fmri[:1].T)},
     }
 
@@ -77,7 +85,7 @@ VALID_IMAGE = SEEDS["image"]["PNG"]
 DECODERS = {
     "image": ("image", lambda d: image_tensor(decode_image(d, "image", max_pixels=1_000_000,
                                                            max_decode_mb=DECODE_MB)), (3, 224, 224)),
-    "depth": ("image", lambda d: rgbx_tensor(VALID_IMAGE, d, "depth", max_pixels=1_000_000,
+    "depth": ("map", lambda d: rgbx_tensor(VALID_IMAGE, d, "depth", max_pixels=1_000_000,
                                              max_decode_mb=DECODE_MB), (2, 3, 224, 224)),
     "video": ("video", lambda d: video_tensor(d, "video", max_duration_s=30, max_frame_pixels=1_000_000,
                                               max_decoded_frames=300, max_decode_mb=DECODE_MB), (15, 3, 224, 224)),

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     files = parser.add_argument_group("attachments")
     for name in UPLOAD_FIELDS:
         files.add_argument(f"--{name}", metavar="PATH", help=FILE_HELP[name])
-    files.add_argument("--imu-sample-rate", type=float, metavar="HZ", help="sample rate of --imu (default 200)")
+    files.add_argument("--imu-sample-rate", type=float, metavar="HZ",
+                       help="sample rate of --imu (default: its CSV timestamps, else 200)")
     server = parser.add_argument_group("server")
     server.add_argument("--url", help=f"gateway URL (env ONELLM_URL; default {DEFAULT_URL})")
     server.add_argument("--api-key", help="bearer token (env ONELLM_API_KEY)")

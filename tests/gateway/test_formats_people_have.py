@@ -119,3 +119,16 @@ def test_each_upload_field_says_what_it_accepts_in_the_openapi_document(client):
     for name, word in expected.items():
         assert fields[name]["format"] == "binary" and word in fields[name]["description"], (name, fields[name])
     assert "timestamp" in fields["imu_sample_rate"]["description"]
+
+
+def test_a_stored_pcd_is_a_point_cloud_by_file_id_and_as_a_file_part(client):
+    pcd = pcd_bytes(*scan(712), "binary_compressed")
+    stored = client.post("/v1/files", files={"file": ("scan.pcd", pcd)}, data={"purpose": "user_data"})
+    assert stored.status_code == 200, stored.text
+    file_id = stored.json()["id"]
+    inline = greedy(client, [upload("point", "scan.pcd", pcd)])
+    assert greedy(client, [], point_file_id=file_id) == inline
+    response = client.post("/v1/chat/completions", json={"max_tokens": 32, "temperature": 0, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": PROMPT}, {"type": "file", "file": {"file_id": file_id}}]}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == inline

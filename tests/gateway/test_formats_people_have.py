@@ -119,6 +119,9 @@ def test_each_upload_field_says_what_it_accepts_in_the_openapi_document(client):
     for name, word in expected.items():
         assert fields[name]["format"] == "binary" and word in fields[name]["description"], (name, fields[name])
     assert "timestamp" in fields["imu_sample_rate"]["description"]
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    parts = schemas["ChatMessage"]["properties"]["content"]["description"]
+    assert all(f"{name}: {field['description']}" in parts for name, field in fields.items() if name in expected)
 
 
 def test_a_stored_pcd_is_a_point_cloud_by_file_id_and_as_a_file_part(client):

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.entrypoints.protocol import IMU_RATE_HELP
+from server.entrypoints.protocol import IMU_RATE_HELP, PARTS_HELP
 
 
 class ChatMessage(BaseModel):
@@ -15,7 +15,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[dict[str, Any]] | None = Field(default=None, description=PARTS_HELP)
 
 
 class StreamOptions(BaseModel):

@@ -3,25 +3,18 @@ come in."""
 
 from pydantic import BaseModel, Field
 
-from server.core.chat import PAIRING_FIELDS, SINGLE_FIELDS, UPLOAD_FIELDS
-from server.entrypoints.protocol import IMU_RATE_HELP
-from server.media.modalities import MODALITIES
+from server.core.chat import SINGLE_FIELDS, UPLOAD_FIELDS
+from server.entrypoints.protocol import IMU_RATE_HELP, UPLOAD_FORMATS
 
 # `video_ref=<uuid>`: an attachment sent before, by the uuid the gateway returned (X-Media-UUIDs);
 # `video_file_id=<id>`: a file stored with POST /v1/files. A depth or normal map goes with its image,
 # so its pair is referred to by the image's uuid
 REF_FIELDS = {f"{name}_ref": name for name in SINGLE_FIELDS}
 FILE_ID_FIELDS = {f"{name}_file_id": name for name in UPLOAD_FIELDS}
-def _upload_fields() -> dict[str, dict]:
-    """Each upload field with what it accepts and how it is read, from the modality registry."""
-    owners = {**SINGLE_FIELDS, **{name: modality.name for name, modality in PAIRING_FIELDS.items()}}
-    return {name: {"type": "string", "format": "binary", "description": MODALITIES[owner].formats}
-            for name, owner in owners.items()}
-
-
 # the form's own body, as the OpenAPI document gives it: the endpoint reads the form itself
 FORM_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
-    **_upload_fields(), "imu_sample_rate": {"type": "number", "description": IMU_RATE_HELP}}}}}}}
+    **{name: {"type": "string", "format": "binary", "description": formats} for name, formats in UPLOAD_FORMATS.items()},
+    "imu_sample_rate": {"type": "number", "description": IMU_RATE_HELP}}}}}}}
 
 
 class ChatForm(BaseModel):

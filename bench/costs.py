@@ -44,11 +44,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="model_repo/tiny")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="float32",
+                        help="what the encoder and the LLM compute in (the gateway's default is auto)")
     parser.add_argument("--files", type=int, default=3, help="files measured per modality, after one warm-up")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=args.dtype)
     engine = LocalEngine(model.path / "llm", dtype=model.dtype)
     print(f"{args.model}, {model.dtype}, CPU time with 1 torch thread, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.2f}\n")

@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
-    encoder = random_7b_encoder() if args.shapes == "7b" else load_model(args.model).encoder
+    encoder = random_7b_encoder() if args.shapes == "7b" else load_model(args.model, dtype=args.dtype).encoder
     encoder.to(args.device, dtype)
     batches = [int(b) for b in args.batches.split(",")]
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

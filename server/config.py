@@ -61,8 +61,9 @@ class DecoderLimits:
 class Settings:
     model: str = _setting("model_repo/tiny", "model", "model folder")
     device: str = _setting("cpu", "model", "torch device of the encoder and local engine")
-    dtype: str | None = _setting(None, "model", "encoder dtype; by default the one its weights are stored in",
-                                 str, choices=("float32", "float16", "bfloat16"))
+    dtype: str = _setting("auto", "model", "dtype the encoder and the embedded LLM compute in; auto: bfloat16 "
+                          "on a CPU with native bfloat16 (AVX512-BF16, AMX), else float32; on a GPU the "
+                          "weights' own", choices=("auto", "float32", "float16", "bfloat16"))
     preprocess_workers: int = _setting(max(1, min(8, os.cpu_count() or 1)), "model")
     encoder_max_batch: int = _setting(8, "model", "requests of one modality encoded as one batch")
     # under load batches fill while the encoder is busy, so a longer wait only delays a request that comes alone

@@ -5,7 +5,6 @@ import gc
 import logging
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
@@ -44,8 +43,10 @@ ERROR_STATUSES = (400, 401, 404, 408, 413, 415, 422, 429, 503, 504)
 def build_engine(settings: Settings, model: OneLLM, metrics: Metrics) -> Engine:
     if urls := settings.vllm_urls():
         from server.engines.replicas import ReplicatedVLLMEngine
-        # the embeddings travel as they were made
-        return ReplicatedVLLMEngine(urls, metrics, settings.routing, dtype=model.dtype)
+        # vLLM serves the weights in their own dtype unless told otherwise, as the gateway's --dtype
+        # would tell it; the encoder's choice on this machine's CPU says nothing about vLLM's device
+        wire = model.dtype if model.compute.asked else model.stored_dtype
+        return ReplicatedVLLMEngine(urls, metrics, settings.routing, dtype=wire)
     from server.engines.local import LocalEngine
     return LocalEngine(model.path / "llm", device=settings.device, dtype=model.dtype)
 
@@ -95,8 +96,7 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal model, engine
-        dtype = getattr(torch, settings.dtype) if settings.dtype else None
-        model = model or load_model(settings.model, device=settings.device, dtype=dtype)
+        model = model or load_model(settings.model, device=settings.device, dtype=settings.dtype)
         engine = engine or build_engine(settings, model, app.state.metrics)
         split = split_of(settings)
         log.info("memory budget %.0f MiB: %s", settings.memory_budget_mb, split.describe())
@@ -121,7 +121,7 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
         # full collection walked them all, 190-290 ms with every stream stopped. Frozen, it skips them
         gc.collect()
         gc.freeze()
-        log.info("serving model '%s' on the %s engine", model.name, engine.name)
+        log.info("serving model '%s' in %s on the %s engine", model.name, model.compute.name, engine.name)
         yield
         gc.unfreeze()  # so that they are freed at exit as usual
         app.state.service.close()

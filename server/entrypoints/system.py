@@ -22,6 +22,7 @@ class ModelCard(BaseModel):
     owned_by: str = "onellm-serve"
     modalities: list[str]
     random_weights: bool
+    dtype: str  # what the encoder computes in (and the embedded LLM, when it serves)
 
 
 class ModelList(BaseModel):
@@ -34,7 +35,7 @@ async def models(request: Request) -> ModelList:
     model = request.app.state.service.model
     return ModelList(data=[ModelCard(
         id=model.name, created=int(model.path.stat().st_mtime), modalities=model.encoder.modalities,
-        random_weights=bool(model.config.get("random_weights")))])
+        random_weights=bool(model.config.get("random_weights")), dtype=model.compute.name)])
 
 
 @router.get("/health")

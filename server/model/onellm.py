@@ -9,6 +9,7 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
 
+from server.model.dtype import DtypeChoice, decide_dtype
 from server.model.encoder import Encoder
 from server.model.prompt import assemble, render
 
@@ -21,6 +22,8 @@ class OneLLM:
     config: dict
     encoder: Encoder
     tokenizer: spm.SentencePieceProcessor
+    stored_dtype: torch.dtype  # what the weights were written in
+    compute: DtypeChoice  # what the encoder (and the embedded LLM) computes in, and why
 
     @property
     def name(self) -> str:
@@ -53,12 +56,17 @@ class OneLLM:
         return assemble(tokens[:1], blocks, tokens[1:])
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> OneLLM:
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto") -> OneLLM:
+    """The model folder at `path` on `device`, computing in `dtype`: "auto" (server/model/dtype.py
+    decides from the device and the CPU) or a dtype asked for."""
     path = Path(path)
     config = json.loads((path / "model.json").read_text())
     weights = load_file(path / "encoder.safetensors")
+    stored = next(iter(weights.values())).dtype
+    requested = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    compute = decide_dtype(requested, str(device), stored)
     enc = config["encoder"]
     encoder = Encoder(weights, config["modalities"], enc["clip_heads"], enc["upm_heads"], enc["norm_eps"])
-    encoder.to(device=device, dtype=dtype or next(iter(weights.values())).dtype)
+    encoder.to(device=device, dtype=compute.dtype)
     tokenizer = spm.SentencePieceProcessor(model_file=str(path / "llm" / "tokenizer.model"))
-    return OneLLM(path, config, encoder, tokenizer)
+    return OneLLM(path, config, encoder, tokenizer, stored, compute)

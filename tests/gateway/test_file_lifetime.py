@@ -1,6 +1,7 @@
 """What outlives what, on a gateway of its own: files that expire, files that survive a restart,
 and a reference whose prefix the cache no longer holds. Its prefix cache holds one tiny-model prefix
-(30 x 128 float32 = 15 KiB) and files it is not told otherwise about live two seconds."""
+(30 x 128 float32 = 15 KiB: it computes in float32, asked for, since bfloat16's would fit twice) and
+files it is not told otherwise about live two seconds."""
 
 import base64
 import hashlib
@@ -19,7 +20,7 @@ SHORT_TTL_S = 2
 @pytest.fixture(scope="module")
 def gateway(tiny_model, tmp_path_factory):
     server = GatewayProcess(tiny_model, tmp_path_factory.mktemp("lifetime"),
-                            flags({"file_ttl_s": SHORT_TTL_S}), env={"ONELLM_PREFIX_CACHE_MB": "0.02"})
+                            flags({"file_ttl_s": SHORT_TTL_S, "dtype": "float32"}), env={"ONELLM_PREFIX_CACHE_MB": "0.02"})
     server.start()
     yield server
     assert server.stop() == 0

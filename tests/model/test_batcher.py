@@ -12,7 +12,7 @@ from server.model.onellm import load_model
 
 @pytest.fixture(scope="module")
 def model(fixture_model):
-    return load_model(fixture_model)
+    return load_model(fixture_model, dtype="float32")  # the comparisons below are at float32 precision
 
 
 def images(n: int) -> list[torch.Tensor]:

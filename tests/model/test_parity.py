@@ -24,3 +24,31 @@ def test_parity_fails_with_wrong_clip_heads(fixture_dir, fixture_model, capsys):
 def test_parity_refuses_a_folder_that_is_no_fixture(tmp_path, capsys):
     assert main(["parity", str(tmp_path)]) == 2
     assert "reference.json" in capsys.readouterr().out
+
+
+# bfloat16 against the authors' float32, as measured on this machine's Zen 5 (docs/benchmarks.md):
+# prefix max|err| 3.5e-2..5.2e-2 (relative to the largest |value| 1.0e-2..1.9e-2), first logits
+# 2.5e-3..3.7e-3 (6.1e-3..9.2e-3), all 24 greedy ids in 6 modalities of 8. The bounds leave twice that
+BF16_PREFIX_ERROR, BF16_PREFIX_RELATIVE = 0.1, 0.04
+BF16_LOGITS_ERROR, BF16_LOGITS_RELATIVE = 8e-3, 0.02
+# the fixture's random LLM meets near-ties (greedy margins 6e-5..2.5e-3, smaller than bfloat16's
+# logit error): divergence after a few tokens is expected there, not a fault
+BF16_MODALITIES_WITH_ALL_IDS = 5
+
+
+def parity_rows(out: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.split()[:1] and line.split()[0] in {"image", "video", "audio", "point", "rgbd", "rgbn", "fmri", "imu"}}
+
+
+def test_bfloat16_stays_within_the_measured_distance_of_the_float32_reference(fixture_dir, fixture_model, capsys):
+    code = main(["parity", str(fixture_dir), "--model", str(fixture_model), "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    rows = parity_rows(out)
+    assert code == 0 and len(rows) == 8, out
+    for modality, (prompt_ids, prefix, prefix_rel, logits, logits_rel, ids) in rows.items():
+        assert prompt_ids == "same", out
+        assert float(prefix) <= BF16_PREFIX_ERROR and float(prefix_rel) <= BF16_PREFIX_RELATIVE, (modality, out)
+        assert float(logits) <= BF16_LOGITS_ERROR and float(logits_rel) <= BF16_LOGITS_RELATIVE, (modality, out)
+        assert float(prefix) > 1e-4, "no bfloat16 rounding at all: it did not compute in bfloat16"
+    assert sum(row[-1] == "24/24" for row in rows.values()) >= BF16_MODALITIES_WITH_ALL_IDS, out

@@ -43,7 +43,9 @@ def test_parity_through_vllm_matches_the_reference_greedy_ids(fixture_dir, vllm_
 
 @pytest.fixture(scope="module")
 def gateway(vllm_model_dir, vllm_server, tmp_path_factory):
-    server = GatewayProcess(vllm_model_dir, tmp_path_factory.mktemp("gateway-vllm"), ["--vllm-url", vllm_server])
+    # float32 as `in_process` below: its answers are what the gateway's must equal
+    server = GatewayProcess(vllm_model_dir, tmp_path_factory.mktemp("gateway-vllm"),
+                            ["--vllm-url", vllm_server, "--dtype", "float32"])
     server.start()
     yield server.url
     server.stop()
@@ -52,7 +54,7 @@ def gateway(vllm_model_dir, vllm_server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def in_process(vllm_model_dir):
     """The same model decoded by transformers in this process: what vLLM's greedy answers must equal."""
-    model = load_model(vllm_model_dir)
+    model = load_model(vllm_model_dir, dtype="float32")  # as the gateway: the same prefixes, bit for bit
     engine = LocalEngine(vllm_model_dir / "llm")
 
     def answer(modality: str, files: dict[str, bytes]) -> str:

@@ -121,6 +121,10 @@ class Settings:
     key_requests_per_minute: int = _setting(0, "overload", "chat requests one API key (or client address) may "
                                             "start a minute, in bursts of up to that many; more get 429 "
                                             "(0: no limit)")
+    quota_lease_ttl_s: float = _setting(30.0, "overload", "with a shared Redis (cache_url), how long a request's "
+                                        "place under key_max_concurrent outlives its gateway: the gateway "
+                                        "renews it every third of this while the request runs, and a dead "
+                                        "gateway's places come back after this")
 
     # The defaults let a 50 MB video arrive over a 2 Mbit/s link (250 kB/s, 200 s): well above
     # the minimum rate, within request_timeout_s

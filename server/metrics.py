@@ -75,5 +75,14 @@ class Metrics:
         self.shared_cache_hits = Counter("onellm_shared_cache_hits", "Attachments served from the shared prefix cache",
                                          ["modality"], registry=self.registry)
 
+    def add_shared_quotas(self) -> None:
+        """The cluster-wide quotas' metrics, only on gateways that count quotas in Redis."""
+        self.shared_quotas_up = Gauge("onellm_shared_quotas_up", "1 while per-key quotas are counted across the "
+                                      "gateways (in the shared Redis), 0 while each gateway counts its own",
+                                      registry=self.registry)
+        self.shared_quota_fallbacks = Counter("onellm_shared_quota_fallbacks", "Requests whose per-key quotas this "
+                                              "gateway decided alone because the shared Redis did not answer",
+                                              registry=self.registry)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,5 +1,5 @@
 """The gateway's Redis: one way to connect for every store kept there, and the shared Redis that
-the prefix cache, the media references and the stored responses use.
+the prefix cache, the media references, the stored responses and the cluster-wide quotas use.
 
 That shared Redis helps and is never needed: an error, or a reply slower than the timeout, turns
 it off for this gateway with one warning; callers go on with what they hold locally, and a probe
@@ -50,7 +50,7 @@ class SharedRedis:
         try:
             await self.client.ping()
         except REDIS_ERRORS as e:
-            self._off("ping", e)
+            self.failed("ping", e)
         else:
             self._on()
 
@@ -67,23 +67,24 @@ class SharedRedis:
         try:
             return True, await self.client.get(name)
         except REDIS_ERRORS as e:
-            self._off("get", e)
+            self.failed("get", e)
             return False, None
 
     async def set(self, name: str, value: bytes, ttl_s: int) -> bool:
         """Whether Redis took the write."""
-        return await self._write("set", lambda: self.client.set(name, value, ex=ttl_s))
+        return await self.run("set", lambda: self.client.set(name, value, ex=ttl_s))
 
     async def delete(self, name: str) -> bool:
-        return await self._write("delete", lambda: self.client.delete(name))
+        return await self.run("delete", lambda: self.client.delete(name))
 
-    async def _write(self, operation: str, command: Callable[[], Coroutine]) -> bool:
+    async def run(self, operation: str, command: Callable[[], Coroutine]) -> bool:
+        """Whether `command()` ran: not while Redis is off, and a failure turns it off."""
         if not self.up:
             return False
         try:
             await command()
         except REDIS_ERRORS as e:
-            self._off(operation, e)
+            self.failed(operation, e)
             return False
         return True
 
@@ -95,11 +96,12 @@ class SharedRedis:
         self.up = True
         self.metrics.shared_cache_up.set(1)
 
-    def _off(self, operation: str, error: Exception) -> None:
+    def failed(self, operation: str, error: Exception) -> None:
+        """`operation` got `error` from Redis: it is off until it answers again."""
         self.metrics.shared_cache_errors.labels(operation).inc()
         if self.up or self._probe is None:  # the first failure only: the others are the same outage
-            log.warning("the shared prefix cache (redis %s) failed on %s: %s: %s; serving from the local "
-                        "cache until it answers again", self.where, operation, type(error).__name__, error)
+            log.warning("the shared Redis (%s) failed on %s: %s: %s; this gateway goes on with its local "
+                        "caches and counts until it answers again", self.where, operation, type(error).__name__, error)
         self.up = False
         self.metrics.shared_cache_up.set(0)
         if self._probe is None or self._probe.done():
@@ -112,7 +114,7 @@ class SharedRedis:
                 await self.client.ping()
             except REDIS_ERRORS:
                 continue
-            log.info("the shared prefix cache (redis %s) answers again", self.where)
+            log.info("the shared Redis (%s) answers again", self.where)
             self._on()
             # in a task of its own: a write that fails now must find this probe done, to start the next
             self._catching_up = asyncio.create_task(self._back())

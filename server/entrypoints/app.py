@@ -35,6 +35,7 @@ from server.traffic.admission import Admission, ChatGuard
 from server.traffic.intake import Intake
 from server.traffic.limits import BodyLimit
 from server.traffic.quotas import CallerQuotas, Quota
+from server.traffic.shared_quotas import SharedQuotas
 
 log = logging.getLogger("onellm.gateway")
 ERROR_STATUSES = (400, 401, 404, 408, 413, 415, 422, 429, 503, 504)
@@ -80,7 +81,7 @@ def add_guards(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(Intake, settings=settings, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(CallerQuotas, default=Quota(settings.key_max_concurrent, settings.key_requests_per_minute),
-                       keys=keys, metrics=metrics)
+                       keys=keys, metrics=metrics, shared=lambda: app.state.shared_quotas)
     app.add_middleware(Gate, keys=keys, draining=lambda: app.state.draining)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
@@ -110,6 +111,7 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
             shared_redis = SharedRedis(settings.cache_url, settings.cache_timeout_ms / 1000, app.state.metrics)
             await shared_redis.start()  # a Redis that is down does not stop the gateway from serving
             shared_cache = shared_cache_for(shared_redis, model, settings.cache_ttl_s)
+            app.state.shared_quotas = SharedQuotas(shared_redis, settings.quota_lease_ttl_s, app.state.metrics)
         references = MediaReferences(Records(f"onellm:ref:{model.name}:", int(settings.references_mb * MiB),
                                              settings.cache_ttl_s, shared_redis))
         app.state.stored_responses = Records(f"onellm:response:{model.name}:", int(settings.stored_responses_mb * MiB),
@@ -127,6 +129,7 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
         app.state.service.close()
         await app.state.files.close()
         if shared_redis:
+            await app.state.shared_quotas.close()
             await shared_redis.close()
         await engine.close()
 
@@ -140,6 +143,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     app.state.metrics = Metrics()
     app.state.settings = settings
     app.state.draining = False  # set by `onellm serve` on SIGTERM
+    app.state.shared_quotas = None  # set in the lifespan when there is a shared Redis
     add_guards(app, settings)
     add_error_handlers(app)
     for router in (chat_completions_router, chat_form_router, system_router, files_router, responses_router):

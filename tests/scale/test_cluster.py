@@ -9,13 +9,13 @@ import hashlib
 import os
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 import media
 from scraped_metrics import total
+from waiting import until
 
 TIMEOUT = httpx.Timeout(120, connect=10)  # every wait of this tier is bounded
 FOLLOW_UPS = ["And what colour is the sky in it, and is there any text?",
@@ -70,13 +70,6 @@ def complete(base_url: str, messages: list[dict], max_tokens: int = 8) -> str:
 
 def text_chat(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
-
-
-def until(condition, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {within} s"
-        time.sleep(0.1)
 
 
 def test_chats_spread_over_both_vllm_backends(cluster):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.traffic.access import ApiKey, caller_of, metric_key, send_error
+from server.traffic.access import ApiKey, caller_of, is_batch_line, metric_key, send_error
 from server.traffic.routes import kind_of
 from server.metrics import Metrics
 from server.errors import InputError
@@ -63,7 +63,7 @@ class CallerQuotas:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = kind_of(scope)
-        if kind is None:
+        if kind is None or is_batch_line(scope):  # the batch runner bounds its own lines
             return await self.app(scope, receive, send)
         chat = kind == "chat"
         caller = caller_of(scope)

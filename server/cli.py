@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "parity-inputs": ("server.tools.parity_inputs", "check preprocessing of real files against a fixture"),
     "serve": ("server.entrypoints.serve_command", "run the HTTP gateway"),
     "chat": ("onellm_client.cli", "chat with a running gateway from the terminal"),
+    "batch": ("onellm_client.batch_cli", "submit a batch to a running gateway, follow it, read its results"),
 }
 
 

@@ -18,6 +18,7 @@ SECTIONS = {
     "overload": "overload",
     "traffic": "the way in: what slow or idle clients and remote attachments may hold",
     "storage": "caches and stored files, media uuids and responses",
+    "batches": "the Batch API: lines run beside online requests, at a lower priority",
     "access": "access",
 }
 
@@ -177,6 +178,11 @@ class Settings:
                                                "for previous_response_id itself (the shared cache holds them "
                                                "for response_ttl_s)")
     response_ttl_s: int = _setting(86_400, "storage", "how long a stored response can be continued or read back")
+
+    batch_max_in_flight: int = _setting(2, "batches", "batch lines served at once on this gateway, all batches "
+                                        "together; they take a slot only when no online request waits for one")
+    batch_completion_window_s: int = _setting(86_400, "batches", "how long the completion window '24h' lasts: a "
+                                              "batch not finished by then is expired, its unanswered lines failed")
 
     # keys are never given on the command line, where `ps` would show them
     api_keys: tuple[str, ...] = _setting((), "access", parse=_list, secret=True)

@@ -44,6 +44,15 @@ class Metrics:
                                 "by the request timeout (504)", ["reason"], registry=self.registry)
         self.admission_waiting = Gauge("onellm_admission_waiting", "Chat requests waiting for a slot",
                                        registry=self.registry)
+        # the Batch API (server/core/batches.py): its lines wait for slots below online requests
+        self.batch_lines_waiting = Gauge("onellm_batch_lines_waiting", "Batch lines waiting for a slot, behind "
+                                         "every online request waiting", registry=self.registry)
+        self.batch_lines_in_flight = Gauge("onellm_batch_lines_in_flight", "Batch lines sent and not answered yet, "
+                                           "waiting for a slot or being served", registry=self.registry)
+        self.batch_lines = Counter("onellm_batch_lines", "Batch lines answered, by outcome: completed (status 200) "
+                                   "or failed (any other answer)", ["outcome"], registry=self.registry)
+        self.batches = Gauge("onellm_batches", "Batches stored on this gateway, by state", ["state"],
+                             registry=self.registry)
         # the vLLM backends, labelled by URL (server/engines/replicas.py)
         self.backend_requests = Counter("onellm_vllm_backend_requests", "Requests sent to a vLLM backend, "
                                         "retries included", ["backend"], registry=self.registry)

@@ -13,8 +13,12 @@ from server.budget import split_of
 from server.cache.shared_prefixes import shared_cache_for
 from server.config import MiB, Settings
 from server.cache.redis_client import SharedRedis
+from server.core.batches import BatchRunner
 from server.core.service import chat_service_for
 from server.engines.base import Engine
+from server.entrypoints.batches.lines import input_reader, line_sender
+from server.entrypoints.batches.protocol import BatchCreateRequest
+from server.entrypoints.batches.router import router as batches_router
 from server.entrypoints.chat_completions.protocol import ChatCompletionRequest
 from server.entrypoints.chat_completions.router import router as chat_completions_router
 from server.entrypoints.chat_form.router import router as chat_form_router
@@ -29,9 +33,10 @@ from server.entrypoints.system import router as system_router
 from server.metrics import Metrics
 from server.model.onellm import OneLLM, load_model
 from server.storage.files import file_store_for
+from server.storage.local_batches import LocalBatchStore
 from server.storage.records import MediaReferences, Records
 from server.traffic.access import Gate, RequestIds, load_api_keys
-from server.traffic.admission import Admission, ChatGuard
+from server.traffic.admission import BATCH, Admission, ChatGuard
 from server.traffic.intake import Intake
 from server.traffic.limits import BodyLimit
 from server.traffic.quotas import CallerQuotas, Quota
@@ -76,6 +81,7 @@ def add_guards(app: FastAPI, settings: Settings) -> None:
     keys = load_api_keys(settings.api_keys, settings.api_keys_file)
     admission = Admission(settings.max_concurrent, settings.max_queued)
     metrics.admission_waiting.set_function(lambda: admission.waiting)
+    metrics.batch_lines_waiting.set_function(lambda: admission.waiting_at(BATCH))
     app.add_middleware(ChatGuard, admission=admission, timeout_s=settings.request_timeout_s, metrics=metrics,
                        stream_error=error_event)
     app.add_middleware(Intake, settings=settings, metrics=metrics)
@@ -89,6 +95,16 @@ def add_guards(app: FastAPI, settings: Settings) -> None:
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After", MEDIA_HEADER])
     app.add_middleware(RequestIds)
+
+
+async def start_batches(app: FastAPI, settings: Settings) -> BatchRunner:
+    """The batch store (beside the local files, whichever store keeps the files) and the runner,
+    which resumes the batches a previous run of the gateway left unfinished."""
+    app.state.batches = LocalBatchStore(settings.files_dir)
+    runner = BatchRunner(app.state.batches, app.state.files, settings, app.state.metrics, line_sender(app),
+                         input_reader(app.state.files, app.state.service.off_loop), lambda: app.state.draining)
+    await runner.start()
+    return runner
 
 
 def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None):
@@ -119,6 +135,7 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
         app.state.files = file_store_for(settings)
         await app.state.files.start()
         app.state.service = chat_service_for(settings, model, engine, app.state.metrics, shared_cache, references)
+        app.state.batch_runner = await start_batches(app, settings)
         # torch, transformers and the model are ~0.5 M objects that live as long as the process; a
         # full collection walked them all, 190-290 ms with every stream stopped. Frozen, it skips them
         gc.collect()
@@ -126,6 +143,8 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
         log.info("serving model '%s' in %s on the %s engine", model.name, model.compute.name, engine.name)
         yield
         gc.unfreeze()  # so that they are freed at exit as usual
+        await app.state.batch_runner.close()
+        await app.state.batches.close()
         app.state.service.close()
         await app.state.files.close()
         if shared_redis:
@@ -146,7 +165,8 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     app.state.shared_quotas = None  # set in the lifespan when there is a shared Redis
     add_guards(app, settings)
     add_error_handlers(app)
-    for router in (chat_completions_router, chat_form_router, system_router, files_router, responses_router):
+    for router in (chat_completions_router, chat_form_router, system_router, files_router, responses_router,
+                   batches_router):
         app.include_router(router)
-    document_models(app, ChatCompletionRequest, ResponsesRequest)
+    document_models(app, ChatCompletionRequest, ResponsesRequest, BatchCreateRequest)
     return app

@@ -15,7 +15,7 @@ from server.media.sniff import sniff
 from server.storage.local_files import LocalFileStore
 from server.storage.redis_files import RedisFileStore
 
-PURPOSES = ("user_data", "vision")
+PURPOSES = ("user_data", "vision", "batch")
 # what each modality's decoders read; anything else (pickles, archives, documents) is refused on upload
 ACCEPTED_FAMILIES = {"image", "video", "audio", "array", "mesh", "points", "text"}
 

@@ -84,11 +84,11 @@ class LocalFileStore:
     def _add(self, tenant: str, record: StoredFile, data: bytes) -> StoredFile:
         blob = self.root / "blobs" / record.sha256
         if not blob.exists():
-            _write_atomically(blob, data)
+            write_atomically(blob, data)
         marker = self.root / "refs" / record.sha256 / f"{tenant_key(tenant)}.{record.id}"
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
-        _write_atomically(self._meta(tenant, record.id), json.dumps(asdict(record)).encode())
+        write_atomically(self._meta(tenant, record.id), json.dumps(asdict(record)).encode())
         return record
 
     def _read(self, path: Path) -> StoredFile | None:
@@ -163,7 +163,7 @@ def _plain_id(file_id: str) -> bool:
     return file_id.startswith("file-") and file_id[5:].isalnum() and len(file_id) <= 64
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
     try:

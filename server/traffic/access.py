@@ -188,6 +188,12 @@ def tenant_of(request) -> str:
     return request.scope.get("state", {}).get("tenant") or "-"
 
 
+def is_batch_line(scope: Scope) -> bool:
+    """A line of a batch, sent by the batch runner inside the process: its key was checked when the
+    batch was created, and its caller and tenant come with it. Only the process can set scope state."""
+    return bool(scope.get("state", {}).get("batch_line"))
+
+
 def metric_key(scope: Scope) -> str:
     """The `key` label of a refusal: the key's id; "" for a caller known by its address, since
     a label per address would grow without bound."""
@@ -207,8 +213,9 @@ class Gate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        key = self._key(dict(scope["headers"]).get(b"authorization", b"")) if self.keys else None
-        if self.keys and key is None:
+        batch_line = is_batch_line(scope)
+        key = self._key(dict(scope["headers"]).get(b"authorization", b"")) if self.keys and not batch_line else None
+        if self.keys and key is None and not batch_line:
             # one message whatever was wrong: no hint whether a key was sent, malformed or unknown
             return await send_error(send, InputError(401, "a valid API key is required (Authorization: Bearer <key>)",
                                                      headers={"WWW-Authenticate": "Bearer"}))

@@ -11,11 +11,12 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.traffic.access import caller_of, metric_key, send_error
+from server.traffic.access import caller_of, is_batch_line, metric_key, send_error
 from server.metrics import Metrics
 from server.errors import InputError, RequestError, TimedOut
 from server.traffic.routes import kind_of
@@ -28,39 +29,48 @@ class Overloaded(Exception):
     pass
 
 
+# priorities, highest first: a waiting online request always gets a slot before a waiting batch line
+ONLINE, BATCH = 0, 1
+
+
 class Admission:
     """`max_concurrent` requests run; up to `max_queued` more wait their turn; any more are refused
     at once. Waiters are served by caller in turn (round robin over the callers that have one
     waiting, each caller's own first come first served), so a caller with many waiting cannot
-    push another's request behind all of its own."""
+    push another's request behind all of its own. Batch lines wait at a lower priority: one gets a
+    slot only when no online request waits; they are not counted in `max_queued`, the batch runner
+    bounds how many of them wait."""
 
     def __init__(self, max_concurrent: int, max_queued: int):
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
         self._free = max_concurrent
-        # callers with waiters, in the order their turns come (a dict keeps insertion order)
-        self._queues: dict[str, deque[asyncio.Future]] = {}
+        # per priority: callers with waiters, in the order their turns come (a dict keeps insertion order)
+        self._queues: tuple[dict[str, deque[asyncio.Future]], ...] = ({}, {})
 
     @property
     def waiting(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+        return self.waiting_at(ONLINE)
+
+    def waiting_at(self, priority: int) -> int:
+        return sum(len(queue) for queue in self._queues[priority].values())
 
     @asynccontextmanager
-    async def slot(self, caller: str = ""):
-        if self._free and not self._queues:
+    async def slot(self, caller: str = "", priority: int = ONLINE):
+        if self._free and not any(self._queues):
             self._free -= 1
         else:
-            if self.waiting >= self.max_queued:
+            if priority == ONLINE and self.waiting >= self.max_queued:
                 raise Overloaded
             turn = asyncio.get_running_loop().create_future()
-            self._queues.setdefault(caller, deque()).append(turn)
+            self._queues[priority].setdefault(caller, deque()).append(turn)
             try:
                 await turn
             except asyncio.CancelledError:
                 if turn.done() and not turn.cancelled():
                     self._release()  # handed the slot as it was cancelled: the next one gets it
                 else:
-                    self._forget(caller, turn)
+                    self._forget(self._queues[priority], caller, turn)
                 raise
         try:
             yield
@@ -68,23 +78,25 @@ class Admission:
             self._release()
 
     def _release(self) -> None:
-        while self._queues:
-            caller = next(iter(self._queues))
-            queue = self._queues.pop(caller)
-            turn = queue.popleft()
-            if queue:
-                self._queues[caller] = queue  # to the back of the round
-            if not turn.done():
-                turn.set_result(None)
-                return
+        for queues in self._queues:
+            while queues:
+                caller = next(iter(queues))
+                queue = queues.pop(caller)
+                turn = queue.popleft()
+                if queue:
+                    queues[caller] = queue  # to the back of the round
+                if not turn.done():
+                    turn.set_result(None)
+                    return
         self._free += 1
 
-    def _forget(self, caller: str, turn: asyncio.Future) -> None:
-        queue = self._queues.get(caller)
+    @staticmethod
+    def _forget(queues: dict[str, deque[asyncio.Future]], caller: str, turn: asyncio.Future) -> None:
+        queue = queues.get(caller)
         if queue is not None and turn in queue:
             queue.remove(turn)
             if not queue:
-                del self._queues[caller]
+                del queues[caller]
 
 
 class _ClientWatch:
@@ -131,6 +143,14 @@ class _Response:
         await self._send(message)
 
 
+@dataclass
+class _Holding:
+    """What a request holds once admitted (its slot, in `held`), its deadline, and whether it is a batch line."""
+    held: AsyncExitStack
+    deadline: asyncio.Timeout
+    batch_line: bool
+
+
 class ChatGuard:
     """ASGI middleware around the chat endpoints: admission, request timeout, disconnects.
     `stream_error` frames the error that ends a stream the deadline cut, in the stream's wire format."""
@@ -147,9 +167,11 @@ class ChatGuard:
         if kind_of(scope) != "chat":
             return await self.app(scope, receive, send)
         response = _Response(send)
+        batch_line = is_batch_line(scope)
         try:
-            async with asyncio.timeout(self.timeout_s), AsyncExitStack() as held:
-                await self._until_done_or_gone(scope, receive, response, held)
+            # a batch line's deadline starts once it has its slot: it may wait behind online traffic for long
+            async with asyncio.timeout(None if batch_line else self.timeout_s) as deadline, AsyncExitStack() as held:
+                await self._until_done_or_gone(scope, receive, response, _Holding(held, deadline, batch_line))
         except Overloaded:
             self.metrics.rejected.labels("overloaded").inc()
             self.metrics.refusals.labels("max_queued", metric_key(scope)).inc()
@@ -168,23 +190,26 @@ class ChatGuard:
         except ClientDisconnect:
             pass  # the client left during its upload: there is no one to answer
 
-    def _admitting(self, receive: Receive, held: AsyncExitStack, caller: str) -> Receive:
+    def _admitting(self, receive: Receive, holding: "_Holding", caller: str) -> Receive:
         """`receive`, which once the body's last part has come waits for a slot before handing it
         on: uploads, however slow, hold no slot; the slot is held until the response ends."""
 
         async def admitted_receive() -> Message:
             message = await receive()
             if message["type"] == "http.request" and not message.get("more_body", False):
-                await held.enter_async_context(self.admission.slot(caller))
+                priority = BATCH if holding.batch_line else ONLINE
+                await holding.held.enter_async_context(self.admission.slot(caller, priority))
+                if holding.deadline.when() is None:
+                    holding.deadline.reschedule(asyncio.get_running_loop().time() + self.timeout_s)
             return message
 
         return admitted_receive
 
     async def _until_done_or_gone(self, scope: Scope, receive: Receive, response: _Response,
-                                  held: AsyncExitStack) -> None:
+                                  holding: "_Holding") -> None:
         watch = _ClientWatch(receive)
         # admitted after the watch has seen the body's end, so a client leaving while queued is noticed
-        admitted = self._admitting(watch.receive, held, caller_of(scope))
+        admitted = self._admitting(watch.receive, holding, caller_of(scope))
         serving = asyncio.ensure_future(self.app(scope, admitted, response.send))
         watching = asyncio.ensure_future(watch.until_left())
         try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.traffic.access import ApiKey, caller_of, metric_key, send_error
+from server.traffic.access import ApiKey, caller_of, is_batch_line, metric_key, send_error
 from server.traffic.routes import kind_of
 from server.traffic.shared_quotas import SharedQuotas, Verdict
 from server.metrics import Metrics
@@ -71,7 +71,7 @@ class CallerQuotas:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = kind_of(scope)
-        if kind is None:
+        if kind is None or is_batch_line(scope):  # the batch runner bounds its own lines
             return await self.app(scope, receive, send)
         caller = caller_of(scope)
         quota = self.quotas.get(caller, self.default)

@@ -73,6 +73,8 @@ async def upload_file(request: Request) -> FileObject:
         filename = _filename(upload)
     service = request.app.state.service
     kind = await service.off_loop(check_upload, data, service.decoder_limits)
+    if purpose == "batch" and kind != "text":
+        raise InputError(415, "a batch input file is JSONL text: one request a line", "file")
     store, tenant = request.app.state.files, tenant_of(request)
     if len(await store.list(tenant)) >= settings.max_files_per_key:
         raise InputError(400, f"this API key already stores {settings.max_files_per_key} files (max_files_per_key); "

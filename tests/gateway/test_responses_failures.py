@@ -30,11 +30,15 @@ def client(gateway, standin):
     with httpx.Client(base_url=gateway.url, timeout=60) as client:
         yield client
         standin.release.set()
-        # the one slot is free a moment after a response's last byte: the next test needs it
-        deadline = time.monotonic() + 30
-        while metric(client, "onellm_queue_depth") > 0:
-            assert time.monotonic() < deadline, "a request still holds the slot"
-            time.sleep(0.05)
+        until_the_slot_is_free(client)  # the next test needs it
+
+
+def until_the_slot_is_free(client: httpx.Client) -> None:
+    """The one slot is free a moment after a response's last byte, not at once."""
+    deadline = time.monotonic() + 30
+    while metric(client, "onellm_queue_depth") > 0:
+        assert time.monotonic() < deadline, "a request still holds the slot"
+        time.sleep(0.05)
 
 
 def events_of(text: str) -> list[tuple[str, dict]]:
@@ -76,6 +80,7 @@ def test_a_backend_gone_before_the_response_starts_is_a_503(client, standin):
             error = assert_error(response, 503)
             assert error["code"] == "engine_unavailable" and response.headers["retry-after"] == "1"
             assert str(standin.port) not in error["message"]
+            until_the_slot_is_free(client)
     finally:
         standin.start()
 
@@ -100,7 +105,10 @@ def test_a_response_past_the_request_timeout_is_a_504(client, standin):
     standin.completions = HOLD  # never released: only the request timeout ends these
     timeouts = metric(client, "onellm_rejected_requests_total", reason="timeout")
     # one after the other, the gateway has one slot; a request that hung would fail at 60 s
-    answers = {stream: client.post("/v1/responses", json={**REQUEST, "stream": stream}) for stream in (False, True)}
+    answers = {}
+    for stream in (False, True):
+        answers[stream] = client.post("/v1/responses", json={**REQUEST, "stream": stream})
+        until_the_slot_is_free(client)
     error = assert_error(answers[False], 504)
     assert "(request_timeout_s)" in error["message"], error
     streamed = answers[True]

@@ -9,7 +9,7 @@ import torch
 
 from server.metrics import Metrics
 from server.config import Settings
-from server.engines.base import EngineUnavailable, PromptRejected, Sampling, Usage
+from server.engines.base import EngineUnavailable, Sampling, Usage
 from server.engines.replicas import ReplicatedVLLMEngine
 from server.engines.routing import Router
 from vllm_standin import (ANSWER, CUT_AFTER_TEXT, CUT_BEFORE_TEXT, FAIL, HOLD, RECORDED_DELTAS, RECORDED_IDS,

@@ -3,7 +3,6 @@
 import asyncio
 import socket
 
-import httpx
 import numpy as np
 import pytest
 

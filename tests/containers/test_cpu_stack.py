@@ -21,8 +21,8 @@ def sse_events(lines) -> list[str]:
 
 
 def test_the_images_were_built(docker_engine, images):
-    for image in ("onellm-serve-gateway:0.1.0", "onellm-vllm-cpu:0.32.0", "onellm-cpu-base:bookworm"):
-        docker_engine.docker("image", "inspect", image)
+    for name in ("onellm-serve-gateway:0.1.0", "onellm-vllm-cpu:0.32.0", "onellm-cpu-base:bookworm"):
+        docker_engine.docker("image", "inspect", name)
 
 
 def test_both_services_turn_healthy_and_the_gateway_serves_a_streamed_image_chat(cpu_stack):

@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 
-import pytest
 import yaml
 
 from deploy_tools import DEPLOY, REPO, exposed_metric_names, queried_metrics, tool

@@ -37,8 +37,8 @@ def until(condition, what: str) -> None:
 def upload_started(port: int) -> socket.socket:
     """A chat upload whose headers and first bytes have come, and no more."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
-    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: 100000\r\n\r\n".encode() + b'{"messages": [')
+    sock.sendall("POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                 "Content-Length: 100000\r\n\r\n".encode() + b'{"messages": [')
     return sock
 
 

@@ -56,7 +56,7 @@ def test_the_gateway_runs_as_a_non_root_user_reading_a_model_repo_it_does_not_ow
 
 def test_logs_go_to_stdout(cpu_stack):
     logs = cpu_stack.compose("logs", "--no-color", "gateway").stdout
-    assert "serving model 'tiny-compose' on the vllm engine" in logs
+    assert "serving model 'tiny-compose' in float32 on the vllm engine" in logs  # compose.cpu.yml's dtype
 
 
 def test_the_gateway_turns_unhealthy_while_vllm_is_stopped_and_healthy_again_after(cpu_stack):

@@ -183,20 +183,3 @@ def test_the_list_pages_newest_first(alice, model):
     assert rest.data[0].id == made[0]
     for batch_id in made:
         finished(alice, batch_id)
-
-
-def test_online_requests_are_admitted_ahead_of_waiting_batch_lines(alice, scraper, model):
-    """With one slot and the batch's lines all waiting for it, an online request is served next:
-    it is answered while nearly all of the batch still waits (served in arrival order, it would
-    come after every line that waited before it)."""
-    lines = [chat_line(f"q{i}", f"count to {i}", model, max_tokens=8) for i in range(IN_FLIGHT)]
-    batch = submit(alice, lines)
-    # the runner may still be finishing the batch of a test before this one
-    assert wait_metric(scraper, "onellm_batch_lines_in_flight", IN_FLIGHT, timeout=300) == IN_FLIGHT
-
-    answer = alice.chat.completions.create(model=model, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
-
-    assert answer.choices[0].message.content is not None
-    counts = alice.batches.retrieve(batch.id).request_counts
-    assert counts.completed + counts.failed < IN_FLIGHT // 2, counts
-    assert finished(alice, batch.id).request_counts.completed == IN_FLIGHT

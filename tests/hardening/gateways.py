@@ -62,4 +62,5 @@ BOUNDS = {
     "stored_responses_mb": 0.008,  # a few records of ~1-2 kB
     "references_mb": 0.002,  # about ten uuids of ~200 bytes
     "prefix_cache_mb": 3.5 * PREFIX_BYTES / (1 << 20),  # three prefixes
+    "dtype": "float32",  # the prefixes' size above; `auto` may choose bfloat16, half as large
 }

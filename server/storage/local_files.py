@@ -107,13 +107,12 @@ class LocalFileStore:
         return record
 
     def _content(self, tenant: str, file_id: str) -> tuple[StoredFile, bytes] | None:
-        record = self._get(tenant, file_id)
-        if record is None:
+        opened = self._open(tenant, file_id)
+        if opened is None:
             return None
-        try:
-            return record, (self.root / "blobs" / record.sha256).read_bytes()
-        except OSError:
-            return None
+        record, blob = opened
+        with blob:
+            return record, blob.read()
 
     def _open(self, tenant: str, file_id: str) -> tuple[StoredFile, BinaryIO] | None:
         record = self._get(tenant, file_id)

@@ -12,11 +12,12 @@ import os
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from docker_stack import REPO, DockerEngine, Stack
+from docker_stack import REPO, DockerEngine, Stack, wait_ready
 from gateway_process import free_port
 from missing import unavailable
 
@@ -58,15 +59,71 @@ def images(docker_engine) -> dict:
     return {"build_seconds": time.monotonic() - started, "log": result.stdout}
 
 
-@pytest.fixture(scope="module")
-def cpu_stack(docker_engine, images) -> Stack:
-    """docker-compose.yml with the CPU override, on free ports, the tiny model made by the
-    stack's own make-tiny service into model_repo/ (a folder of its own, made afresh)."""
-    model_name = "tiny-compose"
-    shutil.rmtree(REPO / "model_repo" / model_name, ignore_errors=True)
-    stack = Stack(docker_engine, "onellm-cpu-test", ["docker-compose.yml", "docker/compose.cpu.yml"], {
-        "ONELLM_MODEL_NAME": model_name, "ONELLM_PUBLISH_PORT": str(free_port()), "ONELLM_UID": str(os.getuid())})
+def fresh_model_folder(name: str) -> dict[str, str]:
+    """A model folder of the stack's own, made afresh by its make-tiny service: two stacks
+    coming up together must not write one folder."""
+    shutil.rmtree(REPO / "model_repo" / name, ignore_errors=True)
+    return {"ONELLM_MODEL_NAME": name, "ONELLM_UID": str(os.getuid())}
+
+
+def cpu_layout(engine: DockerEngine) -> Stack:
+    """docker-compose.yml with the CPU override, on a free port."""
+    return Stack(engine, "onellm-cpu-test", ["docker-compose.yml", "docker/compose.cpu.yml"],
+                 fresh_model_folder("tiny-compose") | {"ONELLM_PUBLISH_PORT": str(free_port())})
+
+
+def multi_layout(engine: DockerEngine) -> Stack:
+    """The multi-GPU layout on the CPU: two vLLMs, two gateways, the Redis stores, HAProxy."""
+    files = ["docker-compose.yml", "docker/compose.multi-gpu.yml", "docker/compose.cpu.yml",
+             "docker/compose.multi-gpu.cpu.yml"]
+    return Stack(engine, "onellm-multi-test", files, fresh_model_folder("tiny-compose-multi") | {
+        "ONELLM_PUBLISH_PORT": str(free_port()), "HAPROXY_STATS_PORT": str(free_port()), "GATEWAY_REPLICAS": "2"})
+
+
+LAYOUTS = {"cpu_stack": cpu_layout, "multi_stack": multi_layout}
+running: list[Stack] = []
+
+
+def bring_up(stack: Stack) -> None:
+    running.append(stack)
     stack.down()
     stack.up()
-    yield stack
-    stack.down()
+
+
+def take_down() -> None:
+    while running:
+        running.pop().down()
+
+
+@pytest.fixture(scope="session")
+def compose_stacks(request, docker_engine, images) -> dict[str, Stack]:
+    """The stacks the collected tests use, brought up at once: each start is mostly its vLLMs
+    loading, which the two stacks do side by side instead of one after the other."""
+    wanted = {name for item in request.session.items for name in item.fixturenames if name in LAYOUTS}
+    stacks = {name: LAYOUTS[name](docker_engine) for name in sorted(wanted)}
+    with ThreadPoolExecutor(max_workers=len(stacks)) as pool:
+        for started in [pool.submit(bring_up, stack) for stack in stacks.values()]:
+            started.result()
+    yield stacks
+    take_down()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Down as soon as the tier's last test ends: the stacks hold three vLLMs, which the tiers
+    after this one would otherwise share the machine with until the session ends."""
+    if nextitem is None or HERE not in nextitem.path.parents:
+        take_down()
+
+
+@pytest.fixture
+def cpu_stack(compose_stacks) -> Stack:
+    return compose_stacks["cpu_stack"]
+
+
+@pytest.fixture
+def multi_stack(compose_stacks) -> Stack:
+    stack = compose_stacks["multi_stack"]
+    # `up --wait` waits on the gateways' own health checks; HAProxy has none, and takes a gateway
+    # in only after two of its own checks pass (deploy/haproxy/haproxy.cfg)
+    wait_ready(f"http://127.0.0.1:{stack.variables['ONELLM_PUBLISH_PORT']}", timeout=60)
+    return stack

@@ -3,37 +3,14 @@ cache Redis and the files store, HAProxy in front; one vLLM killed and restarted
 clients' feet, the files store re-created under the files."""
 
 import hashlib
-import os
-import shutil
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from docker_stack import REPO, Stack, wait_ready
-from gateway_process import free_port
+from docker_stack import Stack
 from media import image
 
-FILES = ["docker-compose.yml", "docker/compose.multi-gpu.yml", "docker/compose.cpu.yml",
-         "docker/compose.multi-gpu.cpu.yml"]
 BACKENDS = ("http://vllm:8000", "http://vllm-1:8000")
-
-
-@pytest.fixture(scope="module")
-def multi_stack(docker_engine, images) -> Stack:
-    model_name = "tiny-compose"
-    stack = Stack(docker_engine, "onellm-multi-test", FILES, {
-        "ONELLM_MODEL_NAME": model_name, "ONELLM_PUBLISH_PORT": str(free_port()),
-        "HAPROXY_STATS_PORT": str(free_port()), "GATEWAY_REPLICAS": "2", "ONELLM_UID": str(os.getuid())})
-    if not (REPO / "model_repo" / model_name / "model.json").exists():
-        shutil.rmtree(REPO / "model_repo" / model_name, ignore_errors=True)
-    stack.down()
-    stack.up()
-    # `up --wait` waits on the gateways' own health checks; HAProxy has none, and takes a gateway
-    # in only after two of its own checks pass (deploy/haproxy/haproxy.cfg)
-    wait_ready(api(stack), timeout=60)
-    yield stack
-    stack.down()
 
 
 def api(stack: Stack) -> str:

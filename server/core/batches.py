@@ -158,7 +158,9 @@ class BatchRunner:
                 await self._answer_all(tenant, batch, lines)
             if batch["status"] in ("in_progress", "finalizing", "cancelling") and not self.stopping():
                 await self._finish(tenant, batch, lines)
-        except RequestError as e:  # the store is unavailable: the batch stays as stored, resumed on a restart
+        # the store is unavailable: the batch stays as stored, resumed on a restart (or, in Redis, taken
+        # over by the next look of any gateway once Redis answers)
+        except RequestError as e:
             log.error("batch %s stopped: %s", batch["id"], e.message)
         except LeaseLost:
             log.warning("batch %s: another gateway runs it now (this one's lease lapsed)", batch["id"])

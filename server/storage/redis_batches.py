@@ -3,15 +3,17 @@
 Keys under the namespace: batch:<id> (the batch with its tenant), ids (every batch id, scored by
 creation time), results:<id> (a hash: custom_id -> its output line, each written once with HSETNX,
 so that a line answered by two gateways is still one line of output), cancel:<id> (asked to cancel,
-when) and lease:<id> (the instance token of the gateway running the batch, lapsing after
-`lease_ttl_s` unless renewed). Only the lease's holder writes the batch: a gateway that lost its
+when) and lease:<id> (the instance token of the gateway running the batch, host:pid:random,
+lapsing after `lease_ttl_s` unless renewed). Only the lease's holder writes the batch: a gateway that lost its
 lease (it stalled past the TTL and another took the batch over) gets `LeaseLost` instead of
 overwriting the new runner's progress."""
 
 from __future__ import annotations  # `list` below is a method: annotations must not be evaluated in the class
 
 import json
+import os
 import secrets
+import socket
 import time
 
 from server.cache.redis_client import connect
@@ -43,7 +45,8 @@ class RedisBatchStore:
         self.client = connect(url, timeout_s)
         self.ns = namespace
         self.lease_ttl_s = lease_ttl_s
-        self.token = secrets.token_hex(16)  # this gateway's instance, as its leases name it
+        # this gateway's instance, as its leases name it: which one runs a batch is one GET away
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
         self._save = self.client.register_script(_SAVE)
         self._renew = self.client.register_script(_RENEW)
         self._release = self.client.register_script(_RELEASE)

@@ -183,6 +183,8 @@ class Settings:
                                         "together; they take a slot only when no online request waits for one")
     batch_completion_window_s: int = _setting(86_400, "batches", "how long the completion window '24h' lasts: a "
                                               "batch not finished by then is expired, its unanswered lines failed")
+    batch_lease_ttl_s: float = _setting(30.0, "batches", "with batches in Redis (files_url), how long a batch's "
+                                        "gateway may go silent before another takes the batch over")
 
     # keys are never given on the command line, where `ps` would show them
     api_keys: tuple[str, ...] = _setting((), "access", parse=_list, secret=True)

@@ -51,7 +51,8 @@ class Metrics:
                                            "waiting for a slot or being served", registry=self.registry)
         self.batch_lines = Counter("onellm_batch_lines", "Batch lines answered, by outcome: completed (status 200) "
                                    "or failed (any other answer)", ["outcome"], registry=self.registry)
-        self.batches = Gauge("onellm_batches", "Batches stored on this gateway, by state", ["state"],
+        self.batches = Gauge("onellm_batches", "Batches in this gateway's store, by state (with "
+                             "a shared Redis store, every gateway's)", ["state"],
                              registry=self.registry)
         # the vLLM backends, labelled by URL (server/engines/replicas.py)
         self.backend_requests = Counter("onellm_vllm_backend_requests", "Requests sent to a vLLM backend, "

@@ -32,8 +32,7 @@ from server.entrypoints.sse import error_event
 from server.entrypoints.system import router as system_router
 from server.metrics import Metrics
 from server.model.onellm import OneLLM, load_model
-from server.storage.files import file_store_for
-from server.storage.local_batches import LocalBatchStore
+from server.storage.files import batch_store_for, file_store_for
 from server.storage.records import MediaReferences, Records
 from server.traffic.access import Gate, RequestIds, load_api_keys
 from server.traffic.admission import BATCH, Admission, ChatGuard
@@ -98,9 +97,10 @@ def add_guards(app: FastAPI, settings: Settings) -> None:
 
 
 async def start_batches(app: FastAPI, settings: Settings) -> BatchRunner:
-    """The batch store (beside the local files, whichever store keeps the files) and the runner,
-    which resumes the batches a previous run of the gateway left unfinished."""
-    app.state.batches = LocalBatchStore(settings.files_dir)
+    """The batch store (where the files are: the local folder, or the Redis every gateway shares)
+    and the runner, which resumes the batches a previous run left unfinished (or, in Redis, those
+    whose gateway stopped renewing its lease)."""
+    app.state.batches = batch_store_for(settings)
     runner = BatchRunner(app.state.batches, app.state.files, settings, app.state.metrics, line_sender(app),
                          input_reader(app.state.files, app.state.service.off_loop), lambda: app.state.draining)
     await runner.start()

@@ -12,7 +12,9 @@ from server.errors import InputError
 from server.media.decoders.arrays import load_array
 from server.media.decoders.images import decode_image
 from server.media.sniff import sniff
+from server.storage.local_batches import LocalBatchStore
 from server.storage.local_files import LocalFileStore
+from server.storage.redis_batches import RedisBatchStore
 from server.storage.redis_files import RedisFileStore
 
 PURPOSES = ("user_data", "vision", "batch")
@@ -44,3 +46,10 @@ def file_store_for(settings) -> LocalFileStore | RedisFileStore:
     if settings.files_url:
         return RedisFileStore(settings.files_url)
     return LocalFileStore(settings.files_dir)
+
+
+def batch_store_for(settings) -> LocalBatchStore | RedisBatchStore:
+    """The batches live where the files they read and write do: shared by the gateways sharing those."""
+    if settings.files_url:
+        return RedisBatchStore(settings.files_url, settings.batch_lease_ttl_s)
+    return LocalBatchStore(settings.files_dir)

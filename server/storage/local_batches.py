@@ -2,7 +2,8 @@
 `root`/batches, <id>.json (the batch), <id>.results (its finished lines, appended one at a time
 and synced to disk, so a gateway killed mid-batch loses at most the lines it was answering) and
 <id>.cancel (asked to cancel, when: kept apart from <id>.json, which only the batch's runner
-writes). One gateway per directory, as for the files."""
+writes). One gateway per directory, as for the files: it runs every batch, so its leases are
+always its own."""
 
 from __future__ import annotations  # `list` below is a method: annotations must not be evaluated in the class
 
@@ -19,6 +20,8 @@ from server.storage.local_files import write_atomically
 
 
 class LocalBatchStore:
+    shared = False
+
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser() / "batches"
         self._io = ThreadPoolExecutor(1, thread_name_prefix="batches")
@@ -58,6 +61,15 @@ class LocalBatchStore:
 
     async def cancelled_at(self, batch_id: str) -> int | None:
         return await self._run(self._cancelled_at, batch_id)
+
+    async def claim(self, batch_id: str) -> bool:
+        return True
+
+    async def renew(self, batch_id: str) -> bool:
+        return True
+
+    async def release(self, batch_id: str) -> None:
+        pass
 
     # the rest runs in the store's own thread
 

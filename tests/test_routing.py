@@ -249,7 +249,12 @@ def test_a_burst_sent_between_reports_moves_chats_once_the_replica_queues():
     assert router.pick("chat-a") != BACKENDS[home]
 
 
-def test_least_loaded_goes_by_the_reported_load():
-    router = loaded(Router(BACKENDS, policy="least-loaded", seed=0), b0=ReplicaLoad(waiting=0, running=0, kv_usage=0))
-    router.started(BACKENDS[0])  # one own request: 1 against the others' reported 2
+def test_least_loaded_keeps_to_the_gateways_own_count_whatever_the_replicas_report():
+    # reports shared by every gateway and up to an interval old would send them all to one replica
+    router = loaded(Router(BACKENDS, policy="least-loaded", seed=0), b0=ReplicaLoad(waiting=9, running=9, kv_usage=1))
+    for backend in BACKENDS[:3]:
+        router.started(backend)
+    assert {router.pick(None) for _ in range(20)} == {BACKENDS[3]}
+    router.started(BACKENDS[3])
+    router.finished(BACKENDS[0])
     assert {router.pick(None) for _ in range(20)} == {BACKENDS[0]}

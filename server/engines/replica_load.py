@@ -113,7 +113,10 @@ class LoadScraper:
 
     async def run(self) -> None:
         while True:
-            await asyncio.gather(*(self.scrape(url) for url in self.urls))
+            try:
+                await asyncio.gather(*(self.scrape(url) for url in self.urls))
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad read
+                log.exception("reading the vLLM backends' load failed")
             await asyncio.sleep(self.interval_s)
 
     async def close(self) -> None:

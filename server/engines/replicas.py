@@ -3,8 +3,8 @@
 Health comes from two sources: a background probe of every backend's `/health`, and the
 failures requests run into. A backend that fails is taken out at once; the probe brings it back
 once it answers again. Load comes from each backend's own /metrics, read at a short interval
-(server/engines/replica_load.py). A request that fails before any text reached the caller is sent once
-more, to another backend; one that already streamed text fails as a whole, since two
+(server/engines/replica_load.py). A request that fails before any text reached the caller is
+sent once more, to another backend; one that already streamed text fails as a whole, since two
 backends' halves of an answer are not one answer.
 """
 

@@ -13,8 +13,8 @@ that happens to favour one backend) cannot pile work onto a single replica.
 
 A backend's load is what it reports itself (vLLM's /metrics: requests waiting and running, KV
 cache in use, read by server/engines/replica_load.py) plus the requests this gateway sent it
-since that report and are still under way, which the report cannot hold yet; without a report (none yet, or too old) it
-is this gateway's own requests in flight, all it knows. With a report, affinity yields only when
+since that report and still has in flight, which the report cannot hold yet; without a report
+(none yet, or too old) it is this gateway's own requests in flight, all it knows. With a report, affinity yields only when
 the backend is also under pressure: requests waiting in its queue, or its KV cache fuller than
 `kv_threshold`. A busy replica that still admits every request at once serves a chat best where
 its blocks are cached; one that queues delays it more than a prefill elsewhere would. The
@@ -104,8 +104,8 @@ class Router:
 
     def load(self, name: str) -> float:
         """Requests waiting and running on the backend as it last reported them, plus those this
-        gateway sent it since and has not seen end; without a report, this gateway's requests in
-        flight there."""
+        gateway sent it since and still has in flight; without a report, this gateway's requests
+        in flight there."""
         reported = self._reports[name]
         if reported is None:
             return self._in_flight[name]

@@ -2,12 +2,18 @@
 benchmark, not a test): what chat affinity, least-loaded and round-robin routing do to vLLM's
 prefix-cache hit rate, to TTFT and to the spread of load over the replicas, and what one replica
 failing mid-run does to them. Routing is the gateway's own code (server/engines/routing.py's
-Router, one per gateway, each seeing only its own requests in flight, as in the real service).
+Router, one per gateway). What a Router knows of the load (`--load-signal`): `reported`, as the
+gateway does by default, each replica's own waiting and running requests and KV-cache use, read
+by each gateway every `--scrape-interval` seconds at its own phase (so up to that old) plus its
+own requests sent since; `own`, as before the gateways read vLLM's /metrics, only its own
+requests in flight.
 
     # the tables and chart of docs/scale.md
     uv run python bench/cluster_sim.py --out docs/scale-sim.json --chart docs/scale-sim.png
     # one configuration
     uv run python bench/cluster_sim.py --replicas 64 --policy affinity --duration 120 --seed 3
+    # the load each Router sees: the replicas' reports against its own requests only
+    uv run python bench/cluster_sim.py --policy affinity --load-signal reported,own --fail-at none
 
 Workload: chats arrive as a Poisson process; a chat has 1-7 turns with an exponential think time
 between an answer and the next question; its first turn carries an attachment of one of the
@@ -49,7 +55,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from server.engines.routing import POLICIES, Router
+from server.engines.routing import POLICIES, ReplicaLoad, Router
 
 # docs/benchmarks.md, "What a request costs": decode + encoder at batch 1, one torch thread,
 # model_repo/tiny on this machine's CPU (ms). The only encoder figures measured; a GPU encoder
@@ -155,6 +161,7 @@ class Request:
 class Simulation:
     def __init__(self, args, policy: str, replicas: int):
         self.args = args
+        self.load_signal = args.load_signal
         self.profile = PROFILES[args.profile]
         if args.kv_blocks:
             self.profile = dataclasses.replace(self.profile, kv_blocks=args.kv_blocks)
@@ -206,6 +213,10 @@ class Simulation:
         self._start_chats()
         if a.fail_at is not None:
             self.at(a.fail_at, self._fail)
+        if self.load_signal == "reported":
+            phases = random.Random(f"{a.seed}/scrapes")
+            for gateway in self.gateways:
+                self.at(phases.uniform(0, a.scrape_interval), gateway.scrape)
         # after the end no new turn starts, and what is under way runs to its end
         while self.events:
             self.now, _, action, payload = heapq.heappop(self.events)
@@ -308,7 +319,8 @@ class Simulation:
         dispatched = [when for r in self.requests for when, name in r.attempts if name == self.failed]
         counted = [r for r in self.requests if start <= r.sent < end]
         result = {
-            "policy": self.policy, "replicas": len(self.replicas), "gateways": len(self.gateways),
+            "policy": self.policy, "load_signal": self.load_signal, "replicas": len(self.replicas),
+            "gateways": len(self.gateways),
             "profile": a.profile, "seed": a.seed, "chats_per_s": round(self.chat_rate, 3),
             "chats": len({r.chat.index for r in counted}), "requests": len(counted),
             "unfinished": sum(1 for r in counted if r.done is None),
@@ -347,8 +359,9 @@ class Simulation:
         return {"requests": len(served), "hit_rate": rate(served), "follow_up_hit_rate": rate(follow),
                 "follow_up_hit_ceiling": round(reusable / prompts, 4),
                 "follow_up_moved": round(sum(tracked) / max(1, len(tracked)), 4),
-                "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
-                "follow_up_ttft_p50_ms": percentile(follow_ttft, 50),
+                "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
+                "ttft_p99_ms": percentile(ttft, 99), "follow_up_ttft_p50_ms": percentile(follow_ttft, 50),
+                "follow_up_ttft_p95_ms": percentile(follow_ttft, 95),
                 "follow_up_ttft_p99_ms": percentile(follow_ttft, 99)}
 
 
@@ -416,6 +429,17 @@ class Gateway:
             if not replica.up:
                 self.router.mark_down(name)
 
+    def scrape(self) -> None:
+        """Every replica's /metrics as it is now, taken in by the Router until the next read; a
+        dead replica's read fails and its last report stands (the probe takes it out)."""
+        sim = self.sim
+        if sim.now >= sim.end:
+            return
+        for name, replica in sim.replicas.items():
+            if replica.up:
+                self.router.report(name, replica.load())
+        sim.at(sim.now + sim.args.scrape_interval, self.scrape)
+
 
 class Replica:
     def __init__(self, sim: Simulation, name: str):
@@ -432,6 +456,7 @@ class Replica:
         self.in_flight_area = 0.0  # integral of requests in flight over the counted time
         self.reserved_area = 0.0  # and of KV blocks reserved
         self._area_since = 0.0
+        self._load: tuple[float, ReplicaLoad | None] = (-1.0, None)  # (when, what it reported)
 
     # --- accounting -----------------------------------------------------------------
 
@@ -442,6 +467,16 @@ class Replica:
         self.in_flight_area += span * (len(self.waiting) + len(self.running))
         self.reserved_area += span * self.reserved_blocks
         self._area_since = sim.now
+
+    def load(self) -> ReplicaLoad:
+        """What its /metrics would say now: a request waits until the scheduler admits it (vLLM's
+        num_requests_waiting), admitted ones run, prefilling or decoding; KV use is of blocks
+        reserved by admitted requests (cached blocks of finished ones are free to evict)."""
+        if self._load[0] != self.sim.now:
+            waiting = sum(1 for request in self.waiting if not request.admitted)
+            running = len(self.running) + len(self.waiting) - waiting
+            self._load = (self.sim.now, ReplicaLoad(waiting, running, self.reserved_blocks / self.sim.profile.kv_blocks))
+        return self._load[1]
 
     # --- requests -------------------------------------------------------------------
 
@@ -609,6 +644,11 @@ def parse_args(argv=None):
                         help="gateways' health probes, seconds (server/engines/replicas.py's default)")
     parser.add_argument("--load-slack", type=int, default=2, help="Router load_slack")
     parser.add_argument("--load-epsilon", type=float, default=0.25, help="Router load_epsilon")
+    parser.add_argument("--load-signal", default="reported",
+                        help="comma-separated, of reported (each replica's /metrics, as the gateway reads "
+                             "them) and own (each gateway's own requests in flight only)")
+    parser.add_argument("--scrape-interval", type=float, default=1.0,
+                        help="seconds between a gateway's reads of the replicas' /metrics (the gateway's default)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--chart", default=None, help="write a PNG chart here")
     return parser.parse_args(argv)
@@ -624,8 +664,11 @@ def configurations(args):
         durations *= len(sizes) if len(durations) == 1 else 1
         if len(durations) != len(sizes):
             raise SystemExit("--duration takes one value or one per replica count")
+    signals = args.load_signal.split(",")
+    if not set(signals) <= {"reported", "own"}:
+        raise SystemExit(f"--load-signal: {args.load_signal!r} is not of reported, own")
     for size, duration in zip(sizes, durations):
-        for policy in args.policy.split(","):
+        for policy, signal in ((policy, signal) for policy in args.policy.split(",") for signal in signals):
             if policy not in POLICIES:
                 raise SystemExit(f"--policy: {policy!r} is not one of {', '.join(POLICIES)}")
             run = argparse.Namespace(**vars(args))
@@ -635,6 +678,7 @@ def configurations(args):
             else:
                 value = float(args.fail_at)
                 run.fail_at = args.warmup + (value * duration if value < 1 else value)
+            run.load_signal = signal
             yield policy, size, run
 
 
@@ -645,27 +689,33 @@ def simulate(policy: str, replicas: int, args) -> dict:
     return result
 
 
+def routing(result: dict) -> str:
+    return f"{result['policy']}, {result['load_signal']} load"
+
+
 def table(results: list[dict]) -> str:
     """Markdown: steady state, then the replica failure."""
-    lines = ["| replicas | gateways | policy | requests | follow-up hit rate (ceiling) | follow-up TTFT p50 / p99 (ms) "
-             "| all turns TTFT p50 / p99 (ms) | in flight per replica: mean, max/mean | KV reserved |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| replicas | gateways | routing | requests | follow-up hit rate (ceiling) | follow-ups moved "
+             "| follow-up TTFT p50 / p95 / p99 (ms) | all turns TTFT p50 / p95 / p99 (ms) "
+             "| in flight per replica: mean, max/mean | KV reserved |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         w = r["windows"]["steady"]
-        lines.append(f"| {r['replicas']} | {r['gateways']} | {r['policy']} | {r['requests']} "
-                     f"| {w['follow_up_hit_rate']:.1%} ({w['follow_up_hit_ceiling']:.1%}) "
-                     f"| {w['follow_up_ttft_p50_ms']} / {w['follow_up_ttft_p99_ms']} | {w['ttft_p50_ms']} / {w['ttft_p99_ms']} "
+        lines.append(f"| {r['replicas']} | {r['gateways']} | {routing(r)} | {r['requests']} "
+                     f"| {w['follow_up_hit_rate']:.1%} ({w['follow_up_hit_ceiling']:.1%}) | {w['follow_up_moved']:.1%} "
+                     f"| {w['follow_up_ttft_p50_ms']} / {w['follow_up_ttft_p95_ms']} / {w['follow_up_ttft_p99_ms']} "
+                     f"| {w['ttft_p50_ms']} / {w['ttft_p95_ms']} / {w['ttft_p99_ms']} "
                      f"| {r['in_flight_mean']}, {r['in_flight_max_over_mean']} | {r['kv_reserved_share']:.0%} |")
     failed = [r for r in results if "displaced chats" in r["windows"]]
     if failed:
-        lines += ["", "| replicas | policy | chats on the failed replica | their hit rate after: all turns, from the 2nd on | "
+        lines += ["", "| replicas | routing | chats on the failed replica | their hit rate after: all turns, from the 2nd on | "
                   "their TTFT p50 / p99 after (ms) | everyone's follow-up hit rate before / after | streams cut "
                   "| requests it refused (retried) | no replica left |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in failed:
             moved, later, before, after = (r["windows"][k] for k in (
                 "displaced chats", "displaced chats, later turns", "steady", "after failure"))
-            lines.append(f"| {r['replicas']} | {r['policy']} | {r['displaced_chats']} "
+            lines.append(f"| {r['replicas']} | {routing(r)} | {r['displaced_chats']} "
                          f"| {moved['follow_up_hit_rate']:.1%}, {later['follow_up_hit_rate']:.1%} "
                          f"| {moved['ttft_p50_ms']} / {moved['ttft_p99_ms']} "
                          f"| {before['follow_up_hit_rate']:.1%} / {after['follow_up_hit_rate']:.1%} | {r['stream_errors']} "
@@ -679,7 +729,7 @@ def chart(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted({r["replicas"] for r in results})
-    policies = [p for p in POLICIES if any(r["policy"] == p for r in results)]
+    policies = list(dict.fromkeys(routing(r) for r in results))
     panels = [
         ("follow-up prefix-cache hit rate (%)", lambda r: 100 * r["windows"]["steady"]["follow_up_hit_rate"], None),
         ("follow-up TTFT p99 (bars), p50 (dots), ms, log", lambda r: r["windows"]["steady"]["follow_up_ttft_p99_ms"],
@@ -692,7 +742,7 @@ def chart(results: list[dict], path: str) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(18, 4))
     width = 0.8 / len(policies)
     for i, policy in enumerate(policies):
-        rows = {r["replicas"]: r for r in results if r["policy"] == policy}
+        rows = {r["replicas"]: r for r in results if routing(r) == policy}
         xs = [k + i * width for k, size in enumerate(sizes) if size in rows]
         runs = [rows[size] for size in sizes if size in rows]
         for axis, (_, bar, dot) in zip(axes, panels):
@@ -714,7 +764,7 @@ def main() -> None:
     for policy, replicas, run in configurations(args):
         results.append(simulate(policy, replicas, run))
         r = results[-1]
-        print(f"{replicas:>4} replicas {policy:<13} {r['requests']:>7} requests "
+        print(f"{replicas:>4} replicas {routing(r):<28} {r['requests']:>7} requests "
               f"hit {r['windows']['steady']['follow_up_hit_rate']:.1%} in {r['wall_s']} s", flush=True)
     print()
     print(table(results))

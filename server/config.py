@@ -74,8 +74,14 @@ class Settings:
     vllm_url: str | None = _setting(None, "engines", "vLLM OpenAI server(s) to decode on, comma-separated; "
                                     "without it the embedded in-process engine serves", str)
     routing: str = _setting("affinity", "engines", "how each request picks one of several vLLM servers "
-                            "(affinity: a chat's turns stay on one server unless it is much busier than the "
-                            "others; server/engines/routing.py)")
+                            "(affinity: a chat's turns stay on one server unless it queues or its KV cache is "
+                            "nearly full and it is much busier than the others; server/engines/routing.py)")
+    replica_load_interval_s: float = _setting(1.0, "engines", "seconds between reads of each vLLM server's "
+                                              "/metrics (requests waiting, running, KV cache in use) for "
+                                              "routing; 0: route on this gateway's own requests in flight")
+    replica_kv_threshold: float = _setting(0.9, "engines", "share of a vLLM server's KV cache in use past "
+                                           "which a chat leaves it for a less loaded one, as when requests "
+                                           "wait in its queue")
 
     host: str = _setting("127.0.0.1", "server", "address to listen on")
     port: int = _setting(8080, "server", "port")

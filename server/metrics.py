@@ -63,6 +63,13 @@ class Metrics:
                                        ["backend"], registry=self.registry)
         self.backend_healthy = Gauge("onellm_vllm_backend_healthy", "1 while a vLLM backend takes requests",
                                      ["backend"], registry=self.registry)
+        self.backend_reported_load = Gauge("onellm_vllm_backend_reported_load", "A vLLM backend's load as its "
+                                           "/metrics last said: requests waiting and running, share of KV cache "
+                                           "in use (kv_cache_usage); NaN while unknown", ["backend", "measure"],
+                                           registry=self.registry)
+        self.backend_load_scrape_failures = Counter("onellm_vllm_backend_load_scrape_failures", "Reads of a vLLM "
+                                                    "backend's /metrics that failed", ["backend"],
+                                                    registry=self.registry)
         self.vllm_retries = Counter("onellm_vllm_retries", "Requests sent again to another vLLM backend after "
                                     "one failed before any text", registry=self.registry)
         # the way in (server/traffic/intake.py, connections.py, quotas.py)

@@ -48,6 +48,16 @@ def test_affinity_hits_the_prefix_cache_far_more_than_load_routing(rival):
     assert affine["windows"]["steady"]["follow_up_moved"] < spread["windows"]["steady"]["follow_up_moved"] / 2
 
 
+def test_the_replicas_reported_load_moves_fewer_follow_ups_than_each_gateways_own_count():
+    # three gateways: each sees a third of a replica's load, a noisy count that moves chats for nothing
+    simulation, reported = run("--fail-at", "none", "--load-signal", "reported")
+    _, own = run("--fail-at", "none", "--load-signal", "own")
+    assert all(r.status == "ok" for r in simulation.requests)
+    steady, before = reported["windows"]["steady"], own["windows"]["steady"]
+    assert steady["follow_up_moved"] < before["follow_up_moved"] / 4, (steady, before)
+    assert steady["follow_up_hit_rate"] > before["follow_up_hit_rate"]
+
+
 @pytest.mark.parametrize("policy", cluster_sim.POLICIES)
 def test_a_failed_replica_serves_nothing_after_failing(policy):
     # many gateways and slow probes: some learn of the failure only when it refuses a request

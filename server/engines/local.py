@@ -189,6 +189,9 @@ class LocalEngine:
         finally:
             await loop.run_in_executor(self._worker, ids.close)
 
+    async def start(self) -> None:
+        """Nothing to watch in the background: the model is in this process."""
+
     async def ready(self) -> bool:
         return True
 

@@ -2,8 +2,9 @@
 
 Health comes from two sources: a background probe of every backend's `/health`, and the
 failures requests run into. A backend that fails is taken out at once; the probe brings it back
-once it answers again. A request that fails before any text reached the caller is sent once
-more, to another backend; one that already streamed text fails as a whole, since two
+once it answers again. Load comes from each backend's own /metrics, read at a short interval
+(server/engines/replica_load.py). A request that fails before any text reached the caller is
+sent once more, to another backend; one that already streamed text fails as a whole, since two
 backends' halves of an answer are not one answer.
 """
 
@@ -15,6 +16,7 @@ from contextlib import aclosing
 import torch
 
 from server.engines.base import BackendMetrics, EngineUnavailable, Sampling, Usage
+from server.engines.replica_load import LoadScraper
 from server.engines.routing import Router
 from server.engines.vllm import VLLMEngine
 
@@ -27,11 +29,17 @@ class ReplicatedVLLMEngine:
     name = "vllm"
 
     def __init__(self, urls: Sequence[str], metrics: BackendMetrics, policy: str = "affinity",
-                 probe_interval_s: float = 2.0, dtype: torch.dtype = torch.float32, **engine_options):
-        """`engine_options` go to each VLLMEngine (timeouts, a transport)."""
+                 probe_interval_s: float = 2.0, dtype: torch.dtype = torch.float32, load_interval_s: float = 0.0,
+                 kv_threshold: float = 0.9, **engine_options):
+        """`engine_options` go to each VLLMEngine (timeouts, a transport). `load_interval_s` > 0
+        reads each backend's /metrics that often for the Router's load bound; 0 leaves the bound
+        on this gateway's own requests in flight."""
         self.backends = {url: VLLMEngine(url, dtype=dtype, **engine_options)
                          for url in dict.fromkeys(url.rstrip("/") for url in urls)}
-        self.router = Router(list(self.backends), policy)
+        self.router = Router(list(self.backends), policy, kv_threshold=kv_threshold)
+        self._load = (LoadScraper(list(self.backends), self.router, metrics, load_interval_s,
+                                  transport=engine_options.get("transport")) if load_interval_s > 0 else None)
+        self._load_loop: asyncio.Task | None = None
         self.metrics = metrics
         self.probe_interval_s = probe_interval_s
         # nothing is known of a backend before its first probe, which the first request or
@@ -80,9 +88,14 @@ class ReplicatedVLLMEngine:
             await asyncio.sleep(self.probe_interval_s)
 
     def _start_probing(self) -> None:
-        """The background probe starts with the first use, on the loop that serves requests."""
+        """The background probes start with start() or the first use, on the loop that serves."""
         if self._probe_loop is None and not self._closed:
             self._probe_loop = asyncio.create_task(self._probe_forever(), name="vllm-health-probe")
+            if self._load is not None:
+                self._load_loop = asyncio.create_task(self._load.run(), name="vllm-load-scrape")
+
+    async def start(self) -> None:
+        self._start_probing()
 
     def _any_healthy(self) -> bool:
         return any(self.router.healthy(url) for url in self.backends)
@@ -144,11 +157,12 @@ class ReplicatedVLLMEngine:
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._probe_loop, self._probe):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(task for task in (self._probe_loop, self._probe) if task is not None),
-                             return_exceptions=True)
+        tasks = [task for task in (self._probe_loop, self._probe, self._load_loop) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._load is not None:
+            await self._load.close()
         await asyncio.gather(*(engine.close() for engine in self.backends.values()))
 
 

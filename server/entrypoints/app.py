@@ -51,7 +51,9 @@ def build_engine(settings: Settings, model: OneLLM, metrics: Metrics) -> Engine:
         # vLLM serves the weights in their own dtype unless told otherwise, as the gateway's --dtype
         # would tell it; the encoder's choice on this machine's CPU says nothing about vLLM's device
         wire = model.dtype if model.compute.asked else model.stored_dtype
-        return ReplicatedVLLMEngine(urls, metrics, settings.routing, dtype=wire)
+        return ReplicatedVLLMEngine(urls, metrics, settings.routing, dtype=wire,
+                                    load_interval_s=settings.replica_load_interval_s,
+                                    kv_threshold=settings.replica_kv_threshold)
     from server.engines.local import LocalEngine
     return LocalEngine(model.path / "llm", device=settings.device, dtype=model.dtype)
 
@@ -115,6 +117,7 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
         nonlocal model, engine
         model = model or load_model(settings.model, device=settings.device, dtype=settings.dtype)
         engine = engine or build_engine(settings, model, app.state.metrics)
+        await engine.start()
         split = split_of(settings)
         log.info("memory budget %.0f MiB: %s", settings.memory_budget_mb, split.describe())
         if split.total > settings.memory_budget_mb * MiB:

@@ -3,6 +3,7 @@
 
 import base64
 import json
+import math
 import time
 
 import httpx
@@ -11,7 +12,7 @@ import pytest
 import media
 from gateway_helpers import assert_error, metric, metrics, parse_sse
 from gateway_process import GatewayProcess
-from vllm_standin import ANSWER, CUT_AFTER_TEXT, RECORDED_DELTAS
+from vllm_standin import ANSWER, CUT_AFTER_TEXT, LIVE, RECORDED_DELTAS, vllm_metrics
 
 BACKEND_FAMILIES = ("onellm_vllm_backend_requests_total", "onellm_vllm_backend_failures_total",
                     "onellm_vllm_backend_in_flight", "onellm_vllm_backend_healthy")
@@ -33,6 +34,7 @@ def client(gateway, standins):
     for server in standins:
         server.completions = ANSWER
         server.healthy = True
+        server.metrics = LIVE
         if server.port_closed():
             server.start()
     with httpx.Client(base_url=gateway.url, timeout=60) as client:
@@ -79,6 +81,26 @@ def test_metrics_name_every_backend(client, standins):
         assert {(family, s.url) for s in standins} <= samples, family
     assert ("onellm_vllm_retries_total", None) in samples
     assert sum(metric(client, "onellm_vllm_backend_requests_total", backend=s.url) for s in standins) >= 1
+
+
+def test_the_gateway_shows_each_backends_load_as_its_metrics_say_and_forgets_it_when_unreadable(client, standins):
+    def shown(measure: str) -> float:
+        return metric(client, "onellm_vllm_backend_reported_load", backend=standins[0].url, measure=measure)
+
+    def wait(condition, what: str) -> None:
+        deadline = time.monotonic() + 20  # reads every second (the default), unknown after three missed
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    failures = metric(client, "onellm_vllm_backend_load_scrape_failures_total", backend=standins[0].url)
+    standins[0].metrics = vllm_metrics(waiting=3, running=4, kv_usage=0.5)
+    wait(lambda: shown("waiting") == 3, "the reported queue was not shown")
+    assert (shown("running"), shown("kv_cache_usage")) == (4, 0.5)
+    standins[0].metrics = None  # its /metrics answers 500 from now on
+    wait(lambda: math.isnan(shown("running")), "an unreadable load was still shown")
+    assert metric(client, "onellm_vllm_backend_load_scrape_failures_total", backend=standins[0].url) >= failures + 3
+    assert metric(client, "onellm_vllm_backend_reported_load", backend=standins[1].url, measure="waiting") == 0
 
 
 def test_a_backend_gone_costs_no_request(client, standins):

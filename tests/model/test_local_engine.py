@@ -233,6 +233,9 @@ class RunsOutOfMemory:
             yield delta
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    async def start(self) -> None:
+        await self.engine.start()
+
     async def ready(self) -> bool:
         return True
 

@@ -21,6 +21,8 @@ from haproxy_process import HAProxy, require_haproxy
 from redis_server import RedisServer, require_redis_server
 from vllm_server import VLLMServer
 
+VLLM_MAX_SEQS = 4
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -47,7 +49,9 @@ def cluster(vllm_installed, vllm_model_dir, tmp_path_factory) -> Cluster:
     require_redis_server()
     require_haproxy()
     redis = RedisServer(tmp_path_factory.mktemp("scale-redis")).start()
-    vllms = [VLLMServer(vllm_model_dir, tmp_path_factory.mktemp("scale-vllm") / "vllm.log") for _ in range(2)]
+    # a few sequences at once, so that a test can make one queue (test_cluster.py's routing on load)
+    vllms = [VLLMServer(vllm_model_dir, tmp_path_factory.mktemp("scale-vllm") / "vllm.log",
+                        args=("--max-num-seqs", str(VLLM_MAX_SEQS))) for _ in range(2)]
     gateways: list[GatewayProcess] = []
     balancer = None
     try:

@@ -105,6 +105,73 @@ def test_a_chats_turns_stay_on_one_backend_and_hit_its_prefix_cache(cluster):
     assert hits[1] >= 32 and hits[2] > hits[1], hits
 
 
+class Busy:
+    """Long generations sent straight to one vLLM, more of them than it runs at once, each
+    started again when it ends, until stop() closes them all (vLLM aborts a closed stream)."""
+
+    def __init__(self, backend: str, streams: int):
+        model = httpx.get(f"{backend}/v1/models", timeout=TIMEOUT).json()["data"][0]["id"]
+        self.request = {"model": model, "prompt": "Write a very long story about a cat.", "max_tokens": 1900,
+                        "ignore_eos": True, "stream": True}
+        self.backend = backend
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._generate) for _ in range(streams)]
+        for thread in self.threads:
+            thread.start()
+
+    def _generate(self) -> None:
+        while not self.stopping.is_set():
+            with httpx.stream("POST", f"{self.backend}/v1/completions", json=self.request, timeout=TIMEOUT) as response:
+                for _ in response.iter_lines():
+                    if self.stopping.is_set():
+                        break
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(60)
+
+
+def reported_load(gateway, backend: str, measure: str) -> float:
+    return total(gateway.url, "onellm_vllm_backend_reported_load", backend=backend, measure=measure)
+
+
+def served_by(gateway, backends: list[str], text: str) -> str:
+    """Which of `backends` a one-turn chat sent to `gateway` reached."""
+    before = {b: total(gateway.url, "onellm_vllm_backend_requests_total", backend=b) for b in backends}
+    complete(gateway.url, text_chat(text))
+    (backend,) = [b for b in before if total(gateway.url, "onellm_vllm_backend_requests_total", backend=b) > before[b]]
+    return backend
+
+
+def test_chats_leave_a_queueing_vllm_and_come_back_when_its_queue_is_gone(cluster):
+    backends = cluster.backends
+    busy, other = backends
+    vllm = cluster.vllms[0]
+    max_seqs = int(vllm.args[vllm.args.index("--max-num-seqs") + 1])
+    # two chats whose affinity is the backend to be made busy, found while both are idle
+    chats = []
+    for text in (f"Chat {i} about the weather, in one word." for i in range(40)):
+        if len(chats) < 2 and served_by(cluster.gateways[0], backends, text) == busy:
+            chats.append(text)
+    assert len(chats) == 2, "no two of 40 chats had their affinity on one backend"
+
+    def homes() -> set[str]:
+        return {served_by(gateway, backends, text) for gateway in cluster.gateways for text in chats}
+
+    load = Busy(busy, streams=2 * max_seqs)  # as many waiting as running
+    try:
+        for gateway in cluster.gateways:  # each has read the queue off the backend's /metrics
+            until(lambda: reported_load(gateway, busy, "waiting") > 0, 60, "the queue was not seen")
+        assert homes() == {other}
+    finally:
+        load.stop()
+    for gateway in cluster.gateways:
+        until(lambda: reported_load(gateway, busy, "waiting") + reported_load(gateway, busy, "running") == 0, 60,
+              "the busy backend's load did not fall")
+    assert homes() == {busy}
+
+
 def test_a_file_encoded_through_one_gateway_is_not_encoded_again_through_the_other(cluster):
     a, b = cluster.gateways
     messages = [{"role": "user", "content": [picture(1702), {"type": "text", "text": "What is this?"}]}]

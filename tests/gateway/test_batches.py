@@ -183,3 +183,23 @@ def test_the_list_pages_newest_first(alice, model):
     assert rest.data[0].id == made[0]
     for batch_id in made:
         finished(alice, batch_id)
+
+
+def test_online_requests_are_admitted_ahead_of_waiting_batch_lines(alice, scraper, model):
+    """With one slot and the batch's lines waiting for it, an online request is served next: while
+    it is answered, about one line finishes (the one holding the slot), where in arrival order it
+    would come after every line that was waiting."""
+    lines = [chat_line(f"q{i}", f"count to {i}", model, max_tokens=32) for i in range(IN_FLIGHT)]
+    batch = submit(alice, lines)
+    # all the lines are in flight at once and the gauge falls as each is answered, so the wait is for
+    # most of them, not all: a line takes tens of ms, and the first may end before the first scrape
+    waiting = wait_metric(scraper, "onellm_batch_lines_in_flight", IN_FLIGHT // 2, timeout=60)
+    assert waiting >= IN_FLIGHT // 2, f"the batch's lines never waited for the slot: {waiting} in flight"
+    done_before = metric(scraper, "onellm_batch_lines_total", outcome="completed")
+
+    answer = alice.chat.completions.create(model=model, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+
+    done_while_online = metric(scraper, "onellm_batch_lines_total", outcome="completed") - done_before
+    assert answer.choices[0].message.content is not None
+    assert done_while_online < waiting // 2, (done_while_online, waiting)
+    assert finished(alice, batch.id).request_counts.completed == IN_FLIGHT

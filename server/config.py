@@ -187,6 +187,8 @@ class Settings:
 
     batch_max_in_flight: int = _setting(2, "batches", "batch lines served at once on this gateway, all batches "
                                         "together; they take a slot only when no online request waits for one")
+    batch_beside_online: int = _setting(0, "batches", "batch lines that may start while online requests are "
+                                        "being served; 0: batches use only what online traffic leaves idle")
     batch_completion_window_s: int = _setting(86_400, "batches", "how long the completion window '24h' lasts: a "
                                               "batch not finished by then is expired, its unanswered lines failed")
     batch_lease_ttl_s: float = _setting(30.0, "batches", "with batches in Redis (files_url), how long a batch's "

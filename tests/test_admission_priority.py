@@ -1,5 +1,6 @@
 """Admission's two priorities: a waiting online request always gets the next slot before a waiting
-batch line, whoever waited first; batch lines do not fill the online queue."""
+batch line, whoever waited first; batch lines do not fill the online queue, and start beside online
+requests only as far as `batch_beside_online` allows, free slots or not."""
 
 import asyncio
 
@@ -45,5 +46,57 @@ def test_batch_lines_wait_beyond_max_queued_and_online_requests_do_not():
         go.set()
         await asyncio.gather(*tasks)
         assert len(order) == 7 and admission.waiting_at(BATCH) == 0
+
+    asyncio.run(scenario())
+
+
+async def _started(admission: Admission, holders: dict[str, asyncio.Event], caller: str, priority: int,
+                   order: list[str]) -> asyncio.Task:
+    holders[caller] = asyncio.Event()
+    task = asyncio.create_task(_holding(admission, caller, priority, order, holders[caller]))
+    await asyncio.sleep(0)
+    return task
+
+
+def test_batch_lines_wait_while_online_requests_run_even_with_slots_free_and_all_start_after():
+    async def scenario() -> None:
+        admission, order, holders = Admission(max_concurrent=4, max_queued=4), [], {}
+        tasks = [await _started(admission, holders, "online", ONLINE, order)]
+        tasks += [await _started(admission, holders, f"line{i}", BATCH, order) for i in range(2)]
+        assert order == ["online"] and admission.waiting_at(BATCH) == 2
+        tasks.append(await _started(admission, holders, "another", ONLINE, order))
+        assert order == ["online", "another"]  # online traffic passes the waiting lines
+        holders["online"].set()
+        await asyncio.sleep(0)
+        assert order == ["online", "another"]  # one online request still runs
+        holders["another"].set()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert order == ["online", "another", "line0", "line1"]  # the last one's end starts both
+        for holder in holders.values():
+            holder.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+
+
+def test_batch_beside_online_lets_that_many_lines_run_beside_online_requests():
+    async def scenario() -> None:
+        admission, order, holders = Admission(max_concurrent=4, max_queued=4, batch_beside_online=1), [], {}
+        tasks = [await _started(admission, holders, "online", ONLINE, order)]
+        tasks += [await _started(admission, holders, f"line{i}", BATCH, order) for i in range(3)]
+        assert order == ["online", "line0"] and admission.waiting_at(BATCH) == 2
+        holders["line0"].set()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert order == ["online", "line0", "line1"]  # line0's end lets the next one in, not two
+        holders["online"].set()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert order == ["online", "line0", "line1", "line2"]
+        for holder in holders.values():
+            holder.set()
+        await asyncio.gather(*tasks)
+        assert admission.waiting_at(BATCH) == 0 and admission._free == 4
 
     asyncio.run(scenario())

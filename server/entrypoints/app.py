@@ -80,7 +80,7 @@ def add_guards(app: FastAPI, settings: Settings) -> None:
     way in (upload places, memory, slow bodies), admission once the body is in."""
     metrics = app.state.metrics
     keys = load_api_keys(settings.api_keys, settings.api_keys_file)
-    admission = Admission(settings.max_concurrent, settings.max_queued)
+    admission = Admission(settings.max_concurrent, settings.max_queued, settings.batch_beside_online)
     metrics.admission_waiting.set_function(lambda: admission.waiting)
     metrics.batch_lines_waiting.set_function(lambda: admission.waiting_at(BATCH))
     app.add_middleware(ChatGuard, admission=admission, timeout_s=settings.request_timeout_s, metrics=metrics,

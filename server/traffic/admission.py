@@ -37,14 +37,21 @@ class Admission:
     """`max_concurrent` requests run; up to `max_queued` more wait their turn; any more are refused
     at once. Waiters are served by caller in turn (round robin over the callers that have one
     waiting, each caller's own first come first served), so a caller with many waiting cannot
-    push another's request behind all of its own. Batch lines wait at a lower priority: one gets a
-    slot only when no online request waits; they are not counted in `max_queued`, the batch runner
-    bounds how many of them wait."""
+    push another's request behind all of its own.
 
-    def __init__(self, max_concurrent: int, max_queued: int):
+    Batch lines come after online traffic: one gets a slot only when no online request waits, and
+    while online requests run at most `batch_beside_online` lines do (default none: batches fill
+    what online traffic leaves idle; the lines already running finish, none is cut). On a CPU one
+    request can keep every core busy, so a free slot is no sign of idle compute: a line started
+    beside an online request halves that request's speed. Batch lines are not counted in
+    `max_queued`; the batch runner bounds how many of them wait."""
+
+    def __init__(self, max_concurrent: int, max_queued: int, batch_beside_online: int = 0):
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
+        self.batch_beside_online = batch_beside_online
         self._free = max_concurrent
+        self._running = [0, 0]  # slots held, per priority
         # per priority: callers with waiters, in the order their turns come (a dict keeps insertion order)
         self._queues: tuple[dict[str, deque[asyncio.Future]], ...] = ({}, {})
 
@@ -57,38 +64,49 @@ class Admission:
 
     @asynccontextmanager
     async def slot(self, caller: str = "", priority: int = ONLINE):
-        if self._free and not any(self._queues):
-            self._free -= 1
+        ahead = self._queues[ONLINE] or (priority == BATCH and self._queues[BATCH])
+        if self._free and not ahead and self._may_run(priority):
+            self._take(priority)
         else:
             if priority == ONLINE and self.waiting >= self.max_queued:
                 raise Overloaded
             turn = asyncio.get_running_loop().create_future()
             self._queues[priority].setdefault(caller, deque()).append(turn)
             try:
-                await turn
+                await turn  # the slot is taken for it when its turn is handed out
             except asyncio.CancelledError:
                 if turn.done() and not turn.cancelled():
-                    self._release()  # handed the slot as it was cancelled: the next one gets it
+                    self._release(priority)  # handed the slot as it was cancelled: the next one gets it
                 else:
                     self._forget(self._queues[priority], caller, turn)
                 raise
         try:
             yield
         finally:
-            self._release()
+            self._release(priority)
 
-    def _release(self) -> None:
-        for queues in self._queues:
-            while queues:
+    def _may_run(self, priority: int) -> bool:
+        return priority == ONLINE or not self._running[ONLINE] or self._running[BATCH] < self.batch_beside_online
+
+    def _take(self, priority: int) -> None:
+        self._free -= 1
+        self._running[priority] += 1
+
+    def _release(self, priority: int) -> None:
+        self._free += 1
+        self._running[priority] -= 1
+        # online waiters first; then batch lines, as many as may run now (the last online request
+        # ending can let several start)
+        for waiting_priority, queues in enumerate(self._queues):
+            while self._free and queues and self._may_run(waiting_priority):
                 caller = next(iter(queues))
                 queue = queues.pop(caller)
                 turn = queue.popleft()
                 if queue:
                     queues[caller] = queue  # to the back of the round
                 if not turn.done():
+                    self._take(waiting_priority)
                     turn.set_result(None)
-                    return
-        self._free += 1
 
     @staticmethod
     def _forget(queues: dict[str, deque[asyncio.Future]], caller: str, turn: asyncio.Future) -> None:

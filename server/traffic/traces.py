@@ -23,6 +23,7 @@ class RequestSpans:
         attributes = {"http.request.method": scope["method"], "url.path": scope["path"]}
         with tracing.request_span(f"{scope['method']} {scope['path']}", headers, REQUEST_ID.get(),
                                   attributes) as span:
+            intake = _Intake(receive)
 
             async def send_with_status(message: Message) -> None:
                 if message["type"] == "http.response.start":
@@ -31,4 +32,30 @@ class RequestSpans:
                         span.set_status(Status(StatusCode.ERROR))
                 await send(message)
 
-            await self.app(scope, receive, send_with_status)
+            try:
+                await self.app(scope, intake.receive, send_with_status)
+            finally:
+                intake.ended()
+
+
+class _Intake:
+    """The "intake" span: from the request's start to its body's last part (a slow upload shows
+    here, before admission), with the body's size."""
+
+    def __init__(self, receive: Receive):
+        self._receive = receive
+        self.span = tracing.detached_span("intake")
+        self.body_bytes = 0
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        self.body_bytes += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.ended()
+        return message
+
+    def ended(self) -> None:
+        """Ends the span once: at the body's end, or with the request when it was refused before."""
+        if self.span.is_recording():
+            self.span.set_attribute("onellm.body_bytes", self.body_bytes)
+            self.span.end()

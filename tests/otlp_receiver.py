@@ -51,6 +51,7 @@ class OtlpReceiver:
 
     def __init__(self):
         self.spans: list[ReceivedSpan] = []
+        self.headers: list[dict[str, str]] = []  # of each export request, names in lower case
         self.lock = threading.Lock()
         receiver = self
 
@@ -65,6 +66,7 @@ class OtlpReceiver:
                 spans = decode(body)
                 with receiver.lock:
                     receiver.spans += spans
+                    receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
                 answer = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")

@@ -65,3 +65,17 @@ def test_otel_sdk_disabled_keeps_tracing_off_even_with_an_endpoint(tiny_model, r
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
         assert exporter_threads() == []
     assert receiver.spans == []
+
+
+def test_the_sdks_own_variables_apply_the_sampler_and_the_exporters_headers(tiny_model, receiver, no_otel_environment,
+                                                                           monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer collector-token")
+    settings = Settings(model=str(tiny_model), otlp_endpoint=receiver.url)
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert receiver.spans and {h.get("authorization") for h in receiver.headers} == {"Bearer collector-token"}
+    exported = len(receiver.spans)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert len(receiver.spans) == exported  # sampled out: nothing more exported

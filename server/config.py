@@ -87,6 +87,10 @@ class Settings:
     port: int = _setting(8080, "server", "port")
     log_level: str = _setting("info", "server", "only debug logs prompts and upload sizes",
                               choices=("debug", "info", "warning", "error"))
+    otlp_endpoint: str | None = _setting(None, "server", "OpenTelemetry collector (OTLP/HTTP, e.g. "
+                                         "http://collector:4318) to send each chat's trace to; the standard "
+                                         "OTEL_* variables are honoured, and OTEL_EXPORTER_OTLP_ENDPOINT turns "
+                                         "traces on too. Off by default", str)
 
     # what requests may hold, split among the stages that hold it (server/budget.py)
     memory_budget_mb: float = _setting(4096.0, "memory", "memory the gateway's requests may hold on top of "

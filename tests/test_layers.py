@@ -11,7 +11,7 @@ SERVER = Path(__file__).parents[1] / "server"
 LAYERS = ["tools", "cli", "entrypoints", "traffic", "core", "storage", "media", "cache", "model", "engines"]
 # modules under server/ itself that any layer above `model` may use
 FOUNDATION = {"config", "budget", "metrics"}
-EVERYWHERE = {"errors"}  # exception types, for every layer
+EVERYWHERE = {"errors", "tracing"}  # exception types; spans, which every layer starts (it imports no layer)
 
 
 def layer_of(module: str) -> str:

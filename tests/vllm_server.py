@@ -27,10 +27,12 @@ class VLLMServer:
     """One vLLM server run by `scripts/vllm-serve.sh run` in a process group of its own,
     so that stopping it also ends the engine-core processes vLLM forks."""
 
-    def __init__(self, model_dir: Path, log_path: Path, port: int | None = None, args: tuple[str, ...] = ()):
-        """`args`: vLLM's own options, after the tier's (VLLM_ARGS)."""
+    def __init__(self, model_dir: Path, log_path: Path, port: int | None = None, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
+        """`args`: vLLM options besides VLLM_ARGS; `env`: variables added to its environment."""
         self.model_dir = model_dir
-        self.args = [*VLLM_ARGS, *args]
+        self.args = args
+        self.env = env or {}
         self.log_path = log_path
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
@@ -52,8 +54,9 @@ class VLLMServer:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [str(SERVE_SCRIPT), "run", str(self.model_dir), str(self.port), "--", *self.args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [str(SERVE_SCRIPT), "run", str(self.model_dir), str(self.port), "--", *VLLM_ARGS, *self.args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **self.env})
         deadline = time.monotonic() + START_TIMEOUT
         while not self.healthy():
             if self.process.poll() is not None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from server import tracing
 from server.metrics import Metrics
 from server.core.service import ChatService, Generation
 from server.core.chat import Chat
@@ -37,6 +38,7 @@ async def start_answer(service: ChatService, chat: Chat, sampling_fields: dict, 
         log.debug("chat of %d messages, the last %r, attachments %s", len(chat.turns), chat.turns[-1].text[:500],
                   [(a.modality, a.reference or sum(map(len, a.files.values()))) for t in chat.turns for a in t.attachments])
     metrics.in_flight.inc()
+    tracing.told_request(service.model.name, sampling_fields)
     try:
         prepared = await service.prepare(chat, sampling_fields.pop("max_tokens"), tenant)
         sampling = Sampling(max_tokens=prepared.max_tokens, **sampling_fields)

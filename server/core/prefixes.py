@@ -10,6 +10,7 @@ import threading
 
 import torch
 
+from server import tracing
 from server.cache.prefix_cache import PrefixCache, SharedRuns, prefix_key
 from server.cache.shared_prefixes import SharedPrefixCache
 from server.core.chat import Attachment
@@ -62,11 +63,18 @@ class Prefixes:
 
     async def prefix(self, attachment: Attachment, key: str) -> torch.Tensor:
         """One attachment -> its prefix [30, D] (`key`: its prefix key)."""
+        with tracing.span("attachment", {"onellm.modality": attachment.modality}):
+            return await self._prefix(attachment, key)
+
+    async def _prefix(self, attachment: Attachment, key: str) -> torch.Tensor:
         m = attachment.modality
         if m not in self.model.encoder.modalities:
             part = next(iter(attachment.files), None) or attachment.params.get(MODALITIES[m].fields[0], m)
             raise InputError(400, f"model '{self.model.name}' does not accept '{m}' inputs", part)
-        if (cached := self.cache.get(key)) is not None:
+        with tracing.span("prefix_cache.local", {"onellm.modality": m}) as lookup:
+            cached = self.cache.get(key)
+            lookup.set_attribute("onellm.cache.hit", cached is not None)
+        if cached is not None:
             self.metrics.prefix_cache_hits.labels(m).inc()
             return cached
         if self.runs.running(key):
@@ -80,9 +88,13 @@ class Prefixes:
         """Looked up in the shared cache within the run, so requests bringing the same new file at
         once ask Redis once."""
         m = attachment.modality
-        if self.shared and (shared := await self.shared.get(key, m)) is not None:
-            self.cache.put(key, shared)
-            return shared
+        if self.shared:
+            with tracing.span("prefix_cache.redis", {"onellm.modality": m}) as lookup:
+                shared = await self.shared.get(key, m)
+                lookup.set_attribute("onellm.cache.hit", shared is not None)
+            if shared is not None:
+                self.cache.put(key, shared)
+                return shared
         if attachment.reference is not None:  # evicted since: only the bytes can make it again
             self.metrics.media_references.labels("not_found").inc()
             field_name = MODALITIES[m].fields[0]
@@ -90,7 +102,9 @@ class Prefixes:
         # asyncio cannot stop a decode that a pool thread has begun: the decoder checks `cancel`
         cancel = threading.Event()
         try:
-            inputs = await self.workers.off_loop(_preprocess, attachment, self.decoder_limits, cancel, self.metrics)
+            with tracing.span("decode", {"onellm.modality": m}):
+                inputs = await self.workers.off_loop(_preprocess, attachment, self.decoder_limits, cancel,
+                                                     self.metrics)
         except asyncio.CancelledError:
             cancel.set()
             raise

@@ -9,6 +9,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import torch
+from opentelemetry.trace import Span
 
 from server.cache.shared_prefixes import SharedPrefixCache
 from server.config import MiB, Settings
@@ -16,6 +17,7 @@ from server.core.chat import Chat
 from server.core.context import ContextWindow
 from server.core.prefixes import Prefixes
 from server.core.workers import Workers
+from server import tracing
 from server.engines.base import Engine, EngineUnavailable, PromptRejected, Sampling, Usage
 from server.errors import InputError
 from server.metrics import Metrics
@@ -46,6 +48,7 @@ class Generation:
     usage: Usage = field(default_factory=Usage)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    request_span: Span = field(default_factory=tracing.current_span)  # where its usage is told
 
 
 class ChatService:
@@ -78,7 +81,9 @@ class ChatService:
         keys = await all_or_none([self.prefixes.key(a, tenant) for a in attachments])
         prefixes = await all_or_none([self.prefixes.prefix(a, key) for a, key in zip(attachments, keys)])
         await self.prefixes.remember(tenant, attachments, keys)
-        embeddings = self.model.embeddings(ids, [(a.modality, p) for a, p in zip(attachments, prefixes)])
+        with tracing.span("prompt_assembly", {"onellm.attachments": len(attachments)}):
+            embeddings = self.model.embeddings(ids, [(a.modality, p) for a, p in zip(attachments, prefixes)])
+        tracing.current_span().set_attribute("gen_ai.usage.input_tokens", embeddings.shape[0])
         return Prepared(embeddings, max_tokens, [a.modality for a in attachments],
                         await self.affinity(chat, dict(zip(map(id, attachments), keys)), tenant), list(keys), start,
                         chat.messages_param)
@@ -106,23 +111,34 @@ class ChatService:
         stream would hold its client and its admission slot for good: stall_timeout_s ends it."""
         prepared = generation.prepared
         deltas = self.engine.stream(prepared.embeddings, sampling, generation.usage, prepared.affinity)
-        async with aclosing(deltas):
-            while True:
-                try:
-                    async with asyncio.timeout(self.stall_timeout_s):
-                        delta = await anext(deltas)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise EngineUnavailable(f"the {self.engine.name} engine sent nothing for "
-                                            f"{self.stall_timeout_s:g} s (stall_timeout_s)") from None
-                except PromptRejected as e:  # the engine's refusal, told to the client as its mistake
-                    param = prepared.messages_param if e.param == "messages" else e.param
-                    raise InputError(e.status, e.message, param, code=e.code) from None
-                if generation.first_token_at is None:
-                    generation.first_token_at = time.monotonic()
-                    self.metrics.ttft.observe(generation.first_token_at - generation.started)
-                yield delta
+        # current only while the engine runs (within each anext), never across a yield to the caller
+        engine_span = tracing.detached_span("engine", {"onellm.engine": self.engine.name})
+        try:
+            async with aclosing(deltas):
+                while True:
+                    try:
+                        async with asyncio.timeout(self.stall_timeout_s):
+                            with tracing.current(engine_span):
+                                delta = await anext(deltas)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise EngineUnavailable(f"the {self.engine.name} engine sent nothing for "
+                                                f"{self.stall_timeout_s:g} s (stall_timeout_s)") from None
+                    except PromptRejected as e:  # the engine's refusal, told to the client as its mistake
+                        param = prepared.messages_param if e.param == "messages" else e.param
+                        raise InputError(e.status, e.message, param, code=e.code) from None
+                    if generation.first_token_at is None:
+                        generation.first_token_at = time.monotonic()
+                        self.metrics.ttft.observe(generation.first_token_at - generation.started)
+                    yield delta
+        except Exception as e:
+            tracing.failed(engine_span, e)
+            raise
+        finally:
+            engine_span.end()
+            tracing.told_usage(generation.request_span, generation.usage.completion_tokens,
+                               generation.usage.finish_reason)
         self.metrics.tokens_out.inc(generation.usage.completion_tokens)
 
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import httpx
 import torch
 
+from server import tracing
 from server.engines.base import EngineUnavailable, PromptRejected, Sampling, Usage
 
 log = logging.getLogger("onellm.vllm")
@@ -176,7 +177,7 @@ class VLLMEngine:
             # Leaving this block early (the caller's aclose() or a cancelled task) closes
             # the HTTP response, which is how vLLM learns to abort the request.
             async with self._client.stream("POST", "/v1/completions", content=request_json(body),
-                                           headers={"Content-Type": "application/json"}) as response:
+                                           headers=tracing.inject({"Content-Type": "application/json"})) as response:
                 if response.status_code != 200:
                     await response.aread()
                     _raise_for_error(response.status_code, _json_or_text(response.text))

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
+from server import tracing
 from server.budget import split_of
 from server.cache.shared_prefixes import shared_cache_for
 from server.config import MiB, Settings
@@ -40,6 +41,7 @@ from server.traffic.intake import Intake
 from server.traffic.limits import BodyLimit
 from server.traffic.quotas import CallerQuotas, Quota
 from server.traffic.shared_quotas import SharedQuotas
+from server.traffic.traces import RequestSpans
 
 log = logging.getLogger("onellm.gateway")
 ERROR_STATUSES = (400, 401, 404, 408, 413, 415, 422, 429, 503, 504)
@@ -77,7 +79,8 @@ def document_models(app: FastAPI, *models: type[BaseModel]) -> None:
 def add_guards(app: FastAPI, settings: Settings) -> None:
     """The middlewares. Each added one wraps the ones before it, so a request meets them bottom
     to top: request id, CORS, API key and draining, the caller's quotas, body size, the body's
-    way in (upload places, memory, slow bodies), admission once the body is in."""
+    way in (upload places, memory, slow bodies), admission once the body is in. A chat's span
+    (traffic/traces.py) starts right after its request id, so it covers all the others."""
     metrics = app.state.metrics
     keys = load_api_keys(settings.api_keys, settings.api_keys_file)
     admission = Admission(settings.max_concurrent, settings.max_queued, settings.batch_beside_online)
@@ -95,6 +98,7 @@ def add_guards(app: FastAPI, settings: Settings) -> None:
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After", MEDIA_HEADER])
+    app.add_middleware(RequestSpans)
     app.add_middleware(RequestIds)
 
 
@@ -115,6 +119,8 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal model, engine
+        if tracing.start(settings.otlp_endpoint):
+            log.info("exporting traces over OTLP/HTTP")
         model = model or load_model(settings.model, device=settings.device, dtype=settings.dtype)
         engine = engine or build_engine(settings, model, app.state.metrics)
         await engine.start()
@@ -154,6 +160,7 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
             await app.state.shared_quotas.close()
             await shared_redis.close()
         await engine.close()
+        tracing.stop()  # last: the spans of the requests that shutdown waited for are exported too
 
     return lifespan
 

@@ -15,7 +15,9 @@ from concurrent.futures import Executor
 from typing import Protocol
 
 import torch
+from opentelemetry.trace import Span
 
+from server import tracing
 from server.model.onellm import OneLLM
 
 
@@ -42,8 +44,8 @@ class EncoderBatcher:
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        # modality -> [(input, future, arrival time)], oldest first
-        self.waiting: dict[str, list[tuple[torch.Tensor, asyncio.Future, float]]] = defaultdict(list)
+        # modality -> [(input, future, arrival time, the request's span of its wait and batch)], oldest first
+        self.waiting: dict[str, list[tuple[torch.Tensor, asyncio.Future, float, Span]]] = defaultdict(list)
         self.running = False
         self.timer: asyncio.TimerHandle | None = None
         self.batch_sizes: list[int] = []  # of every batch run, for tests and benchmarks
@@ -52,9 +54,10 @@ class EncoderBatcher:
         """One model input (no batch dim) -> its prefix [30, D]."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.waiting[modality].append((inputs, future, loop.time()))
-        self._dispatch()
-        return await future  # a cancelled caller's input is dropped before its batch runs
+        with tracing.span("encoder.batch", {"onellm.modality": modality}) as span:
+            self.waiting[modality].append((inputs, future, loop.time(), span))
+            self._dispatch()
+            return await future  # a cancelled caller's input is dropped before its batch runs
 
     def _dispatch(self) -> None:
         """Start the next batch if the encoder is free and a queue is due; else wake up when one will be."""
@@ -76,7 +79,9 @@ class EncoderBatcher:
             return
         modality = min(due, key=heads.get)
         queue = self.waiting[modality]
-        batch = [(x, f) for x, f, _ in queue[: self.max_batch]]
+        batch = [(x, f) for x, f, _, _ in queue[: self.max_batch]]
+        for *_, span in queue[: self.max_batch]:
+            span.set_attribute("onellm.encoder.batch_size", len(batch))
         del queue[: self.max_batch]
         self.running = True
         self.batch_sizes.append(len(batch))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import tracing
 from server.traffic.access import caller_of, is_batch_line, metric_key, send_error
 from server.metrics import Metrics
 from server.errors import InputError, RequestError, TimedOut
@@ -216,7 +217,8 @@ class ChatGuard:
             message = await receive()
             if message["type"] == "http.request" and not message.get("more_body", False):
                 priority = BATCH if holding.batch_line else ONLINE
-                await holding.held.enter_async_context(self.admission.slot(caller, priority))
+                with tracing.span("admission", {"onellm.batch_line": holding.batch_line}):
+                    await holding.held.enter_async_context(self.admission.slot(caller, priority))
                 if holding.deadline.when() is None:
                     holding.deadline.reschedule(asyncio.get_running_loop().time() + self.timeout_s)
             return message

@@ -22,6 +22,7 @@ GATEWAY = "onellm-gateway"
 VLLM = "onellm-vllm"
 REDIS = "onellm-redis"
 FILES_STORE = "onellm-files-store"
+COLLECTOR = "onellm-otel-collector"
 
 
 def render(path: Path) -> list[dict]:
@@ -198,6 +199,29 @@ def test_network_policies_let_only_gateways_reach_vllm_and_both_redis(manifests)
         # the port the service is on, and only that one
         ports = [container_port(main_container(workload), p["port"]) for p in rule["ports"]]
         assert ports == [p["containerPort"] for p in main_container(workload)["ports"]]
+
+
+def test_gateways_and_vllm_send_their_traces_to_the_collector_over_otlp_http(manifests):
+    gateway = main_container(manifests.workload(GATEWAY))
+    vllm = main_container(manifests.workload(VLLM))
+    collector = manifests.workload(COLLECTOR)
+    # the gateway's is the collector's base URL (it appends /v1/traces), vLLM's the full one
+    gateway_url = httpx.URL(manifests.environment(gateway)["ONELLM_OTLP_ENDPOINT"])
+    vllm_url = httpx.URL(option(vllm["args"], "--otlp-traces-endpoint"))
+    assert gateway_url.path in ("", "/") and vllm_url.path == "/v1/traces"
+    # vLLM's exporter speaks gRPC unless told otherwise, and this is the HTTP port
+    assert {e["name"]: e["value"] for e in vllm["env"]}["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
+    config = yaml.safe_load(manifests.get("ConfigMap", "otel-collector")["data"]["config.yaml"])
+    http_port = int(config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].rsplit(":", 1)[1])
+    for url in (gateway_url, vllm_url):
+        service = manifests.get("Service", url.host)
+        assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels(collector))
+        [port] = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+        assert container_port(main_container(collector), port["targetPort"]) == http_port
+    traces = config["service"]["pipelines"]["traces"]
+    assert "otlp" in traces["receivers"] and set(traces["exporters"]) <= set(config["exporters"])
+    mount = main_container(collector)["volumeMounts"][0]["mountPath"]
+    assert main_container(collector)["args"] == [f"--config={mount}/config.yaml"]
 
 
 def test_settings_in_the_config_map_are_settings_of_the_gateway(manifests):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from otlp_receiver import OtlpReceiver
 from vllm_server import VLLMServer
 
 HERE = Path(__file__).resolve().parent
@@ -27,9 +28,9 @@ def start_vllm(vllm_installed, vllm_model_dir: Path, tmp_path_factory):
     every one still running is stopped when the session ends."""
     servers: list[VLLMServer] = []
 
-    def start(port: int | None = None) -> VLLMServer:
+    def start(port: int | None = None, args: tuple[str, ...] = (), env: dict | None = None) -> VLLMServer:
         log_path = tmp_path_factory.mktemp("vllm-log") / "vllm.log"
-        server = VLLMServer(vllm_model_dir, log_path, port)
+        server = VLLMServer(vllm_model_dir, log_path, port, args, env)
         servers.append(server)
         server.start()
         return server
@@ -40,9 +41,19 @@ def start_vllm(vllm_installed, vllm_model_dir: Path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def vllm_server(start_vllm) -> str:
-    """The base URL of the session's shared vLLM server."""
-    return start_vllm().url
+def trace_receiver():
+    """Where the shared vLLM sends its traces (test_traces_live.py); it outlives that vLLM."""
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def vllm_server(start_vllm, trace_receiver) -> str:
+    """The base URL of the session's shared vLLM server, which exports its traces to `trace_receiver`
+    (its one span per request, which costs the other tests nothing they measure)."""
+    return start_vllm(args=("--otlp-traces-endpoint", f"{trace_receiver.url}/v1/traces"),
+                      env={"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+                           "OTEL_SERVICE_NAME": "vllm-under-test", "OTEL_BSP_SCHEDULE_DELAY": "50"}).url
 
 
 @pytest.fixture(scope="session")

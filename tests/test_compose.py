@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from server.config import Settings
 
@@ -22,6 +23,7 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 MULTI_GPU_FILE = REPO / "docker" / "compose.multi-gpu.yml"
 CPU_FILE = REPO / "docker" / "compose.cpu.yml"
 MULTI_GPU_CPU_FILE = REPO / "docker" / "compose.multi-gpu.cpu.yml"
+TRACING_FILE = REPO / "docker" / "compose.tracing.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 # the variables the compose file reads: unset, so that the defaults are what is checked
@@ -293,6 +295,39 @@ def test_every_vllm_replica_is_the_base_service_on_its_own_gpu():
     for name, service in vllms.items():
         for key in ("image", "entrypoint", "command", "volumes", "healthcheck", "restart", "ipc"):
             assert service[key] == base[key], (name, key)
+
+
+def test_the_tracing_file_sends_every_tier_to_one_collector_and_changes_nothing_else():
+    every_gpu = {name: str(k) for k, name in enumerate(VLLM_SLOT_GPUS, start=1)}
+    plain = multi_gpu(**every_gpu)
+    traced = compose_config(files=(COMPOSE_FILE, MULTI_GPU_FILE, TRACING_FILE), **every_gpu)["services"]
+    assert set(running(traced)) == set(running(plain)) | {"otel-collector"}
+    collector = traced["otel-collector"]
+    assert collector["image"].startswith("otel/opentelemetry-collector:")
+    config = next(v for v in collector["volumes"] if v["target"] == "/etc/otelcol/config.yaml")
+    assert Path(config["source"]) == REPO / "docker" / "otel-collector.yaml"
+    assert "--config=/etc/otelcol/config.yaml" in collector["command"]
+    assert traced["gateway"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
+    vllms = vllm_services(traced)
+    assert len(vllms) == 8
+    for name, service in vllms.items():
+        # the base command with the option added, whatever the base command becomes
+        command = list(service["command"])
+        assert option(command, "--otlp-traces-endpoint") == "http://otel-collector:4318/v1/traces", name
+        at = command.index("--otlp-traces-endpoint")
+        assert command[:at] + command[at + 2:] == plain[name]["command"], name
+        assert service["environment"]["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf", name
+        for key in ("image", "entrypoint", "volumes", "healthcheck", "deploy"):
+            assert service[key] == plain[name][key], (name, key)
+    for name in set(plain) - set(vllms) - {"gateway"}:
+        assert traced[name] == plain[name], name
+
+
+def test_the_collector_config_receives_otlp_over_http_and_exports_traces():
+    config = yaml.safe_load((REPO / "docker" / "otel-collector.yaml").read_text())
+    assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    assert config["service"]["pipelines"]["traces"]["receivers"] == ["otlp"]
+    assert config["service"]["pipelines"]["traces"]["exporters"]
 
 
 def test_multi_gpu_gateways_share_redis_and_sit_behind_haproxy():

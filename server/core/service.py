@@ -78,7 +78,9 @@ class ChatService:
         keys = await all_or_none([self.prefixes.key(a, tenant) for a in attachments])
         prefixes = await all_or_none([self.prefixes.prefix(a, key) for a, key in zip(attachments, keys)])
         await self.prefixes.remember(tenant, attachments, keys)
-        embeddings = self.model.embeddings(ids, [(a.modality, p) for a, p in zip(attachments, prefixes)])
+        # in a thread: on a GPU, assembly waits for the device (see OneLLM.embeddings)
+        embeddings = await asyncio.to_thread(self.model.embeddings, ids,
+                                             [(a.modality, p) for a, p in zip(attachments, prefixes)])
         return Prepared(embeddings, max_tokens, [a.modality for a in attachments],
                         await self.affinity(chat, dict(zip(map(id, attachments), keys)), tenant), list(keys), start,
                         chat.messages_param)

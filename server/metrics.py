@@ -5,6 +5,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
@@ -36,6 +37,9 @@ class Metrics:
         # encoder, and the rest (queues, prompt assembly, the engine)
         self.preprocess_seconds = Histogram("onellm_preprocess_seconds", "Decoding one attachment into model input",
                                             ["modality"], buckets=STAGE_BUCKETS, registry=self.registry)
+        self.event_loop_lag = Histogram("onellm_event_loop_lag_seconds", "How late the event loop woke a "
+                                        "ticker that sleeps 5 ms: the delay work on the loop adds to every "
+                                        "stream", buckets=LAG_BUCKETS, registry=self.registry)
         self.encoder_seconds = Histogram("onellm_encoder_batch_seconds", "One encoder batch, on the encoder thread",
                                          ["modality"], buckets=STAGE_BUCKETS, registry=self.registry)
         self.encoder_batch_size = Histogram("onellm_encoder_batch_size", "Attachments per encoder batch",

@@ -4,6 +4,7 @@ fed values no gateway wrote."""
 
 import asyncio
 import logging
+import threading
 import time
 
 import pytest
@@ -14,6 +15,7 @@ import media
 from server.entrypoints.app import create_app
 from server.metrics import Metrics
 from server.config import Settings
+import server.cache.shared_prefixes
 from server.cache.redis_client import SharedRedis
 from server.cache.shared_prefixes import SharedPrefixCache, tensor_bytes
 
@@ -76,6 +78,35 @@ def test_prefixes_of_every_served_dtype_come_back_from_redis_as_they_went_in(red
         back = asyncio.run(round_trip(dtype))
         assert back.dtype == dtype and back.shape == (30, 64)
         assert torch.equal(back, prefix.to(dtype))
+
+
+def test_prefixes_become_bytes_and_back_off_the_event_loop(redis_server, monkeypatch):
+    # on a GPU the copy to the CPU waits for the device: every token stream would stall meanwhile
+    threads = {}
+
+    def recording(name):
+        convert = getattr(server.cache.shared_prefixes, name)
+
+        def run(*args):
+            threads[name] = threading.get_ident()
+            return convert(*args)
+        monkeypatch.setattr(server.cache.shared_prefixes, name, run)
+    recording("tensor_bytes")
+    recording("tensor_from_bytes")
+
+    async def round_trip() -> int:
+        metrics = Metrics()
+        redis = SharedRedis(redis_server.url, 1.0, metrics)
+        await redis.start()
+        cache = SharedPrefixCache(redis, "test:threads:", (30, 64), torch.float32, 60, metrics)
+        await cache.put("k", torch.ones(30, 64))
+        assert torch.equal(await cache.get("k", "image"), torch.ones(30, 64))
+        await redis.close()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(round_trip())
+    assert set(threads) == {"tensor_bytes", "tensor_from_bytes"}
+    assert loop_thread not in threads.values()
 
 
 @pytest.mark.parametrize("value", [

@@ -7,11 +7,13 @@ import asyncio
 import base64
 import io
 import socket
+import threading
 
 import httpx
 import pytest
 import torch
 
+import server.engines.vllm
 from server.engines.base import EngineUnavailable, PromptRejected, Sampling, Usage
 from server.engines.vllm import SSEParser, VLLMEngine, completion_request
 from vllm_standin import FAIL, HOLD, MODELS, RECORDED_DELTAS, RECORDED_IDS, RECORDED_STREAM, REJECT, StandInVLLM
@@ -178,6 +180,27 @@ def test_stream_relays_deltas_and_fills_usage(standin):
     assert usage.finish_reason == "length"
     # the served model was discovered from /v1/models and used in the request
     assert [body["model"] for body in standin.posted] == ["/models/tiny/llm"]
+
+
+def test_the_embeddings_are_serialised_off_the_event_loop(standin, monkeypatch):
+    # on a GPU, moving them to the CPU waits for the device: every other stream would stall
+    threads = []
+    serialise = server.engines.vllm.encode_embeddings
+
+    def recording(*args):
+        threads.append(threading.get_ident())
+        return serialise(*args)
+    monkeypatch.setattr(server.engines.vllm, "encode_embeddings", recording)
+
+    async def run():
+        engine = VLLMEngine(standin.url)
+        try:
+            return [delta async for delta in engine.stream(torch.zeros(3, 8), Sampling())], threading.get_ident()
+        finally:
+            await engine.close()
+    deltas, loop_thread = asyncio.run(run())
+    assert deltas == RECORDED_DELTAS
+    assert len(threads) == 1 and threads[0] != loop_thread
 
 
 def test_model_is_discovered_once():

@@ -5,6 +5,7 @@ A Redis that is down or slow is a miss (see redis_client.SharedRedis). What is r
 against the shape and dtype this model makes: a value that is not one is a miss, never a failed
 request."""
 
+import asyncio
 import logging
 import math
 import struct
@@ -48,7 +49,10 @@ def tensor_from_bytes(data: bytes, shape: tuple[int, ...], dtype: torch.dtype) -
 
 
 class SharedPrefixCache:
-    """Prefixes of one model in `redis` under `namespace`, each of `shape` and `dtype`, kept `ttl_s`."""
+    """Prefixes of one model in `redis` under `namespace`, each of `shape` and `dtype`, kept `ttl_s`.
+
+    Tensors become bytes and back in a thread: on a GPU the copy to the CPU waits for the device's
+    queued work, and checking a value read back reads every element."""
 
     def __init__(self, redis: SharedRedis, namespace: str, shape: tuple[int, ...], dtype: torch.dtype, ttl_s: int,
                  metrics: Metrics):
@@ -63,7 +67,7 @@ class SharedPrefixCache:
         _, data = await self.redis.get(self.namespace + key)
         if data is None:
             return None
-        prefix = tensor_from_bytes(data, self.shape, self.dtype)
+        prefix = await asyncio.to_thread(tensor_from_bytes, data, self.shape, self.dtype)
         if prefix is None:  # the prefix made next replaces it, so each bad value is logged about once
             self.metrics.shared_cache_errors.labels("invalid_value").inc()
             log.warning("the shared prefix cache holds a value that is not a %s %s prefix (%d bytes); "
@@ -74,7 +78,7 @@ class SharedPrefixCache:
 
     async def put(self, key: str, prefix: torch.Tensor) -> None:
         if self.redis.up:  # else the bytes would be made for nothing
-            await self.redis.set(self.namespace + key, tensor_bytes(prefix), self.ttl_s)
+            await self.redis.set(self.namespace + key, await asyncio.to_thread(tensor_bytes, prefix), self.ttl_s)
 
 
 def shared_cache_for(redis: SharedRedis, model: OneLLM, ttl_s: int) -> SharedPrefixCache:

@@ -82,7 +82,9 @@ class ChatService:
         prefixes = await all_or_none([self.prefixes.prefix(a, key) for a, key in zip(attachments, keys)])
         await self.prefixes.remember(tenant, attachments, keys)
         with tracing.span("prompt_assembly", {"onellm.attachments": len(attachments)}):
-            embeddings = self.model.embeddings(ids, [(a.modality, p) for a, p in zip(attachments, prefixes)])
+            # in a thread: on a GPU, assembly waits for the device (see OneLLM.embeddings)
+            embeddings = await asyncio.to_thread(self.model.embeddings, ids,
+                                                 [(a.modality, p) for a, p in zip(attachments, prefixes)])
         tracing.current_span().set_attribute("gen_ai.usage.input_tokens", embeddings.shape[0])
         return Prepared(embeddings, max_tokens, [a.modality for a in attachments],
                         await self.affinity(chat, dict(zip(map(id, attachments), keys)), tenant), list(keys), start,

@@ -4,6 +4,7 @@ The gateway computes the prompt embeddings [L, D] (encoder + prompt assembly) an
 only runs the LLaMA decoder on them, via `POST /v1/completions` with `prompt_embeds`.
 """
 
+import asyncio
 import base64
 import io
 import json
@@ -63,6 +64,12 @@ def request_json(body: dict) -> bytes:
     has none of, and that took 15 of the 20 ms of a 600-row request (docs/benchmarks.md)."""
     rest = json.dumps({key: value for key, value in body.items() if key != "prompt_embeds"})
     return f'{rest[:-1]}, "prompt_embeds": "{body["prompt_embeds"]}"}}'.encode("ascii")
+
+
+def request_content(embeddings: torch.Tensor, sampling: Sampling, model: str, dtype: torch.dtype) -> bytes:
+    """The request's bytes. Run off the event loop: moving the embeddings to the CPU waits for the
+    device's queued work, and torch.save and base64 take milliseconds per hundred rows."""
+    return request_json(completion_request(embeddings, sampling, model, dtype))
 
 
 class SSEParser:
@@ -172,11 +179,12 @@ class VLLMEngine:
     async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
                      affinity: str | None = None) -> AsyncIterator[str]:
         usage = usage if usage is not None else Usage()
-        body = completion_request(embeddings, sampling, await self._served_model(), self.dtype)
+        content = await asyncio.to_thread(request_content, embeddings, sampling, await self._served_model(),
+                                          self.dtype)
         try:
             # Leaving this block early (the caller's aclose() or a cancelled task) closes
             # the HTTP response, which is how vLLM learns to abort the request.
-            async with self._client.stream("POST", "/v1/completions", content=request_json(body),
+            async with self._client.stream("POST", "/v1/completions", content=content,
                                            headers=tracing.inject({"Content-Type": "application/json"})) as response:
                 if response.status_code != 200:
                     await response.aread()

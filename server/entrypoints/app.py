@@ -1,6 +1,7 @@
 """The app factory: the FastAPI app with its routers, error handlers and middlewares, and the
 lifespan that loads the model and engine and starts and stops the stores."""
 
+import asyncio
 import gc
 import logging
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from server.entrypoints.chat_form.router import router as chat_form_router
 from server.entrypoints.chats import MEDIA_HEADER
 from server.entrypoints.error_handlers import add_error_handlers
 from server.entrypoints.files.router import router as files_router
+from server.entrypoints.loop_lag import record_loop_lag
 from server.entrypoints.protocol import ErrorResponse
 from server.entrypoints.responses.protocol import ResponsesRequest
 from server.entrypoints.responses.router import router as responses_router
@@ -150,7 +152,9 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
         gc.collect()
         gc.freeze()
         log.info("serving model '%s' in %s on the %s engine", model.name, model.compute.name, engine.name)
+        ticker = asyncio.create_task(record_loop_lag(app.state.metrics.event_loop_lag))
         yield
+        ticker.cancel()
         gc.unfreeze()  # so that they are freed at exit as usual
         await app.state.batch_runner.close()
         await app.state.batches.close()

@@ -89,8 +89,8 @@ class EncoderBatcher:
 
     async def _run(self, modality: str, batch: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
         try:
-            inputs = torch.stack([x for x, _ in batch])
-            prefixes = await asyncio.get_running_loop().run_in_executor(self.executor, self._encode, modality, inputs)
+            prefixes = await asyncio.get_running_loop().run_in_executor(self.executor, self._encode, modality,
+                                                                        [x for x, _ in batch])
         except Exception as e:  # noqa: BLE001 - every waiting request learns of the failure
             for _, future in batch:
                 if not future.done():
@@ -103,12 +103,16 @@ class EncoderBatcher:
             self.running = False
             self._dispatch()
 
-    def _encode(self, modality: str, inputs: torch.Tensor) -> list[torch.Tensor]:
+    def _encode(self, modality: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """On the encoder thread, from stacking the inputs to each request's own rows: nothing here
+        may run on the event loop, which on a GPU would wait for the encoder's queued work."""
         started = time.perf_counter()
-        prefixes = self.model.encode(modality, inputs)
+        with self.model.encoder_stream():
+            prefixes = self.model.encode(modality, torch.stack(inputs))
+            # each request's own copy: a row of the batch would keep all B rows alive in the prefix
+            # cache while it counts one
+            copies = [prefix.clone() for prefix in prefixes]
         if self.metrics is not None:
             self.metrics.encoder_seconds.labels(modality).observe(time.perf_counter() - started)
             self.metrics.encoder_batch_size.labels(modality).observe(len(inputs))
-        # each request's own copy: a row of the batch would keep all B rows alive in the prefix
-        # cache while it counts one; copied here, off the event loop
-        return [prefix.clone() for prefix in prefixes]
+        return copies

@@ -1,8 +1,9 @@
 """Load a model folder (`model_repo/<name>/`, see model_repo/README.md) into a ready encoder."""
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sentencepiece as spm
@@ -24,6 +25,9 @@ class OneLLM:
     tokenizer: spm.SentencePieceProcessor
     stored_dtype: torch.dtype  # what the weights were written in
     compute: DtypeChoice  # what the encoder (and the embedded LLM) computes in, and why
+    # on CUDA the encoder queues its work on a stream of its own, so that the LLM's work and the
+    # copies other threads make need not wait behind an encoder batch
+    _encoder_stream: "torch.cuda.Stream | None" = field(default=None, init=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -43,7 +47,22 @@ class OneLLM:
 
     def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         """Model inputs [B, ...] -> prefixes [B, 30, D] on this model's device and dtype."""
+        if self.device.type == "cuda":  # from page-locked memory the copy is queued, not waited for
+            inputs = inputs.pin_memory().to(self.device, non_blocking=True)
         return self.encoder(modality, inputs.to(self.device, self.dtype))
+
+    @contextmanager
+    def encoder_stream(self) -> Iterator[None]:
+        """On CUDA, the work queued inside runs on the encoder's own stream and is finished when the
+        block ends (the caller is a worker thread: it waits, the event loop does not); elsewhere nothing."""
+        if self.device.type != "cuda":
+            yield
+            return
+        if self._encoder_stream is None:
+            self._encoder_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._encoder_stream):
+            yield
+        self._encoder_stream.synchronize()
 
     def prompt_ids(self, turns: Sequence[tuple[str, str]], system: str | None = None) -> list[int]:
         text = render(turns, self.config["prompt"]["system"] if system is None else system)
@@ -53,7 +72,13 @@ class OneLLM:
         """Prompt ids and [(modality, prefix [30, D]), ...] -> LLM input embeddings [L, D]."""
         tokens = self.encoder.embed_tokens(ids)
         blocks = [self.encoder.block(m, prefix.to(self.device, self.dtype)) for m, prefix in attachments]
-        return assemble(tokens[:1], blocks, tokens[1:])
+        embeddings = assemble(tokens[:1], blocks, tokens[1:])
+        if self.device.type == "cuda":
+            # done before the prefixes may be freed (they were made on the encoder's stream, and the
+            # allocator could hand their memory to it while this stream still reads them); this is
+            # called in a worker thread, so the wait is not the event loop's
+            torch.cuda.current_stream(self.device).synchronize()
+        return embeddings
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto") -> OneLLM:

@@ -1,6 +1,7 @@
 """The encoder's dynamic batcher: concurrent requests of one modality share a batch, results are their own."""
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -81,3 +82,29 @@ def test_each_prefix_of_a_batch_holds_only_its_own_rows(model):
     assert batcher.batch_sizes == [4]
     for prefix in prefixes:
         assert prefix.untyped_storage().nbytes() == prefix.numel() * prefix.element_size()
+
+
+class Watched(torch.Tensor):
+    """An input that records the thread of every torch function given it (and computes as a plain tensor)."""
+
+    threads: set[int] = set()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.threads.add(threading.get_ident())
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def test_no_tensor_work_of_a_batch_runs_on_the_event_loop(model):
+    # on a GPU, stacking or copying there would wait for the encoder's queued work
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+    Watched.threads = set()
+
+    async def main():
+        prefixes = await asyncio.gather(*(batcher.encode("image", x.as_subclass(Watched)) for x in images(3)))
+        return prefixes, threading.get_ident()
+
+    prefixes, loop_thread = asyncio.run(main())
+    assert batcher.batch_sizes == [3] and len(prefixes) == 3
+    assert Watched.threads and loop_thread not in Watched.threads

@@ -81,14 +81,20 @@ class ChatService:
         keys = await all_or_none([self.prefixes.key(a, tenant) for a in attachments])
         prefixes = await all_or_none([self.prefixes.prefix(a, key) for a, key in zip(attachments, keys)])
         await self.prefixes.remember(tenant, attachments, keys)
+        request_span = tracing.current_span()
         with tracing.span("prompt_assembly", {"onellm.attachments": len(attachments)}):
             # in a thread: on a GPU, assembly waits for the device (see OneLLM.embeddings)
-            embeddings = await asyncio.to_thread(self.model.embeddings, ids,
-                                                 [(a.modality, p) for a, p in zip(attachments, prefixes)])
-        tracing.current_span().set_attribute("gen_ai.usage.input_tokens", embeddings.shape[0])
+            embeddings = await asyncio.to_thread(self._assemble, ids, [(a.modality, p) for a, p in
+                                                                       zip(attachments, prefixes)], request_span)
         return Prepared(embeddings, max_tokens, [a.modality for a in attachments],
                         await self.affinity(chat, dict(zip(map(id, attachments), keys)), tenant), list(keys), start,
                         chat.messages_param)
+
+    def _assemble(self, ids: list[int], parts: list, request_span: Span) -> torch.Tensor:
+        embeddings = self.model.embeddings(ids, parts)  # [rows, dim]
+        # read here, not on the loop: even a tensor's shape is a torch call there
+        request_span.set_attribute("gen_ai.usage.input_tokens", embeddings.shape[0])
+        return embeddings
 
     async def affinity(self, chat: Chat, known_keys: dict[int, str], tenant: str) -> str:
         """What every turn of a chat shares, whichever gateway serves it: its first user message,

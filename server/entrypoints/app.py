@@ -4,6 +4,9 @@ lifespan that loads the model and engine and starts and stops the stores."""
 import asyncio
 import gc
 import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -115,12 +118,26 @@ async def start_batches(app: FastAPI, settings: Settings) -> BatchRunner:
     return runner
 
 
+def started_thread_pool() -> ThreadPoolExecutor:
+    """The pool of asyncio.to_thread (a vLLM request's body, prompt assembly, Redis prefixes as
+    bytes), asyncio's own size, its threads all started now: grown on demand it would start a thread
+    in the middle of some request, and count as a leak to whoever watches the process's threads."""
+    size = min(32, (os.cpu_count() or 1) + 4)
+    pool = ThreadPoolExecutor(size, thread_name_prefix="off-loop")
+    # each start waits for all: no thread is idle before the last is asked for, so each is a new one
+    all_started = threading.Barrier(size, timeout=30)
+    for _ in range(size):
+        pool.submit(all_started.wait)
+    return pool
+
+
 def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None):
     """Start-up and shutdown; `model` and `engine` are loaded here unless given."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal model, engine
+        asyncio.get_running_loop().set_default_executor(started_thread_pool())
         if tracing.start(settings.otlp_endpoint):
             log.info("exporting traces over OTLP/HTTP")
         model = model or load_model(settings.model, device=settings.device, dtype=settings.dtype)

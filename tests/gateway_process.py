@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +27,25 @@ def free_port() -> int:
 
 def flags(settings: dict) -> list[str]:
     return [arg for name, value in settings.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def until_ready(process: subprocess.Popen, url: str, name: str, log: Callable[[], str], stop: Callable[[], object],
+                timeout: float, headers: dict[str, str] | None = None) -> None:
+    """Until `url`/ready answers 200. A process that exits first fails the test, and so does one
+    not ready within `timeout` (after `stop()`), each with the end of its `log()`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{name} exited with {process.returncode}:\n{log()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/ready", headers=headers, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop()
+            pytest.fail(f"{name} was not ready after {timeout} s:\n{log()[-3000:]}")
+        time.sleep(0.3)
 
 
 class GatewayProcess:
@@ -59,19 +79,8 @@ class GatewayProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", *self.args], cwd=REPO,
                                             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"onellm serve exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", headers=self.ready_headers, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"onellm serve was not ready after {START_TIMEOUT} s:\n{self.log()[-3000:]}")
-            time.sleep(0.3)
+        until_ready(self.process, self.url, "onellm serve", self.log, self.stop, START_TIMEOUT, self.ready_headers)
+        return self
 
     def stop(self) -> int | None:
         """SIGTERM, as a process manager stops it; the exit status."""

@@ -4,13 +4,9 @@ with a servers file of the test's own (the scale tier)."""
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
-import pytest
-
-from gateway_process import REPO, GatewayProcess, free_port
+from gateway_process import REPO, GatewayProcess, free_port, until_ready
 from missing import unavailable
 
 HAPROXY_CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
@@ -42,19 +38,9 @@ class HAProxy:
                 ["haproxy", "-db", "-f", str(HAPROXY_CONFIG), "-f", str(self.servers)],
                 env={"PATH": "/usr/sbin:/usr/bin:/bin", "ONELLM_LB_BIND": f"127.0.0.1:{self.port}"},
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"haproxy exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"haproxy did not reach a ready gateway in {START_TIMEOUT} s")
-            time.sleep(0.2)
+        # ready once it has taken in a gateway that is
+        until_ready(self.process, self.url, "haproxy", self.log_path.read_text, self.stop, START_TIMEOUT)
+        return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

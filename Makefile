@@ -5,13 +5,14 @@ UV := $(shell command -v uv 2>/dev/null || echo "$(HOME)/.local/bin/uv")
 MODEL ?= model_repo/tiny
 PORT ?= 8080
 
-.PHONY: serve test install tiny vllm-env torchaudio-env vllm-start vllm-stop system-packages images-cpu
+.PHONY: serve test install llamacpp tiny vllm-env torchaudio-env vllm-start vllm-stop system-packages images-cpu
 
 $(UV):
 	python3 -m pip install --user --quiet uv
 
+# --inexact: what `make test` added (llama.cpp, below) stays for `make serve`
 install: $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --inexact
 
 $(MODEL)/model.json: | install
 	$(UV) run onellm make-tiny --out $(MODEL)
@@ -38,9 +39,9 @@ vllm-stop:
 # browser download is not used), Node.js for the fetch() SSE example, redis-server and haproxy
 # for the scale-out tier, promtool
 # (package prometheus) for the alerting rules, dockerd and debootstrap for the container tier
-# (which runs a Docker engine of its own).
-SYSTEM_COMMANDS := chromium node redis-server haproxy promtool dockerd debootstrap
-SYSTEM_PACKAGES := chromium nodejs redis-server haproxy prometheus docker.io debootstrap
+# (which runs a Docker engine of its own), and g++ for llama-cpp-python, which PyPI has as source only.
+SYSTEM_COMMANDS := chromium node redis-server haproxy promtool dockerd debootstrap g++
+SYSTEM_PACKAGES := chromium nodejs redis-server haproxy prometheus docker.io debootstrap g++
 system-packages:
 	@for command in $(SYSTEM_COMMANDS); do command -v $$command >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; fi
@@ -50,5 +51,9 @@ system-packages:
 images-cpu:
 	docker/cpu/build.sh
 
-test: install vllm-env torchaudio-env system-packages
+# llama.cpp serves quantized weights (`onellm quantize`); it compiles for this CPU (~4 min, once)
+llamacpp: install system-packages
+	$(UV) sync --frozen --inexact --extra llamacpp
+
+test: install vllm-env torchaudio-env system-packages llamacpp
 	$(UV) run pytest

@@ -6,6 +6,7 @@ import sys
 
 SUBCOMMANDS = {
     "convert": ("server.tools.convert", "convert a OneLLM checkpoint into a model folder"),
+    "quantize": ("server.tools.quantize", "write a model's LLM with weight-only quantized matrices (GGUF, for llama.cpp)"),
     "make-tiny": ("server.tools.make_tiny", "build a small random-weight OneLLM model folder, offline"),
     "parity": ("server.tools.parity", "check this implementation against a reference fixture"),
     "parity-inputs": ("server.tools.parity_inputs", "check preprocessing of real files against a fixture"),

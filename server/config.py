@@ -71,6 +71,12 @@ class Settings:
     encoder_max_wait_ms: float = _setting(1.0, "model", "longest wait for a batch to fill")
     default_max_tokens: int = _setting(256, "model")
 
+    llm_weights: str = _setting("auto", "engines", "weights of the embedded LLM: `full` (the llm/ folder, in the "
+                                "computed dtype) or a file `onellm quantize` wrote (llm-q4_0.gguf, llm-q8_0.gguf), "
+                                "served by llama.cpp; auto: on a CPU the folder's quantized file (q4_0 first) when "
+                                "it has one and llama.cpp is installed, else full", choices=("auto", "full", "q4_0", "q8_0"))
+    # each sequence keeps a KV cache of the model's whole context: 512 KiB a position for OneLLM-7B
+    llm_sequences: int = _setting(4, "engines", "requests the llama.cpp engine decodes at once (others wait)")
     vllm_url: str | None = _setting(None, "engines", "vLLM OpenAI server(s) to decode on, comma-separated; "
                                     "without it the embedded in-process engine serves", str)
     routing: str = _setting("affinity", "engines", "how each request picks one of several vLLM servers "

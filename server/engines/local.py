@@ -123,6 +123,7 @@ class TextStream:
 
 class LocalEngine:
     name = "local"
+    weights = "full"  # the llm/ folder's, in the computed dtype
 
     def __init__(self, llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         llm_dir = Path(llm_dir)

@@ -61,6 +61,10 @@ def build_engine(settings: Settings, model: OneLLM, metrics: Metrics) -> Engine:
         return ReplicatedVLLMEngine(urls, metrics, settings.routing, dtype=wire,
                                     load_interval_s=settings.replica_load_interval_s,
                                     kv_threshold=settings.replica_kv_threshold)
+    from server.engines.llamacpp import LlamaCppEngine, quantized_weights
+    if gguf := quantized_weights(settings.llm_weights, model.path, settings.device):
+        return LlamaCppEngine(gguf, model.path / "llm" / "tokenizer.model", model.config["llm"]["max_positions"],
+                              sequences=settings.llm_sequences)
     from server.engines.local import LocalEngine
     return LocalEngine(model.path / "llm", device=settings.device, dtype=model.dtype)
 

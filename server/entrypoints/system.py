@@ -22,7 +22,10 @@ class ModelCard(BaseModel):
     owned_by: str = "onellm-serve"
     modalities: list[str]
     random_weights: bool
-    dtype: str  # what the encoder computes in (and the embedded LLM, when it serves)
+    dtype: str  # what the encoder computes in (and the embedded LLM on full weights)
+    engine: str  # local, llama.cpp or vllm
+    # the embedded LLM's: "full" or the quantized type it serves (q4_0, q8_0); null on vLLM, which knows its own
+    llm_weights: str | None
 
 
 class ModelList(BaseModel):
@@ -32,10 +35,12 @@ class ModelList(BaseModel):
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
-    model = request.app.state.service.model
+    service = request.app.state.service
+    model, engine = service.model, service.engine
     return ModelList(data=[ModelCard(
         id=model.name, created=int(model.path.stat().st_mtime), modalities=model.encoder.modalities,
-        random_weights=bool(model.config.get("random_weights")), dtype=model.compute.name)])
+        random_weights=bool(model.config.get("random_weights")), dtype=model.compute.name, engine=engine.name,
+        llm_weights=getattr(engine, "weights", None))])
 
 
 @router.get("/health")

@@ -2,8 +2,10 @@
 
 For each case of `reference.json` the fixture's preprocessed input goes through this project's
 encoder and LLM; the prefix, the first logits and the greedy ids must match the authors' outputs
-(float32). With `--dtype bfloat16` (or float16) the same runs in that dtype and the table says how
-far it is from the authors' float32: a measurement of that dtype's accuracy, not a parity check.
+(float32). With `--dtype bfloat16` (or float16) the same runs in that dtype, and with
+`--llm-weights q8_0` (or q4_0) the LLM runs on weights `onellm quantize` wrote, served by llama.cpp;
+the table then says how far that is from the authors' float32: a measurement of accuracy, not a
+parity check.
 """
 
 import argparse
@@ -65,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-url", help="decode the greedy ids through this vLLM server instead of in-process")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="compute in this dtype; other than float32, report how far it is from the reference")
+    parser.add_argument("--llm-weights", choices=("full", "q8_0", "q4_0"), default="full",
+                        help="the LLM's weights: quantized ones (the model folder's llm-<type>.gguf, written "
+                        "if missing) are run by llama.cpp; report how far they are from the reference")
 
 
 def greedy_ids(engine, embeddings: torch.Tensor, count: int) -> list[int]:
@@ -102,17 +107,30 @@ def print_table(results: list[CaseResult], verdict: bool) -> None:
               f"{f'{r.ids_matched}/{r.ids_total}':>11}" + (f"  {'ok' if r.ok else 'FAIL'}" if verdict else ""))
 
 
-def run_parity(fixture: Path, model_dir: Path, vllm_url: str | None, dtype: str = "float32") -> list[CaseResult]:
+def run_parity(fixture: Path, model_dir: Path, vllm_url: str | None, dtype: str = "float32",
+               llm_weights: str = "full", scratch: Path | None = None) -> list[CaseResult]:
     reference = json.loads((fixture / "reference.json").read_text())
     tensors = load_file(fixture / "reference.safetensors")
     model = load_model(model_dir, dtype=dtype)
-    llm = LocalEngine(model_dir / "llm", dtype=model.dtype)
+    llm = LocalEngine(model_dir / "llm", dtype=model.dtype) if llm_weights == "full" else \
+        quantized_engine(model, llm_weights, scratch)
     if vllm_url:
         from server.engines.vllm import VLLMEngine
         decoder = VLLMEngine(vllm_url, dtype=model.dtype)
     else:
         decoder = llm
     return [check_case(model, llm, decoder, m, case, tensors) for m, case in reference["cases"].items()]
+
+
+def quantized_engine(model: OneLLM, weight_type: str, scratch: Path | None) -> LocalEngine:
+    """llama.cpp on the folder's llm-<type>.gguf; one written into `scratch` when the folder has none."""
+    from server.engines.llamacpp import LlamaCppEngine
+    from server.tools.quantize import gguf_path, quantize
+
+    path = gguf_path(model.path, weight_type)
+    if not path.is_file():
+        path = quantize(model.path, weight_type, out=Path(scratch or tempfile.mkdtemp()) / path.name)
+    return LlamaCppEngine(path, model.path / "llm" / "tokenizer.model", model.config["llm"]["max_positions"], sequences=1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,10 +146,11 @@ def run(args: argparse.Namespace) -> int:
             model_dir = convert(checkpoint=fixture / "consolidated.00-of-01.pth", params=fixture / "params.json",
                                 tokenizer=fixture / "tokenizer.model", out=Path(tmp) / "model",
                                 clip_heads=args.clip_heads, dtype="float32", name="parity")
-        results = run_parity(fixture, Path(model_dir), args.vllm_url, args.dtype)
-    if args.dtype != "float32":
+        results = run_parity(fixture, Path(model_dir), args.vllm_url, args.dtype, args.llm_weights, Path(tmp))
+    if args.dtype != "float32" or args.llm_weights != "full":
         print_table(results, verdict=False)
-        print(f"{args.dtype} against the reference's float32; greedy ids: those before the first that differs")
+        weights = "" if args.llm_weights == "full" else f", LLM weights {args.llm_weights} (llama.cpp)"
+        print(f"{args.dtype}{weights} against the reference's float32; greedy ids: those before the first that differs")
         return 0 if all(r.prompt_ids_match for r in results) else 1
     print_table(results, verdict=True)
     failed = [r.modality for r in results if not r.ok]

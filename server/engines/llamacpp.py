@@ -72,6 +72,9 @@ class LlamaCppEngine(LocalEngine):
             LlamaCppEngine._log_callback = lib.llama_log_callback(_forward_log)
             lib.llama_log_set(LlamaCppEngine._log_callback, ctypes.c_void_p())
         model_params = lib.llama_model_default_params()
+        # read into memory of its own rather than mapped: mapped pages of a file are the first the
+        # kernel drops under memory pressure, and every token then reads the weights from disk again
+        model_params.use_mmap = False
         self.llm = lib.llama_model_load_from_file(str(gguf_path).encode(), model_params)
         if not self.llm:
             raise ValueError(f"llama.cpp could not load {gguf_path}")

@@ -97,8 +97,34 @@ def build_engine(args, device, dtype) -> LocalEngine:
     return LocalEngine.around(random_llm(LlamaConfig(**SEVEN_B_LLM), device, dtype))
 
 
+def llm_bytes(config: LlamaConfig, dtype: torch.dtype) -> int:
+    d, f, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    return (layers * (4 * d * d + 3 * d * f + 2 * d) + 2 * vocab * d + d) * dtype.itemsize  # norms: 2 a layer + 1
+
+
+def available_bytes() -> int:
+    """MemAvailable of /proc/meminfo: what can be taken without swapping or the OOM killer."""
+    for row in Path("/proc/meminfo").read_text().splitlines():
+        if row.startswith("MemAvailable:"):
+            return int(row.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def room_for_llm(args, device, dtype) -> str | None:
+    """Why the 7B LLM should not be built in this host's memory now (other jobs hold it), or None."""
+    if args.model or device.type != "cpu":
+        return None
+    need = llm_bytes(LlamaConfig(**SEVEN_B_LLM), dtype) * 1.15  # activations, KV cache, the logits
+    if (free := available_bytes()) < need:
+        return f"{free / 2**30:.1f} GiB available, {need / 2**30:.1f} GiB needed"
+    return None
+
+
 def llm_figures(encoder, args, device, dtype, machine: dict, memory) -> dict:
     name = str(dtype).removeprefix("torch.")
+    if reason := room_for_llm(args, device, dtype):
+        print(f"  LLM skipped: {reason}", flush=True)
+        return {"skipped": reason}
     matmul, read = machine["matmul"][name]["gflops"], machine["read_gb_per_s"]
     with memory.phase("LLM") as peak:
         engine = build_engine(args, device, dtype)

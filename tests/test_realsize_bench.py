@@ -65,3 +65,13 @@ def test_a_random_llm_is_built_in_place_and_decodes():
     assert (weights["model.norm.weight"] == 1).all()
     ids = list(LocalEngine.around(model).token_ids(torch.randn(5, 64), Sampling(max_tokens=6, ignore_eos=True)))
     assert len(ids) == 6 and all(0 <= i < 300 for i in ids)
+
+
+def test_the_llm_size_the_memory_check_uses_is_the_models():
+    from realsize_llm import llm_bytes
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         vocab_size=300)
+    model = LlamaForCausalLM(config)
+    assert llm_bytes(config, torch.float32) == sum(p.numel() * 4 for p in model.parameters())

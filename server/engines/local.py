@@ -127,10 +127,22 @@ class LocalEngine:
 
     def __init__(self, llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         llm_dir = Path(llm_dir)
-        self.model = LlamaForCausalLM.from_pretrained(llm_dir, dtype=dtype).to(device).eval()
-        self.tokenizer = spm.SentencePieceProcessor(model_file=str(llm_dir / "tokenizer.model"))
-        self.eos_id = self.model.config.eos_token_id
-        self.max_positions = self.model.config.max_position_embeddings
+        self._hold(LlamaForCausalLM.from_pretrained(llm_dir, dtype=dtype).to(device).eval(),
+                   spm.SentencePieceProcessor(model_file=str(llm_dir / "tokenizer.model")))
+
+    @classmethod
+    def around(cls, model: LlamaForCausalLM, tokenizer: spm.SentencePieceProcessor | None = None) -> "LocalEngine":
+        """An engine over a model already in memory: the real-size benchmark builds a 7B one there
+        rather than writing 13 GB to disk. Without a tokenizer it yields ids but cannot stream text."""
+        engine = cls.__new__(cls)
+        engine._hold(model, tokenizer)
+        return engine
+
+    def _hold(self, model: LlamaForCausalLM, tokenizer: spm.SentencePieceProcessor | None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_id = model.config.eos_token_id
+        self.max_positions = model.config.max_position_embeddings
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="local-llm")
 
     @torch.inference_mode()

@@ -1,0 +1,161 @@
+"""The LLM half of bench/realsize.py: LLaMA-2-7B of random weights built in memory, run through the
+embedded engine; prefill against the matmul rate, decode against read bandwidth ÷ bytes per token,
+one image question end to end, and the hook for quantized files (server.engines.llamacpp)."""
+
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from server.engines.base import Sampling
+from server.engines.local import LocalEngine
+
+# LLaMA-2-7B, the LLM of OneLLM-7B
+SEVEN_B_LLM = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
+QUESTION_TEXT_ROWS = 50  # the issue's image question: 32 attachment rows + 50 text rows = 82
+FILL_POOL = 1 << 20
+
+
+def random_llm(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    """The model with weights of the right scale but no meaning, built where it runs: no 13 GB file,
+    no float32 copy. Each weight repeats one random pool (a broadcast copy runs at memory speed,
+    where drawing 6.7 billion random numbers takes minutes on a small CPU)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.to_empty(device=device)
+    pool = (torch.randn(FILL_POOL, device=device) * 0.02).to(dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                flat = param.view(-1)
+                whole = flat.numel() // FILL_POOL * FILL_POOL
+                flat[:whole].view(-1, FILL_POOL).copy_(pool.expand(whole // FILL_POOL, -1))
+                flat[whole:].copy_(pool[: flat.numel() - whole])
+    # RoPE's inverse frequencies are a buffer computed from the config, in float32: made again, for real
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    return model.eval()
+
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: all but the input embedding table, of which it reads one row."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def decode_timing(engine, embeddings: torch.Tensor, tokens: int) -> dict:
+    """Wall time to the first token (prefill) and the rate of the tokens after it (decode)."""
+    start = time.perf_counter()
+    stamps = []
+    for _ in engine.token_ids(embeddings, Sampling(max_tokens=tokens, temperature=0.0, ignore_eos=True)):
+        stamps.append(time.perf_counter())
+    return {"first_token_s": stamps[0] - start, "tokens": len(stamps),
+            "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "total_s": stamps[-1] - start}
+
+
+def prefill_and_decode(engine, dim: int, args, device, dtype, matmul_gflops: float, read_gb_s: float,
+                       weight_bytes: int) -> dict:
+    from realsize import count_flops, synchronizer
+
+    prompt = torch.randn(args.prefill_rows, dim, device=device, dtype=dtype) * 0.02
+    flops = count_flops(engine.first_logits, prompt)
+    engine.first_logits(prompt)  # warm-up
+    sync = synchronizer(device)
+    sync()
+    start = time.perf_counter()
+    engine.first_logits(prompt)
+    sync()
+    prefill_s = time.perf_counter() - start
+    decode = decode_timing(engine, prompt, args.answer_tokens)
+    return {"prefill_rows": args.prefill_rows, "prefill_s": prefill_s, "prefill_gflop": flops / 1e9,
+            "prefill_rows_per_s": args.prefill_rows / prefill_s,
+            "prefill_pct_of_matmul": 100 * flops / prefill_s / 1e9 / matmul_gflops,
+            "decode": decode, "bytes_per_token": weight_bytes,
+            "decode_pct_of_bandwidth": 100 * decode["tokens_per_s"] * weight_bytes / 1e9 / read_gb_s}
+
+
+def image_question(encoder, engine, device, dtype, answer_tokens: int) -> dict:
+    """An image and a question of QUESTION_TEXT_ROWS tokens to `answer_tokens` tokens, every step timed
+    together: encode, prompt assembly, prefill, decode."""
+    image = torch.randn(1, 3, 224, 224, device=device, dtype=dtype)
+    text_ids = list(range(100, 100 + QUESTION_TEXT_ROWS))
+    start = time.perf_counter()
+    prefix = encoder("image", image)[0]
+    prompt = torch.cat([encoder.block("image", prefix), encoder.embed_tokens(text_ids)])
+    decode = decode_timing(engine, prompt, answer_tokens)
+    return {"prompt_rows": prompt.shape[0], "answer_tokens": decode["tokens"],
+            "seconds": time.perf_counter() - start, "first_token_s": time.perf_counter() - start - decode["total_s"]
+            + decode["first_token_s"]}
+
+
+def build_engine(args, device, dtype) -> LocalEngine:
+    if args.model:
+        return LocalEngine(Path(args.model) / "llm", device, dtype)
+    return LocalEngine.around(random_llm(LlamaConfig(**SEVEN_B_LLM), device, dtype))
+
+
+def llm_bytes(config: LlamaConfig, dtype: torch.dtype) -> int:
+    d, f, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    return (layers * (4 * d * d + 3 * d * f + 2 * d) + 2 * vocab * d + d) * dtype.itemsize  # norms: 2 a layer + 1
+
+
+def available_bytes() -> int:
+    """MemAvailable of /proc/meminfo: what can be taken without swapping or the OOM killer."""
+    for row in Path("/proc/meminfo").read_text().splitlines():
+        if row.startswith("MemAvailable:"):
+            return int(row.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def room_for_llm(args, device, dtype) -> str | None:
+    """Why the 7B LLM should not be built in this host's memory now (other jobs hold it), or None."""
+    if args.model or device.type != "cpu":
+        return None
+    need = llm_bytes(LlamaConfig(**SEVEN_B_LLM), dtype) * 1.15  # activations, KV cache, the logits
+    if (free := available_bytes()) < need:
+        return f"{free / 2**30:.1f} GiB available, {need / 2**30:.1f} GiB needed"
+    return None
+
+
+def llm_figures(encoder, args, device, dtype, machine: dict, memory) -> dict:
+    name = str(dtype).removeprefix("torch.")
+    if reason := room_for_llm(args, device, dtype):
+        print(f"  LLM skipped: {reason}", flush=True)
+        return {"skipped": reason}
+    matmul, read = machine["matmul"][name]["gflops"], machine["read_gb_per_s"]
+    with memory.phase("LLM") as peak:
+        engine = build_engine(args, device, dtype)
+        dim = engine.model.config.hidden_size
+        figures = prefill_and_decode(engine, dim, args, device, dtype, matmul, read, bytes_per_token(engine.model))
+        figures["image_question"] = image_question(encoder, engine, device, dtype, args.answer_tokens)
+    figures["peak_bytes"] = peak.bytes
+    print(f"  LLM {name}: prefill {figures['prefill_rows_per_s']:.1f} rows/s ({figures['prefill_pct_of_matmul']:.0f} %"
+          f" of matmul); decode {figures['decode']['tokens_per_s']:.2f} tok/s ({figures['decode_pct_of_bandwidth']:.0f} %"
+          f" of bandwidth ÷ bytes); image question {figures['image_question']['seconds']:.1f} s", flush=True)
+    del engine
+    if args.gguf:
+        figures["gguf"] = gguf_figures(args, dim, device, dtype, matmul, read, memory)
+    return figures
+
+
+def gguf_figures(args, dim: int, device, dtype, matmul: float, read: float, memory) -> dict:
+    """Quantized files on llama.cpp, the same figures: bytes per token is the file's size (a close upper
+    bound: it holds the embedding table too). Each file `DIR/llm-<type>.gguf` takes its tokenizer
+    from `DIR/llm/tokenizer.model`, as `onellm quantize` lays them out."""
+    if importlib.util.find_spec("server.engines.llamacpp") is None:
+        return {"skipped": "server.engines.llamacpp is not in this tree"}
+    from server.engines.llamacpp import LlamaCppEngine
+
+    results = {}
+    for path in map(Path, args.gguf.split(",")):
+        with memory.phase(path.name) as peak:
+            engine = LlamaCppEngine(path, tokenizer=path.parent / "llm" / "tokenizer.model",
+                                    max_positions=SEVEN_B_LLM["max_position_embeddings"], sequences=1)
+            results[path.name] = prefill_and_decode(engine, dim, args, torch.device("cpu"), torch.float32,
+                                                    matmul, read, path.stat().st_size)
+            del engine
+        results[path.name]["peak_bytes"] = peak.bytes
+    return results

@@ -1,0 +1,77 @@
+"""bench/realsize.py: its FLOP counter counts what hand arithmetic says, and one run on a converted
+model's shapes reports every figure it promises."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BENCH = Path(__file__).parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+_SPEC = importlib.util.spec_from_file_location("realsize", BENCH / "realsize.py")
+realsize = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(realsize)
+
+
+def test_a_linear_layer_counts_two_flops_per_multiply_add():
+    rows, n_in, n_out = 5, 64, 32
+    assert realsize.count_flops(nn.Linear(n_in, n_out), torch.randn(rows, n_in)) == 2 * rows * n_in * n_out
+
+
+@torch.inference_mode()
+def test_clips_fused_attention_is_counted_as_its_products():
+    """nn.MultiheadAttention in inference runs one fused op; its four projections (2·L·W² each) and
+    its attention (QKᵀ and AV, 2·L²·W each) must all be counted."""
+    length, width = 7, 32
+    attention = nn.MultiheadAttention(width, 4, batch_first=True).eval()
+    x = torch.randn(1, length, width)
+    counted = realsize.count_flops(lambda: attention(x, x, x, need_weights=False))
+    assert counted == 4 * 2 * length * width**2 + 2 * 2 * length**2 * width
+
+
+def test_one_run_reports_every_figure(tiny_model, tmp_path):
+    out = tmp_path / "realsize.json"
+    report = realsize.main(["--model", str(tiny_model), "--modalities", "image,fmri", "--batches", "1,2",
+                            "--answer-tokens", "4", "--read-gib", "0.125", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert all(report["machine"]["matmul"][d]["gflops"] > 0 for d in realsize.DTYPES)
+    assert report["machine"]["read_gb_per_s"] > 0
+    for modality in ("image", "fmri"):
+        figures = report["encoder"][modality]
+        assert figures["gflop_per_prefix"] > 0
+        assert all(figures["batches"][b]["prefixes_per_s"] > 0 for b in (1, 2))
+    llm = report["llm"]
+    assert llm["prefill_gflop"] > 0 and llm["decode"]["tokens"] == 4
+    assert llm["image_question"]["prompt_rows"] == 32 + 50 and llm["image_question"]["answer_tokens"] == 4
+    assert report["encoder_peak_bytes"] > 0 and llm["peak_bytes"] > 0
+
+
+def test_a_random_llm_is_built_in_place_and_decodes():
+    from realsize_llm import random_llm
+    from transformers import LlamaConfig
+
+    from server.engines.base import Sampling
+    from server.engines.local import LocalEngine
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=300, max_position_embeddings=64)
+    model = random_llm(config, torch.device("cpu"), torch.bfloat16)
+    weights = dict(model.named_parameters())
+    assert all(p.dtype == torch.bfloat16 and p.isfinite().all() for p in weights.values())
+    assert 0.01 < weights["model.layers.0.mlp.up_proj.weight"].float().std() < 0.03
+    assert (weights["model.norm.weight"] == 1).all()
+    ids = list(LocalEngine.around(model).token_ids(torch.randn(5, 64), Sampling(max_tokens=6, ignore_eos=True)))
+    assert len(ids) == 6 and all(0 <= i < 300 for i in ids)
+
+
+def test_the_llm_size_the_memory_check_uses_is_the_models():
+    from realsize_llm import llm_bytes
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         vocab_size=300)
+    model = LlamaForCausalLM(config)
+    assert llm_bytes(config, torch.float32) == sum(p.numel() * 4 for p in model.parameters())

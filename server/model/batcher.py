@@ -6,6 +6,9 @@ with the oldest request goes first. While a batch runs the queues keep filling, 
 batches grow to what has arrived in the meantime instead of lining up one request each.
 Each request gets its own prefix rows back, copied out of the batch. Modalities batch separately (their inputs differ
 in shape); a video batch sends all B·T frames through the CLIP trunk in one call.
+
+Online requests come before batch lines: while any online input waits, only queues holding one
+may run, and a batch takes its queue's online inputs first; batch lines' inputs fill what is left.
 """
 
 import asyncio
@@ -18,6 +21,7 @@ import torch
 from opentelemetry.trace import Span
 
 from server import tracing
+from server.engines.priority import ONLINE, request_priority
 from server.model.onellm import OneLLM
 
 
@@ -44,8 +48,9 @@ class EncoderBatcher:
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        # modality -> [(input, future, arrival time, the request's span of its wait and batch)], oldest first
-        self.waiting: dict[str, list[tuple[torch.Tensor, asyncio.Future, float, Span]]] = defaultdict(list)
+        # modality -> [(input, future, arrival time, the request's span of its wait and batch, its
+        # priority)], oldest first
+        self.waiting: dict[str, list[tuple[torch.Tensor, asyncio.Future, float, Span, int]]] = defaultdict(list)
         self.running = False
         self.timer: asyncio.TimerHandle | None = None
         self.batch_sizes: list[int] = []  # of every batch run, for tests and benchmarks
@@ -55,7 +60,7 @@ class EncoderBatcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with tracing.span("encoder.batch", {"onellm.modality": modality}) as span:
-            self.waiting[modality].append((inputs, future, loop.time(), span))
+            self.waiting[modality].append((inputs, future, loop.time(), span, request_priority.get()))
             self._dispatch()
             return await future  # a cancelled caller's input is dropped before its batch runs
 
@@ -67,20 +72,24 @@ class EncoderBatcher:
         if self.running:
             return  # the running batch dispatches again when it ends
         for queue in self.waiting.values():
-            queue[:] = [entry for entry in queue if not entry[1].cancelled()]
-        heads = {m: queue[0][2] for m, queue in self.waiting.items() if queue}
+            # online inputs first, each priority oldest first (the sort is stable)
+            queue[:] = sorted((entry for entry in queue if not entry[1].cancelled()), key=lambda entry: entry[4])
+        heads = {m: queue[0] for m, queue in self.waiting.items() if queue}
+        if any(head[4] == ONLINE for head in heads.values()):
+            heads = {m: head for m, head in heads.items() if head[4] == ONLINE}
         if not heads:
             return
         loop = asyncio.get_running_loop()
-        due = [m for m, arrived in heads.items()
+        arrivals = {m: head[2] for m, head in heads.items()}
+        due = [m for m, arrived in arrivals.items()
                if len(self.waiting[m]) >= self.max_batch or loop.time() - arrived >= self.max_wait_s]
         if not due:
-            self.timer = loop.call_at(min(heads.values()) + self.max_wait_s, self._dispatch)
+            self.timer = loop.call_at(min(arrivals.values()) + self.max_wait_s, self._dispatch)
             return
-        modality = min(due, key=heads.get)
+        modality = min(due, key=arrivals.get)
         queue = self.waiting[modality]
-        batch = [(x, f) for x, f, _, _ in queue[: self.max_batch]]
-        for *_, span in queue[: self.max_batch]:
+        batch = [(x, f) for x, f, *_ in queue[: self.max_batch]]
+        for _, _, _, span, _ in queue[: self.max_batch]:
             span.set_attribute("onellm.encoder.batch_size", len(batch))
         del queue[: self.max_batch]
         self.running = True

@@ -165,7 +165,8 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
                                              settings.response_ttl_s, shared_redis)
         app.state.files = file_store_for(settings)
         await app.state.files.start()
-        app.state.service = chat_service_for(settings, model, engine, app.state.metrics, shared_cache, references)
+        app.state.service = chat_service_for(settings, model, engine, app.state.metrics, shared_cache, references,
+                                             app.state.live)
         app.state.batch_runner = await start_batches(app, settings)
         # torch, transformers and the model are ~0.5 M objects that live as long as the process; a
         # full collection walked them all, 190-290 ms with every stream stopped. Frozen, it skips them

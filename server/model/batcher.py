@@ -8,7 +8,8 @@ Each request gets its own prefix rows back, copied out of the batch. Modalities 
 in shape); a video batch sends all B·T frames through the CLIP trunk in one call.
 
 Online requests come before batch lines: while any online input waits, only queues holding one
-may run, and a batch takes its queue's online inputs first; batch lines' inputs fill what is left.
+may run, and a batch takes its queue's online inputs first; a batch of batch lines' inputs alone
+starts only while no online request is being served (`live`), as an encoder run cannot be cut short.
 """
 
 import asyncio
@@ -21,7 +22,7 @@ import torch
 from opentelemetry.trace import Span
 
 from server import tracing
-from server.engines.priority import ONLINE, request_priority
+from server.engines.priority import ONLINE, LiveTraffic, request_priority
 from server.model.onellm import OneLLM
 
 
@@ -42,8 +43,10 @@ class BatchMetrics(Protocol):
 
 class EncoderBatcher:
     def __init__(self, model: OneLLM, executor: Executor, max_batch: int, max_wait_s: float,
-                 metrics: BatchMetrics | None = None):
+                 metrics: BatchMetrics | None = None, live: LiveTraffic | None = None):
         self.model = model
+        self.live = live or LiveTraffic()
+        self.held_for_live = False  # batch lines' inputs wait for the online requests being served
         self.metrics = metrics
         self.executor = executor
         self.max_batch = max_batch
@@ -77,6 +80,11 @@ class EncoderBatcher:
         heads = {m: queue[0] for m, queue in self.waiting.items() if queue}
         if any(head[4] == ONLINE for head in heads.values()):
             heads = {m: head for m, head in heads.items() if head[4] == ONLINE}
+        elif heads and self.live.serving:
+            if not self.held_for_live:
+                self.held_for_live = True
+                asyncio.ensure_future(self._after_live())
+            return
         if not heads:
             return
         loop = asyncio.get_running_loop()
@@ -95,6 +103,11 @@ class EncoderBatcher:
         self.running = True
         self.batch_sizes.append(len(batch))
         asyncio.ensure_future(self._run(modality, batch))
+
+    async def _after_live(self) -> None:
+        await self.live.until_idle()
+        self.held_for_live = False
+        self._dispatch()
 
     async def _run(self, modality: str, batch: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
         try:

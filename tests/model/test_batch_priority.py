@@ -1,6 +1,7 @@
 """Online requests before batch lines below admission: the embedded engine takes no step of a batch
-stream while online traffic is served, and the encoder's batches take online inputs first; batch
-work alone still runs to its end, and a paused batch stream answers as it would have unpaused."""
+stream while online traffic is served, the encoder's batches take online inputs first, and a batch
+line's decoding and encoding start only while no online request is served; batch work alone still
+runs to its end, and a paused batch stream answers as it would have unpaused."""
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,8 @@ import torch
 from server.engines.base import Sampling, Usage
 from server.engines.local import LocalEngine
 from server.engines.priority import BATCH, ONLINE, LiveTraffic, request_priority
+from server.core.workers import Workers
+from server.metrics import Metrics
 from server.model.batcher import EncoderBatcher
 from server.model.onellm import load_model
 
@@ -112,3 +115,30 @@ def test_batch_inputs_alone_run_in_one_batch(model):
         return await asyncio.gather(*(encode(x) for x in images(3)))
 
     assert len(asyncio.run(scenario())) == 3 and batcher.batch_sizes == [3]
+
+
+def test_a_batch_lines_decoding_and_encoding_wait_for_the_online_requests_served(model):
+    live = LiveTraffic()
+    workers = Workers(model, Metrics(), decoding_threads=1, live=live)
+    done: list[str] = []
+
+    async def work(name: str, job) -> None:
+        request_priority.set(BATCH)
+        await job
+        done.append(name)
+
+    async def scenario() -> list[str]:
+        live.enter()  # an online request being served
+        tasks = [asyncio.create_task(work("decode", workers.off_loop(sum, [1, 2]))),
+                 asyncio.create_task(work("encode", workers.encode("image", images(1)[0])))]
+        await asyncio.sleep(0.5)
+        held = list(done)
+        live.leave()
+        await asyncio.gather(*tasks)
+        return held
+
+    try:
+        assert asyncio.run(scenario()) == []
+        assert sorted(done) == ["decode", "encode"]
+    finally:
+        workers.close()

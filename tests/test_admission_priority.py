@@ -1,10 +1,19 @@
 """Admission's two priorities: a waiting online request always gets the next slot before a waiting
 batch line, whoever waited first; batch lines do not fill the online queue, and start beside online
-requests only as far as `batch_beside_online` allows, free slots or not."""
+requests only as far as `batch_beside_online` allows, free slots or not. Below admission, the work
+of a request knows its priority, and the online requests holding a slot are counted for the batch
+lines already running to yield to."""
 
 import asyncio
 
-from server.traffic.admission import BATCH, ONLINE, Admission, Overloaded
+import httpx
+from fastapi import FastAPI
+
+from server.engines.priority import request_priority
+from server.entrypoints.batches.lines import line_sender
+from server.metrics import Metrics
+from server.traffic.admission import BATCH, ONLINE, Admission, ChatGuard, Overloaded
+from server.traffic.routes import chat_route
 
 
 async def _holding(admission: Admission, caller: str, priority: int, order: list[str], go: asyncio.Event):
@@ -100,3 +109,41 @@ def test_batch_beside_online_lets_that_many_lines_run_beside_online_requests():
         assert admission.waiting_at(BATCH) == 0 and admission._free == 4
 
     asyncio.run(scenario())
+
+
+def test_live_traffic_counts_the_online_requests_holding_a_slot_and_no_batch_line():
+    async def scenario() -> None:
+        admission, order, holders = Admission(max_concurrent=4, max_queued=4), [], {}
+        tasks = [await _started(admission, holders, "online", ONLINE, order)]
+        tasks.append(await _started(admission, holders, "line", BATCH, order))
+        tasks.append(await _started(admission, holders, "another", ONLINE, order))
+        assert admission.live.serving == 2
+        holders["online"].set()
+        holders["another"].set()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert order[-1] == "line" and admission.live.serving == 0  # the line runs, counted nowhere
+        holders["line"].set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+
+
+def test_the_work_behind_admission_runs_at_its_request_priority():
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    @chat_route
+    async def priority_seen() -> dict:  # what every layer below reads
+        return {"priority": request_priority.get()}
+
+    app.add_middleware(ChatGuard, admission=Admission(max_concurrent=2, max_queued=2), timeout_s=30,
+                       metrics=Metrics(), stream_error=str)
+
+    async def scenario() -> tuple[dict, dict]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gateway") as client:
+            online = (await client.post("/v1/chat/completions", json={})).json()
+        _, line = await line_sender(app)("-", "caller", "/v1/chat/completions", b"{}", "req-1")
+        return online, line
+
+    assert asyncio.run(scenario()) == ({"priority": ONLINE}, {"priority": BATCH})

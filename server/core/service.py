@@ -19,6 +19,7 @@ from server.core.prefixes import Prefixes
 from server.core.workers import Workers
 from server import tracing
 from server.engines.base import Engine, EngineUnavailable, PromptRejected, Sampling, Usage
+from server.engines.priority import LiveTraffic
 from server.errors import InputError
 from server.metrics import Metrics
 from server.model.onellm import OneLLM
@@ -164,10 +165,11 @@ async def all_or_none(coroutines: list[Awaitable]) -> list:
 
 def chat_service_for(settings: Settings, model: OneLLM, engine: Engine, metrics: Metrics,
                      shared_prefixes: SharedPrefixCache | None = None,
-                     references: MediaReferences | None = None) -> ChatService:
-    """The service as `settings` configure it; `shared_prefixes` and `references`: see Prefixes."""
+                     references: MediaReferences | None = None, live: LiveTraffic | None = None) -> ChatService:
+    """The service as `settings` configure it; `shared_prefixes` and `references`: see Prefixes; `live`:
+    the online requests being served, which batch lines' decoding and encoding wait for."""
     workers = Workers(model, metrics, settings.preprocess_workers, settings.encoder_max_batch,
-                      settings.encoder_max_wait_ms)
+                      settings.encoder_max_wait_ms, live)
     prefixes = Prefixes(model, metrics, workers, int(settings.prefix_cache_mb * MiB), settings.decoder_limits(),
                         shared_prefixes, references)
     return ChatService(model, engine, metrics, workers, prefixes, ContextWindow(model, settings.default_max_tokens),

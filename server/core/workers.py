@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from server.engines.priority import BATCH, LiveTraffic, request_priority
 from server.metrics import Metrics
 from server.model.batcher import EncoderBatcher
 from server.model.onellm import OneLLM
@@ -13,15 +14,21 @@ from server.model.onellm import OneLLM
 
 class Workers:
     def __init__(self, model: OneLLM, metrics: Metrics, decoding_threads: int, encoder_max_batch: int = 8,
-                 encoder_max_wait_ms: float = 1.0):
+                 encoder_max_wait_ms: float = 1.0, live: LiveTraffic | None = None):
         # decoding runs in a pool so a large video never stalls other users' token streams;
         # the encoder has one thread of its own: torch already uses every core for one batch
         self.decoding = ThreadPoolExecutor(decoding_threads, thread_name_prefix="preprocess")
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")
-        self.batcher = EncoderBatcher(model, self._encoder, encoder_max_batch, encoder_max_wait_ms / 1000, metrics)
+        # batch lines' work starts only while no online request is being served: a job once running
+        # in the pool or on the encoder thread takes the cores until it ends
+        self.live = live or LiveTraffic()
+        self.batcher = EncoderBatcher(model, self._encoder, encoder_max_batch, encoder_max_wait_ms / 1000, metrics,
+                                      self.live)
 
     async def off_loop(self, fn, *args):
         """`fn(*args)` in the decoding pool: the one bounded pool for all work on upload bytes."""
+        if request_priority.get() == BATCH:
+            await self.live.until_idle()
         return await asyncio.get_running_loop().run_in_executor(self.decoding, fn, *args)
 
     async def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:

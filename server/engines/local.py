@@ -2,6 +2,7 @@
 
 It needs no GPU and no vLLM, so anyone can serve a model in one command. Generation steps run
 on one worker thread: concurrent requests interleave step by step, each with its own KV cache.
+A batch line's stream takes no step while an online request is being served (see LiveTraffic).
 """
 
 import asyncio
@@ -14,6 +15,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from server.engines.base import Sampling, Usage
+from server.engines.priority import ONLINE, LiveTraffic, request_priority
 
 
 # as vLLM's sampler: smaller temperatures are greedy (dividing by them overflows float32 logits)
@@ -125,7 +127,8 @@ class LocalEngine:
     name = "local"
     weights = "full"  # the llm/ folder's, in the computed dtype
 
-    def __init__(self, llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 live: LiveTraffic | None = None):
         llm_dir = Path(llm_dir)
         self._hold(LlamaForCausalLM.from_pretrained(llm_dir, dtype=dtype).to(device).eval(),
                    spm.SentencePieceProcessor(model_file=str(llm_dir / "tokenizer.model")))
@@ -144,6 +147,8 @@ class LocalEngine:
         self.eos_id = model.config.eos_token_id
         self.max_positions = model.config.max_position_embeddings
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="local-llm")
+        # the gateway's count of online requests, or this engine's own of its online streams
+        self.live = live or LiveTraffic()
 
     @torch.inference_mode()
     def first_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -184,8 +189,17 @@ class LocalEngine:
         ids = self.token_ids(embeddings, sampling)
         text = TextStream(self.tokenizer, sampling.stop)
         usage.finish_reason = "length"
+        # the one worker thread interleaves every stream's steps: a batch stream takes none while
+        # online traffic is served, so an online step waits at most for the batch step under way
+        online = request_priority.get() == ONLINE
+        if online:
+            self.live.enter()
         try:
-            while (step := await loop.run_in_executor(self._worker, self._step, ids, text, sampling)) is not None:
+            while True:
+                if not online:
+                    await self.live.until_idle()
+                if (step := await loop.run_in_executor(self._worker, self._step, ids, text, sampling)) is None:
+                    break
                 token, delta = step
                 usage.completion_tokens += 1
                 usage.token_ids.append(token)
@@ -200,6 +214,8 @@ class LocalEngine:
             if tail := await loop.run_in_executor(self._worker, text.flush):
                 yield tail
         finally:
+            if online:
+                self.live.leave()
             await loop.run_in_executor(self._worker, ids.close)
 
     async def start(self) -> None:

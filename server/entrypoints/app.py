@@ -21,6 +21,7 @@ from server.cache.redis_client import SharedRedis
 from server.core.batches import BatchRunner
 from server.core.service import chat_service_for
 from server.engines.base import Engine
+from server.engines.priority import LiveTraffic
 from server.entrypoints.batches.lines import input_reader, line_sender
 from server.entrypoints.batches.protocol import BatchCreateRequest
 from server.entrypoints.batches.router import router as batches_router
@@ -52,7 +53,8 @@ log = logging.getLogger("onellm.gateway")
 ERROR_STATUSES = (400, 401, 404, 408, 413, 415, 422, 429, 503, 504)
 
 
-def build_engine(settings: Settings, model: OneLLM, metrics: Metrics) -> Engine:
+def build_engine(settings: Settings, model: OneLLM, metrics: Metrics, live: LiveTraffic | None = None) -> Engine:
+    """`live`: the online requests being served, which the embedded engine's batch streams yield to."""
     if urls := settings.vllm_urls():
         from server.engines.replicas import ReplicatedVLLMEngine
         # vLLM serves the weights in their own dtype unless told otherwise, as the gateway's --dtype
@@ -66,7 +68,7 @@ def build_engine(settings: Settings, model: OneLLM, metrics: Metrics) -> Engine:
         return LlamaCppEngine(gguf, model.path / "llm" / "tokenizer.model", model.config["llm"]["max_positions"],
                               sequences=settings.llm_sequences)
     from server.engines.local import LocalEngine
-    return LocalEngine(model.path / "llm", device=settings.device, dtype=model.dtype)
+    return LocalEngine(model.path / "llm", device=settings.device, dtype=model.dtype, live=live)
 
 
 def document_models(app: FastAPI, *models: type[BaseModel]) -> None:
@@ -92,7 +94,8 @@ def add_guards(app: FastAPI, settings: Settings) -> None:
     (traffic/traces.py) starts right after its request id, so it covers all the others."""
     metrics = app.state.metrics
     keys = load_api_keys(settings.api_keys, settings.api_keys_file)
-    admission = Admission(settings.max_concurrent, settings.max_queued, settings.batch_beside_online)
+    admission = Admission(settings.max_concurrent, settings.max_queued, settings.batch_beside_online,
+                          app.state.live)
     metrics.admission_waiting.set_function(lambda: admission.waiting)
     metrics.batch_lines_waiting.set_function(lambda: admission.waiting_at(BATCH))
     app.add_middleware(ChatGuard, admission=admission, timeout_s=settings.request_timeout_s, metrics=metrics,
@@ -145,7 +148,7 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
         if tracing.start(settings.otlp_endpoint):
             log.info("exporting traces over OTLP/HTTP")
         model = model or load_model(settings.model, device=settings.device, dtype=settings.dtype)
-        engine = engine or build_engine(settings, model, app.state.metrics)
+        engine = engine or build_engine(settings, model, app.state.metrics, app.state.live)
         await engine.start()
         split = split_of(settings)
         log.info("memory budget %.0f MiB: %s", settings.memory_budget_mb, split.describe())
@@ -166,7 +169,8 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
                                              settings.response_ttl_s, shared_redis)
         app.state.files = file_store_for(settings)
         await app.state.files.start()
-        app.state.service = chat_service_for(settings, model, engine, app.state.metrics, shared_cache, references)
+        app.state.service = chat_service_for(settings, model, engine, app.state.metrics, shared_cache, references,
+                                             app.state.live)
         app.state.batch_runner = await start_batches(app, settings)
         # torch, transformers and the model are ~0.5 M objects that live as long as the process; a
         # full collection walked them all, 190-290 ms with every stream stopped. Frozen, it skips them
@@ -198,6 +202,7 @@ def create_app(settings: Settings, model: OneLLM | None = None, engine: Engine |
     app.state.settings = settings
     app.state.draining = False  # set by `onellm serve` on SIGTERM
     app.state.shared_quotas = None  # set in the lifespan when there is a shared Redis
+    app.state.live = LiveTraffic()  # counted by the admission, yielded to by batch work below it
     add_guards(app, settings)
     add_error_handlers(app)
     for router in (chat_completions_router, chat_form_router, system_router, files_router, responses_router,

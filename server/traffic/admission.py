@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import tracing
+from server.engines.priority import BATCH, ONLINE, LiveTraffic, request_priority
 from server.traffic.access import caller_of, is_batch_line, metric_key, send_error
 from server.metrics import Metrics
 from server.errors import InputError, RequestError, TimedOut
@@ -30,10 +31,6 @@ class Overloaded(Exception):
     pass
 
 
-# priorities, highest first: a waiting online request always gets a slot before a waiting batch line
-ONLINE, BATCH = 0, 1
-
-
 class Admission:
     """`max_concurrent` requests run; up to `max_queued` more wait their turn; any more are refused
     at once. Waiters are served by caller in turn (round robin over the callers that have one
@@ -45,10 +42,13 @@ class Admission:
     what online traffic leaves idle; the lines already running finish, none is cut). On a CPU one
     request can keep every core busy, so a free slot is no sign of idle compute: a line started
     beside an online request halves that request's speed. Batch lines are not counted in
-    `max_queued`; the batch runner bounds how many of them wait."""
+    `max_queued`; the batch runner bounds how many of them wait. `live` counts the online requests
+    holding a slot, for the batch lines already running to yield to them below admission."""
 
-    def __init__(self, max_concurrent: int, max_queued: int, batch_beside_online: int = 0):
+    def __init__(self, max_concurrent: int, max_queued: int, batch_beside_online: int = 0,
+                 live: LiveTraffic | None = None):
         self.max_concurrent = max_concurrent
+        self.live = live or LiveTraffic()
         self.max_queued = max_queued
         self.batch_beside_online = batch_beside_online
         self._free = max_concurrent
@@ -92,10 +92,14 @@ class Admission:
     def _take(self, priority: int) -> None:
         self._free -= 1
         self._running[priority] += 1
+        if priority == ONLINE:
+            self.live.enter()
 
     def _release(self, priority: int) -> None:
         self._free += 1
         self._running[priority] -= 1
+        if priority == ONLINE:
+            self.live.leave()
         # online waiters first; then batch lines, as many as may run now (the last online request
         # ending can let several start)
         for waiting_priority, queues in enumerate(self._queues):
@@ -230,7 +234,10 @@ class ChatGuard:
         watch = _ClientWatch(receive)
         # admitted after the watch has seen the body's end, so a client leaving while queued is noticed
         admitted = self._admitting(watch.receive, holding, caller_of(scope))
+        # the serving task starts with a copy of this context: its work below knows its priority
+        marked = request_priority.set(BATCH if holding.batch_line else ONLINE)
         serving = asyncio.ensure_future(self.app(scope, admitted, response.send))
+        request_priority.reset(marked)
         watching = asyncio.ensure_future(watch.until_left())
         try:
             await asyncio.wait({serving, watching}, return_when=asyncio.FIRST_COMPLETED)

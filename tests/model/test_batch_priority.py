@@ -1,0 +1,144 @@
+"""Online requests before batch lines below admission: the embedded engine takes no step of a batch
+stream while online traffic is served, the encoder's batches take online inputs first, and a batch
+line's decoding and encoding start only while no online request is served; batch work alone still
+runs to its end, and a paused batch stream answers as it would have unpaused."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from server.engines.base import Sampling, Usage
+from server.engines.local import LocalEngine
+from server.engines.priority import BATCH, ONLINE, LiveTraffic, request_priority
+from server.core.workers import Workers
+from server.metrics import Metrics
+from server.model.batcher import EncoderBatcher
+from server.model.onellm import load_model
+
+# no stop and no EOS: every answer takes all its tokens, so the counts below are exact
+LONG = Sampling(max_tokens=24, stop=(), ignore_eos=True)
+SHORT = Sampling(max_tokens=8, stop=(), ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(fixture_model):
+    return load_model(fixture_model, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def embeddings(model):
+    return model.embeddings(model.prompt_ids([("user", "Tell me a story.")]), [])
+
+
+async def answer(engine: LocalEngine, embeddings, sampling: Sampling, priority: int, usage: Usage) -> str:
+    request_priority.set(priority)  # this task's own context, as the admission sets a request's
+    return "".join([delta async for delta in engine.stream(embeddings, sampling, usage)])
+
+
+def test_a_batch_stream_takes_no_step_while_an_online_stream_runs(fixture_model, embeddings):
+    engine = LocalEngine(fixture_model / "llm")
+    batch_usage, online_usage = Usage(), Usage()
+
+    async def scenario() -> int:
+        batch = asyncio.create_task(answer(engine, embeddings, LONG, BATCH, batch_usage))
+        while batch_usage.completion_tokens < 2:
+            await asyncio.sleep(0.001)
+        await answer(engine, embeddings, SHORT, ONLINE, online_usage)
+        during = batch_usage.completion_tokens
+        await batch
+        return during
+
+    during = asyncio.run(scenario())
+    # interleaved step by step the batch stream would have taken about as many steps as the online one
+    assert during <= 3, f"the batch stream took {during - 2} steps beside an online stream of {SHORT.max_tokens}"
+    assert online_usage.completion_tokens == SHORT.max_tokens
+    assert batch_usage.completion_tokens == LONG.max_tokens
+
+
+def test_a_batch_stream_waits_for_the_online_requests_the_gateway_serves_and_answers_the_same(
+        fixture_model, embeddings):
+    live = LiveTraffic()
+    engine = LocalEngine(fixture_model / "llm", live=live)
+    alone, paused = Usage(), Usage()
+
+    async def scenario() -> int:
+        await answer(engine, embeddings, LONG, BATCH, alone)  # nobody else: it runs to its end
+        live.enter()  # an online request admitted, still preparing its prompt
+        batch = asyncio.create_task(answer(engine, embeddings, LONG, BATCH, paused))
+        await asyncio.sleep(0.5)
+        taken = paused.completion_tokens
+        live.leave()
+        await batch
+        return taken
+
+    assert asyncio.run(scenario()) == 0
+    # its KV cache kept through the pause: the same tokens as when it ran alone
+    assert paused.token_ids == alone.token_ids and len(alone.token_ids) == LONG.max_tokens
+
+
+def images(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(3, 224, 224, generator=g) for _ in range(n)]
+
+
+def test_the_encoder_runs_an_online_input_before_batch_inputs_that_came_first(model):
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=1, max_wait_s=0.001)
+    done: list[str] = []
+
+    async def encode(name: str, modality: str, x: torch.Tensor, priority: int) -> None:
+        request_priority.set(priority)
+        await batcher.encode(modality, x)
+        done.append(name)
+
+    async def scenario() -> None:
+        # the first runs at once; the others queue behind it in the order they come
+        first, line1, line2, online = images(4)
+        await asyncio.gather(encode("first", "image", first, BATCH), encode("line1", "image", line1, BATCH),
+                             encode("line2", "image", line2, BATCH), encode("imu", "imu", torch.randn(6, 400), BATCH),
+                             encode("online", "image", online, ONLINE))
+
+    asyncio.run(scenario())
+    assert done[:2] == ["first", "online"], done
+    assert sorted(done[2:]) == ["imu", "line1", "line2"]
+
+
+def test_batch_inputs_alone_run_in_one_batch(model):
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+
+    async def encode(x: torch.Tensor) -> torch.Tensor:
+        request_priority.set(BATCH)
+        return await batcher.encode("image", x)
+
+    async def scenario() -> list[torch.Tensor]:
+        return await asyncio.gather(*(encode(x) for x in images(3)))
+
+    assert len(asyncio.run(scenario())) == 3 and batcher.batch_sizes == [3]
+
+
+def test_a_batch_lines_decoding_and_encoding_wait_for_the_online_requests_served(model):
+    live = LiveTraffic()
+    workers = Workers(model, Metrics(), decoding_threads=1, live=live)
+    done: list[str] = []
+
+    async def work(name: str, job) -> None:
+        request_priority.set(BATCH)
+        await job
+        done.append(name)
+
+    async def scenario() -> list[str]:
+        live.enter()  # an online request being served
+        tasks = [asyncio.create_task(work("decode", workers.off_loop(sum, [1, 2]))),
+                 asyncio.create_task(work("encode", workers.encode("image", images(1)[0])))]
+        await asyncio.sleep(0.5)
+        held = list(done)
+        live.leave()
+        await asyncio.gather(*tasks)
+        return held
+
+    try:
+        assert asyncio.run(scenario()) == []
+        assert sorted(done) == ["decode", "encode"]
+    finally:
+        workers.close()

@@ -76,7 +76,8 @@ class Settings:
                                 "served by llama.cpp; auto: on a CPU the folder's quantized file (q4_0 first) when "
                                 "it has one and llama.cpp is installed, else full", choices=("auto", "full", "q4_0", "q8_0"))
     # each sequence keeps a KV cache of the model's whole context: 512 KiB a position for OneLLM-7B
-    llm_sequences: int = _setting(4, "engines", "requests the llama.cpp engine decodes at once (others wait)")
+    llm_sequences: int = _setting(4, "engines", "requests the llama.cpp engine decodes at once (others wait; "
+                                  "at least 2: batch lines always leave one to online requests)")
     vllm_url: str | None = _setting(None, "engines", "vLLM OpenAI server(s) to decode on, comma-separated; "
                                     "without it the embedded in-process engine serves", str)
     routing: str = _setting("affinity", "engines", "how each request picks one of several vLLM servers "

@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import logging
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 
 from server.engines.base import Sampling, Usage
 from server.engines.local import LocalEngine, pick_token
+from server.engines.priority import ONLINE, LiveTraffic, request_priority
 
 log = logging.getLogger("onellm.engine")
 PROMPT_CHUNK = 512  # prompt rows per llama_decode call (its n_batch)
@@ -65,7 +67,11 @@ class LlamaCppEngine(LocalEngine):
     _log_callback = None
 
     def __init__(self, gguf_path: str | Path, tokenizer: str | Path, max_positions: int, sequences: int = 4,
-                 threads: int | None = None):
+                 threads: int | None = None, live: LiveTraffic | None = None):
+        if live is not None and sequences < 2:
+            # a batch line keeps its sequence while it waits for the online requests to be served,
+            # so one sequence must be left for them (see stream)
+            raise ValueError("the llama.cpp engine needs at least 2 sequences beside batch lines (--llm-sequences)")
         self.lib = lib = import_llama_cpp()
         lib.llama_backend_init()
         if LlamaCppEngine._log_callback is None:  # llama.cpp keeps calling it: it lives as long as the process
@@ -94,9 +100,11 @@ class LlamaCppEngine(LocalEngine):
         self.weights = Path(gguf_path).stem.removeprefix("llm-")  # q4_0 or q8_0, as `onellm quantize` names them
         self._free = list(range(sequences))
         self._sequence_gate = asyncio.Semaphore(sequences)
+        self._batch_gate = asyncio.Semaphore(max(sequences - 1, 1))
         self._token_batch = lib.llama_batch_init(1, 0, 1)
         self._prompt_batch = lib.llama_batch_init(PROMPT_CHUNK, self.dim, 1)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="llama-cpp")
+        self.live = live or LiveTraffic()  # batch streams yield to it, as in LocalEngine.stream
 
     def first_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits [V] of the first generated token for prompt embeddings [L, D]."""
@@ -124,7 +132,12 @@ class LlamaCppEngine(LocalEngine):
 
     async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
                      affinity: str | None = None) -> AsyncIterator[str]:
-        async with self._sequence_gate:  # token_ids takes a sequence that is free by then
+        # batch lines hold at most all but one sequence: paused while online requests are served,
+        # they would otherwise keep every sequence from the online requests they wait for
+        async with AsyncExitStack() as gates:
+            if request_priority.get() != ONLINE:
+                await gates.enter_async_context(self._batch_gate)
+            await gates.enter_async_context(self._sequence_gate)  # token_ids takes a sequence free by then
             async for delta in super().stream(embeddings, sampling, usage, affinity):
                 yield delta
 

@@ -131,7 +131,7 @@ class LocalEngine:
                  live: LiveTraffic | None = None):
         llm_dir = Path(llm_dir)
         self._hold(LlamaForCausalLM.from_pretrained(llm_dir, dtype=dtype).to(device).eval(),
-                   spm.SentencePieceProcessor(model_file=str(llm_dir / "tokenizer.model")))
+                   spm.SentencePieceProcessor(model_file=str(llm_dir / "tokenizer.model")), live)
 
     @classmethod
     def around(cls, model: LlamaForCausalLM, tokenizer: spm.SentencePieceProcessor | None = None) -> "LocalEngine":
@@ -141,7 +141,8 @@ class LocalEngine:
         engine._hold(model, tokenizer)
         return engine
 
-    def _hold(self, model: LlamaForCausalLM, tokenizer: spm.SentencePieceProcessor | None) -> None:
+    def _hold(self, model: LlamaForCausalLM, tokenizer: spm.SentencePieceProcessor | None,
+              live: LiveTraffic | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos_id = model.config.eos_token_id

@@ -66,7 +66,7 @@ def build_engine(settings: Settings, model: OneLLM, metrics: Metrics, live: Live
     from server.engines.llamacpp import LlamaCppEngine, quantized_weights
     if gguf := quantized_weights(settings.llm_weights, model.path, settings.device):
         return LlamaCppEngine(gguf, model.path / "llm" / "tokenizer.model", model.config["llm"]["max_positions"],
-                              sequences=settings.llm_sequences)
+                              sequences=settings.llm_sequences, live=live)
     from server.engines.local import LocalEngine
     return LocalEngine(model.path / "llm", device=settings.device, dtype=model.dtype, live=live)
 

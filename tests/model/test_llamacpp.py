@@ -129,6 +129,43 @@ def test_concurrent_requests_decode_on_sequences_of_their_own(llama_cpp, quantiz
     asyncio.run(engine.close())
 
 
+def test_batch_lines_pause_for_online_requests_and_leave_them_a_sequence(llama_cpp, quantized_fixture, prompts):
+    """While the gateway serves an online request, batch lines take no step; two of them never hold
+    both sequences, so the online request they wait for finds one and is answered."""
+    from server.engines.llamacpp import LlamaCppEngine
+    from server.engines.priority import BATCH, ONLINE, LiveTraffic, request_priority
+
+    live = LiveTraffic()
+    engine = LlamaCppEngine(gguf_path(quantized_fixture, "q8_0"), quantized_fixture / "llm" / "tokenizer.model",
+                            max_positions=256, sequences=2, live=live)
+    sampling = Sampling(max_tokens=6, stop=(), ignore_eos=True)
+    alone = greedy_ids(engine, prompts[0], 6)
+
+    async def answer(priority: int, usage: Usage) -> None:
+        request_priority.set(priority)
+        async for _ in engine.stream(prompts[0], sampling, usage):
+            pass
+
+    async def scenario() -> list[int]:
+        lines = [Usage(), Usage()]
+        live.enter()  # the gateway's admission holds an online request
+        tasks = [asyncio.create_task(answer(BATCH, usage)) for usage in lines]
+        online = Usage()
+        await asyncio.wait_for(answer(ONLINE, online), timeout=60)
+        assert online.token_ids == alone
+        taken = [usage.completion_tokens for usage in lines]
+        live.leave()
+        await asyncio.gather(*tasks)
+        assert [usage.token_ids for usage in lines] == [alone, alone]
+        return taken
+
+    assert asyncio.run(scenario()) == [0, 0]
+    with pytest.raises(ValueError, match="at least 2 sequences"):
+        LlamaCppEngine(gguf_path(quantized_fixture, "q8_0"), quantized_fixture / "llm" / "tokenizer.model",
+                       max_positions=256, sequences=1, live=live)
+    asyncio.run(engine.close())
+
+
 def test_greedy_answer_starts_with_the_argmax_of_the_first_logits(llama_cpp, quantized_fixture, prompts):
     from server.engines.llamacpp import LlamaCppEngine
 

@@ -5,7 +5,7 @@ kernels, side by side on this machine (a benchmark, not a test).
         --tokenizer ../shared/fixtures/onellm-ref-tiny/tokenizer.model --out docs/bench-quantized.json
 
 One run measures:
-1. the machine's read bandwidth (the sum of a 2 GiB bfloat16 tensor, best of 5);
+1. the machine's read bandwidth (the sum of a 2 GiB bfloat16 tensor), before and after each row;
 2. torch, batch 1: the matrices one decode step of LLaMA-2-7B multiplies (32 blocks of 7, and the
    output), weight-only int8 (`torch._weight_int8pack_mm`, a scale per row) and int4
    (`torch._weight_int4pack_mm_for_cpu`, groups of 128), optionally bfloat16: the time of the
@@ -17,10 +17,12 @@ Each figure is also given as a share of the bandwidth: bytes a token reads ÷ se
 """
 
 import argparse
+import asyncio
 import json
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import gguf
@@ -39,10 +41,12 @@ PROMPT_ROWS, TOKENS = 100, 32
 
 
 def read_bandwidth() -> float:
-    """Bytes per second of torch's sum over a 2 GiB bfloat16 tensor (best of 5)."""
+    """Bytes per second of torch's sum over a 2 GiB bfloat16 tensor (best of 3), in memory allocated
+    anew each time: on this virtual machine one allocation reads at 31-36 GB/s and, now and then, one
+    at 55-60, so each row is set against the bandwidth measured just before and after it."""
     x = torch.ones(1 << 30, dtype=torch.bfloat16)
     x.sum()
-    best = min(timed(lambda: x.sum()) for _ in range(5))
+    best = min(timed(lambda: x.sum()) for _ in range(3))
     return x.numel() * 2 / best
 
 
@@ -120,14 +124,25 @@ def bytes_per_token(path: Path) -> int:
     return sum(int(t.n_bytes) for t in tensors if t.name != "token_embd.weight")
 
 
-def llama_cpp_run(path: Path, tokenizer: Path) -> dict:
+def llama_cpp_run(path: Path, tokenizer: Path, repeats: int = 3) -> dict:
+    """Best prefill and best decode of `repeats` answers."""
     engine = LlamaCppEngine(path, tokenizer, max_positions=CONFIG["max_position_embeddings"], sequences=1)
     embeddings = torch.randn(PROMPT_ROWS, CONFIG["hidden_size"]) * 0.02
-    engine.first_logits(embeddings[:8])  # warm-up: threads, buffers
-    ids = engine.token_ids(embeddings, Sampling(max_tokens=TOKENS + 1, stop=(), ignore_eos=True))
-    prefill = timed(lambda: next(ids))
-    decode = timed(lambda: [None for _ in ids])
-    return {"prefill_s": prefill, "decode_tokens_per_s": TOKENS / decode}
+    engine.first_logits(embeddings)  # warm-up: threads, buffers of the prompt's size
+    prefills, decodes = [], []
+    for _ in range(repeats):
+        ids = engine.token_ids(embeddings, Sampling(max_tokens=TOKENS + 1, stop=(), ignore_eos=True))
+        prefills.append(timed(lambda: next(ids)))
+        decodes.append(timed(lambda: [None for _ in ids]))
+    asyncio.run(engine.close())
+    return {"prefill_s": min(prefills), "decode_tokens_per_s": TOKENS / min(decodes)}
+
+
+def around(measure) -> tuple[dict, float]:
+    """measure()'s row, and the read bandwidth measured just before and after it (their mean)."""
+    before = read_bandwidth()
+    row = measure()
+    return row, (before + read_bandwidth()) / 2
 
 
 def main() -> None:
@@ -139,28 +154,36 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    bandwidth = read_bandwidth()
     print(f"LLaMA-2-7B shapes, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
-    print("| weights | kernels | bytes a token reads (GB) | prefill of 100 rows (s) | decode (tokens/s) | of bandwidth ÷ bytes |")
-    print("|---|---|---:|---:|---:|---:|")
+          f"torch {torch.__version__}\n")
+    print("| weights | kernels | bytes a token reads (GB) | prefill of 100 rows (s) | decode (tokens/s) "
+          "| read bandwidth around it (GB/s) | of bandwidth ÷ bytes |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    measures = [(kind, "torch (matrices only)", partial(torch_row, kind)) for kind in filter(None, args.torch.split(","))]
+    measures += [(weight_type, "llama.cpp (whole step)", partial(llama_cpp_row, args.scratch, weight_type, args.tokenizer))
+                 for weight_type in filter(None, args.gguf.split(","))]
     rows = []
-    for kind in filter(None, args.torch.split(",")):
-        seconds, total = torch_step_seconds(kind)
-        rows.append({"weights": kind, "kernels": "torch (matrices only)", "bytes": total, "prefill_s": None,
-                     "decode_tokens_per_s": 1 / seconds})
-    for weight_type in filter(None, args.gguf.split(",")):
-        path = gguf_file(args.scratch, weight_type, args.tokenizer)
-        rows.append({"weights": weight_type, "kernels": "llama.cpp (whole step)", "bytes": bytes_per_token(path),
-                     **llama_cpp_run(path, args.tokenizer)})
-    for row in rows:
-        row["of_bandwidth"] = row["decode_tokens_per_s"] * row["bytes"] / bandwidth
+    for weights, kernels, measure in measures:
+        row, bandwidth = around(measure)
+        row.update(weights=weights, kernels=kernels, bandwidth_bytes_per_s=bandwidth,
+                   of_bandwidth=row["decode_tokens_per_s"] * row["bytes"] / bandwidth)
+        rows.append(row)
         prefill = f"{row['prefill_s']:.2f}" if row["prefill_s"] is not None else "–"
-        print(f"| {row['weights']} | {row['kernels']} | {row['bytes'] / 1e9:.2f} | {prefill} | "
-              f"{row['decode_tokens_per_s']:.2f} | {row['of_bandwidth']:.0%} |", flush=True)
+        print(f"| {weights} | {kernels} | {row['bytes'] / 1e9:.2f} | {prefill} | {row['decode_tokens_per_s']:.2f} | "
+              f"{bandwidth / 1e9:.1f} | {row['of_bandwidth']:.0%} |", flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads(),
-                                        "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
+                                        "rows": rows}, indent=1) + "\n")
+
+
+def torch_row(kind: str) -> dict:
+    seconds, total = torch_step_seconds(kind)
+    return {"bytes": total, "prefill_s": None, "decode_tokens_per_s": 1 / seconds}
+
+
+def llama_cpp_row(scratch: Path, weight_type: str, tokenizer: Path) -> dict:
+    path = gguf_file(scratch, weight_type, tokenizer)
+    return {"bytes": bytes_per_token(path), **llama_cpp_run(path, tokenizer)}
 
 
 if __name__ == "__main__":

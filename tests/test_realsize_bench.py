@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from missing import unavailable
+
 BENCH = Path(__file__).parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 _SPEC = importlib.util.spec_from_file_location("realsize", BENCH / "realsize.py")
@@ -33,9 +35,19 @@ def test_clips_fused_attention_is_counted_as_its_products():
 
 
 def test_one_run_reports_every_figure(tiny_model, tmp_path):
+    import shutil
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        unavailable("llama_cpp is not installed: `uv sync --extra llamacpp` (make test does)")
+
+    from server.tools.quantize import quantize
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model, model)
+    gguf = quantize(model, "q8_0")
     out = tmp_path / "realsize.json"
-    report = realsize.main(["--model", str(tiny_model), "--modalities", "image,fmri", "--batches", "1,2",
-                            "--answer-tokens", "4", "--read-gib", "0.125", "--out", str(out)])
+    report = realsize.main(["--model", str(model), "--modalities", "image,fmri", "--batches", "1,2",
+                            "--answer-tokens", "4", "--read-gib", "0.125", "--gguf", str(gguf), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert all(report["machine"]["matmul"][d]["gflops"] > 0 for d in realsize.DTYPES)
     assert report["machine"]["read_gb_per_s"] > 0
@@ -47,6 +59,10 @@ def test_one_run_reports_every_figure(tiny_model, tmp_path):
     assert llm["prefill_gflop"] > 0 and llm["decode"]["tokens"] == 4
     assert llm["image_question"]["prompt_rows"] == 32 + 50 and llm["image_question"]["answer_tokens"] == 4
     assert report["encoder_peak_bytes"] > 0 and llm["peak_bytes"] > 0
+    quantized = llm["gguf"][gguf.name]
+    assert quantized["prefill_gflop"] == llm["prefill_gflop"] and quantized["decode"]["tokens"] == 4
+    assert quantized["decode_pct_of_bandwidth_around"] > 0 and quantized["read_gb_per_s_around"] > 0
+    assert quantized["image_question"]["answer_tokens"] == 4 and quantized["peak_bytes"] > 0
 
 
 def test_a_random_llm_is_built_in_place_and_decodes():

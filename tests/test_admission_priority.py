@@ -7,7 +7,7 @@ lines already running to yield to."""
 import asyncio
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from server.engines.priority import request_priority
 from server.entrypoints.batches.lines import line_sender
@@ -147,3 +147,35 @@ def test_the_work_behind_admission_runs_at_its_request_priority():
         return online, line
 
     assert asyncio.run(scenario()) == ({"priority": ONLINE}, {"priority": BATCH})
+
+
+def test_a_batch_lines_deadline_stands_still_while_online_requests_are_served():
+    """A running line takes no step while online traffic is served; the time it waits is not counted
+    against request_timeout_s. Without online traffic the deadline still ends it."""
+    app = FastAPI()
+    admission = Admission(max_concurrent=2, max_queued=2)
+    started = asyncio.Event()
+
+    @app.post("/v1/chat/completions")
+    @chat_route
+    async def slow(request: Request) -> dict:
+        await request.body()  # admitted once its body is read, as every chat endpoint does
+        started.set()
+        await asyncio.sleep(1.2)
+        return {"done": True}
+
+    app.add_middleware(ChatGuard, admission=admission, timeout_s=0.6, metrics=Metrics(), stream_error=str)
+
+    async def scenario() -> tuple[int, int]:
+        send = line_sender(app)
+        line = asyncio.create_task(send("-", "caller", "/v1/chat/completions", b"{}", "req-1"))
+        await started.wait()
+        admission.live.enter()  # an online request served for 1 s: the line waits that long
+        await asyncio.sleep(1.0)
+        admission.live.leave()
+        paused, _ = await line
+        started.clear()
+        alone, _ = await send("-", "caller", "/v1/chat/completions", b"{}", "req-2")
+        return paused, alone
+
+    assert asyncio.run(scenario()) == (200, 504)

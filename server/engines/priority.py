@@ -25,15 +25,21 @@ class LiveTraffic:
         self.serving = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._busy = asyncio.Event()
 
     def enter(self) -> None:
         self.serving += 1
         self._idle.clear()
+        self._busy.set()
 
     def leave(self) -> None:
         self.serving -= 1
         if not self.serving:
             self._idle.set()
+            self._busy.clear()
 
     async def until_idle(self) -> None:
         await self._idle.wait()
+
+    async def until_busy(self) -> None:
+        await self._busy.wait()

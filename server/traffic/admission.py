@@ -172,6 +172,8 @@ async def _stand_still_while_online(deadline: asyncio.Timeout, live: LiveTraffic
     loop = asyncio.get_running_loop()
     while True:
         await live.until_busy()
+        if deadline.expired():  # being cancelled: it cannot be moved any more
+            return
         if (when := deadline.when()) is not None:  # None: not admitted yet, its deadline not started
             deadline.reschedule(None)
             left = when - loop.time()

@@ -5,7 +5,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +19,7 @@ from server.core.prefixes import Prefixes
 from server.core.workers import Workers
 from server import tracing
 from server.engines.base import Engine, EngineUnavailable, PromptRejected, Sampling, Usage
-from server.engines.priority import LiveTraffic
+from server.engines.priority import BATCH, LiveTraffic, request_priority, standing_still_while_online
 from server.errors import InputError
 from server.metrics import Metrics
 from server.model.onellm import OneLLM
@@ -55,10 +55,11 @@ class Generation:
 class ChatService:
     """Chats -> answers, over the threads that work off the loop (`workers`), what makes each
     attachment's prefix (`prefixes`), the model's context window and the engine, which is treated
-    as down once it sends nothing for `stall_timeout_s`."""
+    as down once it sends nothing for `stall_timeout_s` (for a batch line, not counting the time
+    online requests are served, `live`: the engine may hold its steps for them)."""
 
     def __init__(self, model: OneLLM, engine: Engine, metrics: Metrics, workers: Workers, prefixes: Prefixes,
-                 context: ContextWindow, stall_timeout_s: float | None = None):
+                 context: ContextWindow, stall_timeout_s: float | None = None, live: LiveTraffic | None = None):
         self.model = model
         self.engine = engine
         self.metrics = metrics
@@ -66,6 +67,7 @@ class ChatService:
         self.prefixes = prefixes
         self.context = context
         self.stall_timeout_s = stall_timeout_s
+        self.live = live
         self.decoder_limits = prefixes.decoder_limits  # uploads to the Files API are checked with them too
 
     async def off_loop(self, fn, *args):
@@ -122,12 +124,14 @@ class ChatService:
         deltas = self.engine.stream(prepared.embeddings, sampling, generation.usage, prepared.affinity)
         # current only while the engine runs (within each anext), never across a yield to the caller
         engine_span = tracing.detached_span("engine", {"onellm.engine": self.engine.name})
+        batch_line = request_priority.get() == BATCH and self.live is not None
         try:
             async with aclosing(deltas):
                 while True:
                     try:
-                        async with asyncio.timeout(self.stall_timeout_s):
-                            with tracing.current(engine_span):
+                        async with asyncio.timeout(self.stall_timeout_s) as stall:
+                            with (standing_still_while_online(stall, self.live) if batch_line else nullcontext(),
+                                  tracing.current(engine_span)):
                                 delta = await anext(deltas)
                     except StopAsyncIteration:
                         break
@@ -173,4 +177,4 @@ def chat_service_for(settings: Settings, model: OneLLM, engine: Engine, metrics:
     prefixes = Prefixes(model, metrics, workers, int(settings.prefix_cache_mb * MiB), settings.decoder_limits(),
                         shared_prefixes, references)
     return ChatService(model, engine, metrics, workers, prefixes, ContextWindow(model, settings.default_max_tokens),
-                       settings.stall_timeout_s)
+                       settings.stall_timeout_s, live)

@@ -6,6 +6,8 @@ served. Both are kept here, in the lowest layer, so that every layer above may r
 """
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 # highest first; a batch line is served as BATCH, everything else as ONLINE
@@ -43,3 +45,30 @@ class LiveTraffic:
 
     async def until_busy(self) -> None:
         await self._busy.wait()
+
+
+@contextmanager
+def standing_still_while_online(timeout: asyncio.Timeout, live: LiveTraffic) -> Iterator[None]:
+    """Within it, `timeout` stands still while online requests are served: a running batch line
+    takes no step then, so neither its deadline nor the wait for its engine's next token may count
+    that time, or a steady online load would time out every line."""
+    watcher = asyncio.ensure_future(_stand_still_while_online(timeout, live))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+async def _stand_still_while_online(timeout: asyncio.Timeout, live: LiveTraffic) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await live.until_busy()
+        if timeout.expired():  # being cancelled: it cannot be moved any more
+            return
+        if (when := timeout.when()) is not None:  # None: not started yet (a line waiting for its slot)
+            timeout.reschedule(None)
+            left = when - loop.time()
+            await live.until_idle()
+            timeout.reschedule(loop.time() + left)
+        else:
+            await live.until_idle()

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import tracing
-from server.engines.priority import BATCH, ONLINE, LiveTraffic, request_priority
+from server.engines.priority import BATCH, ONLINE, LiveTraffic, request_priority, standing_still_while_online
 from server.traffic.access import caller_of, is_batch_line, metric_key, send_error
 from server.metrics import Metrics
 from server.errors import InputError, RequestError, TimedOut
@@ -166,23 +166,6 @@ class _Response:
         await self._send(message)
 
 
-async def _stand_still_while_online(deadline: asyncio.Timeout, live: LiveTraffic) -> None:
-    """A running batch line takes no step while online requests are served (LiveTraffic): its
-    deadline stands still meanwhile, or a steady online load would time out every line."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await live.until_busy()
-        if deadline.expired():  # being cancelled: it cannot be moved any more
-            return
-        if (when := deadline.when()) is not None:  # None: not admitted yet, its deadline not started
-            deadline.reschedule(None)
-            left = when - loop.time()
-            await live.until_idle()
-            deadline.reschedule(loop.time() + left)
-        else:
-            await live.until_idle()
-
-
 @dataclass
 class _Holding:
     """What a request holds once admitted (its slot, in `held`), its deadline, and whether it is a batch line."""
@@ -212,7 +195,7 @@ class ChatGuard:
             # a batch line's deadline starts once it has its slot: it may wait behind online traffic for long
             async with asyncio.timeout(None if batch_line else self.timeout_s) as deadline, AsyncExitStack() as held:
                 if batch_line:
-                    held.callback(asyncio.ensure_future(_stand_still_while_online(deadline, self.admission.live)).cancel)
+                    held.enter_context(standing_still_while_online(deadline, self.admission.live))
                 await self._until_done_or_gone(scope, receive, response, _Holding(held, deadline, batch_line))
         except Overloaded:
             self.metrics.rejected.labels("overloaded").inc()

@@ -1,7 +1,8 @@
 """Online requests before batch lines below admission: the embedded engine takes no step of a batch
 stream while online traffic is served, the encoder's batches take online inputs first, and a batch
 line's decoding and encoding start only while no online request is served; batch work alone still
-runs to its end, and a paused batch stream answers as it would have unpaused."""
+runs to its end, and a paused batch stream answers as it would have unpaused, without its wait for
+online traffic counting as the engine's stall."""
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from server.engines.base import Sampling, Usage
+from server.config import Settings
+from server.core.service import Generation, Prepared, chat_service_for
+from server.engines.base import EngineUnavailable, Sampling, Usage
 from server.engines.local import LocalEngine
 from server.engines.priority import BATCH, ONLINE, LiveTraffic, request_priority
 from server.core.workers import Workers
@@ -142,3 +145,58 @@ def test_a_batch_lines_decoding_and_encoding_wait_for_the_online_requests_served
         assert sorted(done) == ["decode", "encode"]
     finally:
         workers.close()
+
+
+class Hung:
+    """An engine that never sends a token: the fault stall_timeout_s is for, which no real engine
+    here can be made to show on cue."""
+    name = "hung"
+
+    async def stream(self, embeddings, sampling, usage=None, affinity=None):
+        await asyncio.Event().wait()
+        yield ""
+
+
+def generation(embeddings) -> Generation:
+    return Generation(Prepared(embeddings, LONG.max_tokens, [], affinity=""))
+
+
+async def generated(service, of: Generation, priority: int) -> str:
+    request_priority.set(priority)
+    return "".join([delta async for delta in service.generate(of, LONG)])
+
+
+def test_a_batch_line_paused_for_online_traffic_is_not_a_stalled_engine(fixture_model, model, embeddings):
+    """The embedded engine holds a batch line's steps while an online request is served, for longer
+    than stall_timeout_s here: the line still gets its whole answer. The same wait for a hung engine
+    ends it, batch line or not, once no online request is being served."""
+    live = LiveTraffic()
+    settings = Settings(preprocess_workers=1, stall_timeout_s=0.3)
+    paused_service = chat_service_for(settings, model, LocalEngine(fixture_model / "llm", live=live), Metrics(),
+                                      live=live)
+    hung_service = chat_service_for(settings, model, Hung(), Metrics(), live=live)
+    paused = generation(embeddings)
+
+    async def pause_a_line() -> int:
+        line = asyncio.create_task(generated(paused_service, paused, BATCH))
+        while paused.usage.completion_tokens < 2:
+            await asyncio.sleep(0.001)
+        live.enter()  # an online request served for 1 s: the line takes no step meanwhile
+        await asyncio.sleep(1.0)
+        taken = paused.usage.completion_tokens
+        live.leave()
+        await line
+        return taken
+
+    async def hung(priority: int) -> None:
+        with pytest.raises(EngineUnavailable, match="stall_timeout_s"):
+            await generated(hung_service, generation(embeddings), priority)
+
+    try:
+        assert asyncio.run(pause_a_line()) <= 3  # paused, not finished before the online request
+        assert paused.usage.completion_tokens == LONG.max_tokens
+        asyncio.run(hung(BATCH))
+        asyncio.run(hung(ONLINE))
+    finally:
+        paused_service.close()
+        hung_service.close()

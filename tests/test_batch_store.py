@@ -1,8 +1,8 @@
 """The batch stores' contract, over the local one (a folder beside the uploaded files) and the Redis
 one (a real redis-server): a batch is its key's own, its finished lines are kept one per custom_id
 (the first stored), a cancel is kept apart from the batch, and everything outlives its store (a
-restarted gateway). Then what only the shared store has: the lease that gives a batch to one
-gateway at a time."""
+restarted gateway); once a batch has ended, its results and cancel are dropped. Then what only the
+shared store has: the lease that gives a batch to one gateway at a time."""
 
 import asyncio
 import itertools
@@ -78,6 +78,7 @@ def test_each_custom_id_is_one_result_the_first_stored(new_store):
     async def scenario():
         store = new_store()
         try:
+            assert await store.claim("batch_a1")  # on a shared store only the lease's holder writes results
             await store.add_result("batch_a1", _line("one", "first"))
             await store.add_result("batch_a1", _line("two", "second"))
             await store.add_result("batch_a1", _line("one", "again"))
@@ -124,6 +125,27 @@ def test_a_cancel_is_kept_apart_from_the_batch(new_store):
     asyncio.run(scenario())
 
 
+def test_an_ended_batchs_progress_is_forgotten_and_the_batch_kept(new_store):
+    """Once a batch has ended its output file holds its lines: the store drops its own copy of them
+    and the cancel asked, and keeps the batch."""
+
+    async def scenario():
+        store = new_store()
+        try:
+            await _saved(store, "alice", _batch("batch_a1"))
+            await store.add_result("batch_a1", _line("one", "first"))
+            await store.cancel("batch_a1")
+            await store.save("alice", _batch("batch_a1", "cancelled"))
+            await store.forget_progress("batch_a1")
+            assert await store.results("batch_a1") == {}
+            assert await store.cancelled_at("batch_a1") is None
+            assert (await store.get("alice", "batch_a1"))["status"] == "cancelled"
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_batch_is_leased_to_one_gateway_at_a_time_until_its_lease_lapses(redis_server):
     """Two gateways' stores: the second cannot take a batch the first holds, nor write it; once the
     first stops renewing, the lease lapses, the second takes it, and the first can no longer write
@@ -146,6 +168,9 @@ def test_a_batch_is_leased_to_one_gateway_at_a_time_until_its_lease_lapses(redis
             assert not await first.renew("batch_a1")
             with pytest.raises(LeaseLost):
                 await first.save("alice", _batch("batch_a1", "cancelled"))
+            with pytest.raises(LeaseLost):  # nor its results: once ended, the batch would not read them
+                await first.add_result("batch_a1", _line("one", "late"))
+            assert await second.results("batch_a1") == {}
             await first.release("batch_a1")  # not the first's to release
             await second.save("alice", _batch("batch_a1", "completed"))
             assert (await first.get("alice", "batch_a1"))["status"] == "completed"

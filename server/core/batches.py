@@ -229,7 +229,8 @@ class BatchRunner:
 
     async def _finish(self, tenant: str, batch: dict, lines: list[BatchLine]) -> None:
         """The output and error files of what was answered, then the batch's last state: cancelled,
-        expired (some lines never answered in time) or completed."""
+        expired (some lines never answered in time) or completed. The store's copy of the answered
+        lines is then dropped: the files hold them, and expire (file_ttl_s); the store would keep them for good."""
         if batch["status"] == "in_progress":
             await self._set_status(tenant, batch, "finalizing")
         results = await self.store.results(batch["id"])
@@ -243,6 +244,8 @@ class BatchRunner:
                 batch[field] = record.id
         ending = "cancelled" if batch["status"] == "cancelling" else "expired" if expired else "completed"
         await self._set_status(tenant, batch, ending)
+        # only once the ended batch is stored: a gateway dying before then finishes it again from its results
+        await self.store.forget_progress(batch["id"])
 
     async def _set_status(self, tenant: str, batch: dict, status: str) -> None:
         self._count(batch["status"], -1)

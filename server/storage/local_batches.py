@@ -2,8 +2,8 @@
 `root`/batches, <id>.json (the batch), <id>.results (its finished lines, appended one at a time
 and synced to disk, so a gateway killed mid-batch loses at most the lines it was answering) and
 <id>.cancel (asked to cancel, when: kept apart from <id>.json, which only the batch's runner
-writes). One gateway per directory, as for the files: it runs every batch, so its leases are
-always its own."""
+writes); the last two are deleted once the batch has ended and its output file holds its lines.
+One gateway per directory, as for the files: it runs every batch, so its leases are always its own."""
 
 from __future__ import annotations  # `list` below is a method: annotations must not be evaluated in the class
 
@@ -56,6 +56,9 @@ class LocalBatchStore:
     async def results(self, batch_id: str) -> dict[str, dict]:
         return await self._run(self._results, batch_id)
 
+    async def forget_progress(self, batch_id: str) -> None:
+        await self._run(self._forget_progress, batch_id)
+
     async def cancel(self, batch_id: str) -> None:
         await self._run(write_atomically, self.root / f"{batch_id}.cancel", str(int(time.time())).encode())
 
@@ -98,6 +101,10 @@ class LocalBatchStore:
             return results_by_custom_id((self.root / f"{batch_id}.results").read_bytes().splitlines())
         except FileNotFoundError:
             return {}
+
+    def _forget_progress(self, batch_id: str) -> None:
+        for suffix in (".results", ".cancel"):
+            (self.root / f"{batch_id}{suffix}").unlink(missing_ok=True)
 
     def _cancelled_at(self, batch_id: str) -> int | None:
         try:

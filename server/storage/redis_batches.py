@@ -2,11 +2,12 @@
 
 Keys under the namespace: batch:<id> (the batch with its tenant), ids (every batch id, scored by
 creation time), results:<id> (a hash: custom_id -> its output line, each written once with HSETNX,
-so that a line answered by two gateways is still one line of output), cancel:<id> (asked to cancel,
-when) and lease:<id> (the instance token of the gateway running the batch, host:pid:random,
-lapsing after `lease_ttl_s` unless renewed). Only the lease's holder writes the batch: a gateway that lost its
-lease (it stalled past the TTL and another took the batch over) gets `LeaseLost` instead of
-overwriting the new runner's progress."""
+so that a line answered again after a takeover is still one line of output), cancel:<id> (asked to
+cancel, when) and lease:<id> (the instance token of the gateway running the batch, host:pid:random,
+lapsing after `lease_ttl_s` unless renewed). Only the lease's holder writes the batch and its
+results: a gateway that lost its lease (it stalled past the TTL and another took the batch over)
+gets `LeaseLost` instead of overwriting the new runner's progress, or writing results that the
+batch, once ended, has already put in its output file (and deleted here)."""
 
 from __future__ import annotations  # `list` below is a method: annotations must not be evaluated in the class
 
@@ -25,6 +26,12 @@ _SAVE = """
 if redis.call('GET', KEYS[3]) ~= ARGV[4] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+return 1
+"""
+# KEYS: results, lease. ARGV: custom_id, the output line, this gateway's token
+_ADD_RESULT = """
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 # KEYS: lease. ARGV: token, ttl ms. Pushes the lease's end on only while it is still this gateway's
@@ -48,6 +55,7 @@ class RedisBatchStore:
         # this gateway's instance, as its leases name it: which one runs a batch is one GET away
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
         self._save = self.client.register_script(_SAVE)
+        self._add_result = self.client.register_script(_ADD_RESULT)
         self._renew = self.client.register_script(_RENEW)
         self._release = self.client.register_script(_RELEASE)
 
@@ -83,12 +91,19 @@ class RedisBatchStore:
         return [found for found in map(decode_batch, raws) if found is not None]
 
     async def add_result(self, batch_id: str, result: dict) -> None:
+        keys = [f"{self.ns}results:{batch_id}", f"{self.ns}lease:{batch_id}"]
         async with unavailable_as_503():
-            await self.client.hsetnx(f"{self.ns}results:{batch_id}", result["custom_id"], json.dumps(result))
+            added = await self._add_result(keys, [result["custom_id"], json.dumps(result), self.token])
+        if not added:
+            raise LeaseLost(batch_id)
 
     async def results(self, batch_id: str) -> dict[str, dict]:
         async with unavailable_as_503():
             return results_by_custom_id(await self.client.hvals(f"{self.ns}results:{batch_id}"))
+
+    async def forget_progress(self, batch_id: str) -> None:
+        async with unavailable_as_503():
+            await self.client.delete(f"{self.ns}results:{batch_id}", f"{self.ns}cancel:{batch_id}")
 
     async def cancel(self, batch_id: str) -> None:
         async with unavailable_as_503():

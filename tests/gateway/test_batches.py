@@ -146,7 +146,7 @@ def test_bad_requests_for_a_batch_are_4xx_naming_the_field(alice, model):
     assert refused.value.status_code == 415
 
 
-def test_cancel_stops_new_lines_and_keeps_the_finished_ones(alice, model):
+def test_cancel_stops_new_lines_and_keeps_the_finished_ones(alice, batch_gateway, model):
     lines = [chat_line(f"c{i}", f"count to {i}", model, max_tokens=8) for i in range(120)]
     seen = wait_until(alice, submit(alice, lines).id, lambda b: b.request_counts and b.request_counts.completed >= 2)
 
@@ -158,6 +158,8 @@ def test_cancel_stops_new_lines_and_keeps_the_finished_ones(alice, model):
     assert 2 <= batch.request_counts.completed <= seen.request_counts.completed + IN_FLIGHT
     found = assert_each_custom_id_once(alice, batch, {line["custom_id"] for line in lines})
     assert len(found) == batch.request_counts.completed, [f for f in found.values() if f["response"]["status_code"] != 200][:2]
+    # its answered lines are in the output file now: the store kept the batch alone
+    assert [p.name for p in (batch_gateway.files_dir / "batches").glob(f"{batch.id}.*")] == [f"{batch.id}.json"]
     with pytest.raises(openai.BadRequestError, match="cancelled"):
         alice.batches.cancel(batch.id)
 

@@ -26,14 +26,16 @@ def test_parity_refuses_a_folder_that_is_no_fixture(tmp_path, capsys):
     assert "reference.json" in capsys.readouterr().out
 
 
-# bfloat16 against the authors' float32, as measured on this machine's Zen 5 (docs/benchmarks.md):
-# prefix max|err| 3.5e-2..5.2e-2 (relative to the largest |value| 1.0e-2..1.9e-2), first logits
-# 2.5e-3..3.7e-3 (6.1e-3..9.2e-3), all 24 greedy ids in 6 modalities of 8. The bounds leave twice that
+# bfloat16 against the authors' float32, as measured (docs/benchmarks.md) on a Zen 5 with AVX512-BF16
+# and on an EPYC with AVX2 alone, whose bfloat16 kernels round differently: prefix max|err|
+# 3.5e-2..5.2e-2 (relative to the largest |value| 1.0e-2..1.9e-2), first logits 2.5e-3..3.8e-3
+# (5.9e-3..1.02e-2). The bounds leave about twice that
 BF16_PREFIX_ERROR, BF16_PREFIX_RELATIVE = 0.1, 0.04
 BF16_LOGITS_ERROR, BF16_LOGITS_RELATIVE = 8e-3, 0.02
 # the fixture's random LLM meets near-ties (greedy margins 6e-5..2.5e-3, smaller than bfloat16's
-# logit error): divergence after a few tokens is expected there, not a fault
-BF16_MODALITIES_WITH_ALL_IDS = 5
+# logit error), so where the ids part depends on the CPU's rounding: all 24 in 6 modalities of 8 and
+# 163 ids of 192 before the first difference on the Zen 5, 4 and 149 on the EPYC
+BF16_MODALITIES_WITH_ALL_IDS, BF16_LEADING_IDS = 3, 110
 
 
 def parity_rows(out: str) -> dict[str, list[str]]:
@@ -51,4 +53,6 @@ def test_bfloat16_stays_within_the_measured_distance_of_the_float32_reference(fi
         assert float(prefix) <= BF16_PREFIX_ERROR and float(prefix_rel) <= BF16_PREFIX_RELATIVE, (modality, out)
         assert float(logits) <= BF16_LOGITS_ERROR and float(logits_rel) <= BF16_LOGITS_RELATIVE, (modality, out)
         assert float(prefix) > 1e-4, "no bfloat16 rounding at all: it did not compute in bfloat16"
-    assert sum(row[-1] == "24/24" for row in rows.values()) >= BF16_MODALITIES_WITH_ALL_IDS, out
+    leading = [int(row[-1].split("/")[0]) for row in rows.values()]
+    assert sum(n == 24 for n in leading) >= BF16_MODALITIES_WITH_ALL_IDS, out
+    assert sum(leading) >= BF16_LEADING_IDS, out

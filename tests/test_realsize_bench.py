@@ -3,6 +3,7 @@ model's shapes reports every figure it promises."""
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,8 +36,6 @@ def test_clips_fused_attention_is_counted_as_its_products():
 
 
 def test_one_run_reports_every_figure(tiny_model, tmp_path):
-    import shutil
-
     if importlib.util.find_spec("llama_cpp") is None:
         unavailable("llama_cpp is not installed: `uv sync --extra llamacpp` (make test does)")
 

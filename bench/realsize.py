@@ -29,6 +29,7 @@ from encoder import INPUT_SHAPES, random_7b_encoder  # noqa: E402
 from realsize_llm import llm_figures  # noqa: E402
 from realsize_memory import PeakMemory  # noqa: E402
 
+from server.model.dtype import decide_dtype, host_cpu_flags, native_on_cpu  # noqa: E402
 from server.model.onellm import load_model  # noqa: E402
 
 DTYPES = ("bfloat16", "float32", "float16")
@@ -76,9 +77,10 @@ def timed(fn, device: torch.device, seconds: float) -> float:
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> dict:
-    """GFLOP/s of one square matrix product: large enough to reach the kernel's rate, except for
-    float16 on a CPU without native float16, whose rate is so low that a small one says enough."""
-    slow = device.type == "cpu" and dtype == torch.float16
+    """GFLOP/s of one square matrix product: large enough to reach the kernel's rate, except for a
+    half dtype this CPU has no instructions for, whose rate is so low that a small one says enough
+    (a 2048² bfloat16 product takes 14 s on an AVX2 CPU)."""
+    slow = device.type == "cpu" and not native_on_cpu(dtype, host_cpu_flags())
     n = 256 if slow else 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     per_call = timed(lambda: a @ a, device, 0 if slow else seconds)
@@ -134,7 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="compute dtype (default: bfloat16 on a CPU, float16 on a GPU)")
+                        help="compute dtype (default: what `onellm serve` picks: bfloat16 on a CPU that has "
+                             "it natively, else float32; float16 on a GPU)")
     parser.add_argument("--model", help="a converted model folder: its shapes (random LLM weights) instead of 7B")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--modalities", default=",".join(m for m in INPUT_SHAPES if m != "rgbn"),
@@ -153,7 +156,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cpu" else "float16"))
+    # OneLLM-7B's weights are float16, which a GPU keeps
+    dtype = decide_dtype(args.dtype or "auto", str(device), torch.float16).dtype
     start = time.perf_counter()
     memory = PeakMemory(device)
     report = {"machine": machine_figures(device, args.seconds, args.read_gib), "dtype": str(dtype).removeprefix("torch."),

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from server.config import Settings
 from server.entrypoints.app import build_engine, create_app
 from server.metrics import Metrics
-from server.model.dtype import choose_dtype, host_cpu_flags
+from server.model.dtype import choose_dtype, host_cpu_flags, native_on_cpu
 from server.model.onellm import load_model
 
 ZEN5 = frozenset({"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"})  # this machine's, abridged
@@ -45,12 +45,23 @@ def test_asking_overrides_the_decision():
     assert choose_dtype("float32", "cuda", fp16, ZEN5).dtype == fp32
 
 
-def test_float16_on_a_cpu_without_native_float16_is_served_with_a_warning_saying_what_it_costs():
+def test_a_half_dtype_on_a_cpu_without_its_instructions_is_served_with_a_warning_saying_what_it_costs():
     choice = choose_dtype("float16", "cpu", fp32, ZEN5)
     assert choice.dtype == fp16 and choice.asked
     assert "float16" in choice.warning and "GFLOP/s" in choice.warning and "auto" in choice.warning
     assert choose_dtype("float16", "cpu", fp32, SAPPHIRE_RAPIDS).warning is None  # avx512_fp16
     assert choose_dtype("float16", "cuda", fp32, ZEN5).warning is None
+    choice = choose_dtype("bfloat16", "cpu", fp16, ZEN3)
+    assert choice.dtype == bf16 and choice.warning.startswith("bfloat16 has no native kernels")
+    assert "AVX512-BF16" in choice.warning
+
+
+@pytest.mark.parametrize("dtype, flags, native", [
+    (fp32, ZEN3, True), (bf16, ZEN3, False), (bf16, ZEN5, True), (bf16, AMX_ONLY, True),
+    (fp16, ZEN5, False), (fp16, SAPPHIRE_RAPIDS, True),
+], ids=str)
+def test_a_half_dtype_is_native_only_with_its_own_instructions(dtype, flags, native):
+    assert native_on_cpu(dtype, flags) == native
 
 
 def test_an_unknown_dtype_is_refused_by_name():

@@ -18,10 +18,11 @@ log = logging.getLogger("onellm.model")
 CHOICES = ("auto", "float32", "float16", "bfloat16")
 NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags
 NATIVE_FP16 = frozenset({"avx512_fp16", "amx_fp16"})
-# the issue's measurement on a 2-core Zen 5 (avx512_bf16, no native fp16), torch `@`, 2 threads
-FP16_COST = ("float16 has no native kernels on this CPU (no AVX512-FP16 or AMX-FP16): matrix products "
-             "run hundreds of times slower than in bfloat16 or float32 (measured on a Zen 5: under 1 GFLOP/s "
-             "in float16 against ~750 in bfloat16 and ~190 in float32); --dtype auto picks the fast one")
+# torch `@`, 2 threads: on a 2-core Zen 5 (avx512_bf16, no native fp16), and on a 2-core AVX2 EPYC
+EMULATED_COST = ("{dtype} has no native kernels on this CPU (no {instructions}): matrix products run "
+                 "hundreds of times slower than in float32 (measured: float16 under 1 GFLOP/s on a Zen 5 against "
+                 "~190 in float32; bfloat16 1.2 GFLOP/s on an AVX2 EPYC against ~130); --dtype auto picks the fast one")
+INSTRUCTIONS = {torch.bfloat16: "AVX512-BF16 or AMX", torch.float16: "AVX512-FP16 or AMX-FP16"}
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,22 @@ def choose_dtype(requested: str, device: str, stored: torch.dtype, cpu_flags: fr
     on_cpu = torch.device(device).type == "cpu"
     if requested != "auto":
         dtype = getattr(torch, requested)
-        slow = on_cpu and dtype == torch.float16 and not cpu_flags & NATIVE_FP16
-        return DtypeChoice(dtype, "asked for (--dtype)", FP16_COST if slow else None, asked=True)
+        slow = on_cpu and not native_on_cpu(dtype, cpu_flags)
+        warning = EMULATED_COST.format(dtype=requested, instructions=INSTRUCTIONS[dtype]) if slow else None
+        return DtypeChoice(dtype, "asked for (--dtype)", warning, asked=True)
     if not on_cpu:
         return DtypeChoice(stored, f"the weights' own dtype on {device}")
-    if cpu_flags & NATIVE_BF16:
+    if native_on_cpu(torch.bfloat16, cpu_flags):
         found = ", ".join(sorted(cpu_flags & NATIVE_BF16))
         return DtypeChoice(torch.bfloat16, f"this CPU computes bfloat16 natively ({found})")
     return DtypeChoice(torch.float32, "this CPU has no native bfloat16 (no AVX512-BF16 or AMX)")
+
+
+def native_on_cpu(dtype: torch.dtype, cpu_flags: frozenset[str]) -> bool:
+    """Whether a CPU with `cpu_flags` has fast kernels for `dtype`: float32 always, the half dtypes
+    only with their own instructions (emulated, they run at about 1 GFLOP/s)."""
+    needs = {torch.bfloat16: NATIVE_BF16, torch.float16: NATIVE_FP16}.get(dtype)
+    return needs is None or bool(cpu_flags & needs)
 
 
 def host_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:

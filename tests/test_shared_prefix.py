@@ -18,6 +18,7 @@ from server.config import Settings
 from server.core.service import ChatService, chat_service_for
 from server.core.chat import Attachment, Chat, Turn
 from server.engines.local import LocalEngine
+from server.engines.priority import BATCH, LiveTraffic, request_priority
 from server.errors import InputError
 from server.model.onellm import load_model
 
@@ -97,6 +98,37 @@ def test_requests_bringing_the_same_file_at_once_share_one_decode_and_one_encode
     assert torch.equal(first.embeddings, second.embeddings)
     assert not torch.equal(first.embeddings, third.embeddings)
     assert service.prefixes.runs.runs == {}
+
+
+def test_an_online_request_does_not_wait_for_a_batch_lines_run_of_the_same_file(loaded):
+    """A batch line's decoding and encoding wait while online requests are served: an online request
+    waiting for the line's run would wait for itself, so it makes the prefix with a run of its own."""
+    model, engine = loaded
+    live = LiveTraffic()
+    service = chat_service_for(Settings(preprocess_workers=1, prefix_cache_mb=0, default_max_tokens=8), model,
+                               engine, Metrics(), live=live)
+    data = video(5)
+
+    async def line():
+        request_priority.set(BATCH)
+        return await service.prepare(chat(data), None)
+
+    async def scenario():
+        batch = asyncio.create_task(line())
+        await until(lambda: service.prefixes.runs.runs)  # the line's run has started
+        live.enter()  # an online request admitted, bringing the same file
+        try:
+            online = await asyncio.wait_for(service.prepare(chat(data), None), 30)
+        finally:
+            live.leave()
+        return online, await batch
+
+    try:
+        online, batch = asyncio.run(scenario())
+    finally:
+        service.close()
+    assert torch.equal(online.embeddings, batch.embeddings)
+    assert count(service, "onellm_encoder_runs_total") == 2
 
 
 def test_a_request_that_leaves_does_not_take_the_shared_run_from_the_other(service, hold):

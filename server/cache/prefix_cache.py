@@ -4,7 +4,7 @@ Requests that bring the same bytes while their prefix is still being made share 
 import asyncio
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +60,12 @@ class SharedRuns:
     so work that nobody waits for still stops, as it did when each request ran its own."""
 
     def __init__(self):
-        self.runs: dict[str, Run] = {}
+        self.runs: dict[Hashable, Run] = {}
 
-    def running(self, key: str) -> bool:
+    def running(self, key: Hashable) -> bool:
         return key in self.runs
 
-    async def result(self, key: str, start: Callable[[], Coroutine]):
+    async def result(self, key: Hashable, start: Callable[[], Coroutine]):
         """What the run for `key` returns (or raises), started with `start()` if none is running."""
         run = self.runs.get(key)
         if run is None:
@@ -80,6 +80,6 @@ class SharedRuns:
                 self._forget(key, run)  # a request that comes now starts afresh, not on a cancelled run
                 run.task.cancel()
 
-    def _forget(self, key: str, run: Run) -> None:
+    def _forget(self, key: Hashable, run: Run) -> None:
         if self.runs.get(key) is run:
             del self.runs[key]

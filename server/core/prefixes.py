@@ -15,6 +15,7 @@ from server.cache.prefix_cache import PrefixCache, SharedRuns, prefix_key
 from server.cache.shared_prefixes import SharedPrefixCache
 from server.core.chat import Attachment
 from server.core.workers import Workers
+from server.engines.priority import request_priority
 from server.config import DecoderLimits
 from server.errors import Cancelled, InputError
 from server.media.modalities import MODALITIES, preprocess
@@ -77,10 +78,13 @@ class Prefixes:
         if cached is not None:
             self.metrics.prefix_cache_hits.labels(m).inc()
             return cached
-        if self.runs.running(key):
+        # a run is shared by requests of one priority: a batch line's run waits for the online
+        # requests being served, so one of them waiting for it would wait for itself
+        run = (key, request_priority.get())
+        if self.runs.running(run):
             self.metrics.prefix_shared_runs.labels(m).inc()
         try:
-            return await self.runs.result(key, lambda: self._new_prefix(key, attachment))
+            return await self.runs.result(run, lambda: self._new_prefix(key, attachment))
         except InputError as e:  # a copy per request: each names the content part its own bytes came in
             raise InputError(e.status, e.message, attachment.params.get(e.param, e.param), e.headers, e.code) from None
 

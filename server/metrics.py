@@ -40,7 +40,8 @@ class Metrics:
         self.event_loop_lag = Histogram("onellm_event_loop_lag_seconds", "How late the event loop woke a "
                                         "ticker that sleeps 5 ms: the delay work on the loop adds to every "
                                         "stream", buckets=LAG_BUCKETS, registry=self.registry)
-        self.encoder_seconds = Histogram("onellm_encoder_batch_seconds", "One encoder batch, on the encoder thread",
+        self.encoder_seconds = Histogram("onellm_encoder_batch_seconds", "One encoder batch on an encoder thread, "
+                                         "not counting a batch lines' run's pauses for online requests",
                                          ["modality"], buckets=STAGE_BUCKETS, registry=self.registry)
         self.encoder_batch_size = Histogram("onellm_encoder_batch_size", "Attachments per encoder batch",
                                             ["modality"], buckets=BATCH_BUCKETS, registry=self.registry)

@@ -1,5 +1,5 @@
-"""The threads that work off the event loop: a bounded pool for all work on upload bytes, and one
-thread for the encoder, whose requests are batched."""
+"""The threads that work off the event loop: a bounded pool for all work on upload bytes, and two
+for the encoder, whose requests are batched: one for batches of batch lines' inputs, one for the rest."""
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +19,12 @@ class Workers:
         # the encoder has one thread of its own: torch already uses every core for one batch
         self.decoding = ThreadPoolExecutor(decoding_threads, thread_name_prefix="preprocess")
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")
-        # batch lines' work starts only while no online request is being served: a job once running
-        # in the pool or on the encoder thread takes the cores until it ends
+        self._encoder_for_batch_lines = ThreadPoolExecutor(1, thread_name_prefix="encoder-batch-lines")
+        # batch lines' work starts only while no online request is being served: a decoding job once
+        # running in the pool takes the cores until it ends, an encoder run until its next block
         self.live = live or LiveTraffic()
-        self.batcher = EncoderBatcher(model, self._encoder, encoder_max_batch, encoder_max_wait_ms / 1000, metrics,
-                                      self.live)
+        self.batcher = EncoderBatcher(model, self._encoder, self._encoder_for_batch_lines, encoder_max_batch,
+                                      encoder_max_wait_ms / 1000, metrics, self.live)
 
     async def off_loop(self, fn, *args):
         """`fn(*args)` in the decoding pool: the one bounded pool for all work on upload bytes."""
@@ -38,3 +39,4 @@ class Workers:
     def close(self) -> None:
         self.decoding.shutdown(wait=False, cancel_futures=True)
         self._encoder.shutdown(wait=False, cancel_futures=True)
+        self._encoder_for_batch_lines.shutdown(wait=False, cancel_futures=True)

@@ -6,6 +6,7 @@ served. Both are kept here, in the lowest layer, so that every layer above may r
 """
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -21,24 +22,33 @@ request_priority: ContextVar[int] = ContextVar("onellm_request_priority", defaul
 class LiveTraffic:
     """How many online requests are being served: the admission counts each for as long as it
     holds its slot, an engine each of its streams (so that it also works alone). Batch work waits
-    for none to be left between its steps; it keeps its state meanwhile (the engine its KV cache)."""
+    for none to be left between its steps; it keeps its state meanwhile (the engine its KV cache,
+    the encoder its activations). Counted on the event loop; worker threads may wait on it too."""
 
     def __init__(self):
         self.serving = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._busy = asyncio.Event()
+        self._idle_for_threads = threading.Event()
+        self._idle_for_threads.set()
 
     def enter(self) -> None:
         self.serving += 1
         self._idle.clear()
+        self._idle_for_threads.clear()
         self._busy.set()
 
     def leave(self) -> None:
         self.serving -= 1
         if not self.serving:
             self._idle.set()
+            self._idle_for_threads.set()
             self._busy.clear()
+
+    def wait_until_idle_in_thread(self) -> None:
+        """Blocks a worker thread (never the event loop) while online requests are served."""
+        self._idle_for_threads.wait()
 
     async def until_idle(self) -> None:
         await self._idle.wait()

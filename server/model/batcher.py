@@ -8,8 +8,11 @@ Each request gets its own prefix rows back, copied out of the batch. Modalities 
 in shape); a video batch sends all B·T frames through the CLIP trunk in one call.
 
 Online requests come before batch lines: while any online input waits, only queues holding one
-may run, and a batch takes its queue's online inputs first; a batch of batch lines' inputs alone
-starts only while no online request is being served (`live`), as an encoder run cannot be cut short.
+may run, and a batch takes its queue's online inputs first. A batch of batch lines' inputs alone
+starts only while no online request is being served (`live`) and nothing else runs; it runs on a
+thread of its own and, once online requests are served again, waits between two transformer
+blocks until none is left, while their inputs run on the encoder's thread. An audio input is
+24 blocks deep in the tiny model, and a whole run of one would hold the cores for up to a second.
 """
 
 import asyncio
@@ -22,7 +25,7 @@ import torch
 from opentelemetry.trace import Span
 
 from server import tracing
-from server.engines.priority import ONLINE, LiveTraffic, request_priority
+from server.engines.priority import BATCH, ONLINE, LiveTraffic, request_priority
 from server.model.onellm import OneLLM
 
 
@@ -37,24 +40,25 @@ class HistogramsByModality(Protocol):
 class BatchMetrics(Protocol):
     """What the batcher records of each batch; the gateway's prometheus Metrics has these."""
 
-    encoder_seconds: HistogramsByModality  # one batch on the encoder thread
+    encoder_seconds: HistogramsByModality  # one batch on an encoder thread, not counting its pauses
     encoder_batch_size: HistogramsByModality
 
 
 class EncoderBatcher:
-    def __init__(self, model: OneLLM, executor: Executor, max_batch: int, max_wait_s: float,
-                 metrics: BatchMetrics | None = None, live: LiveTraffic | None = None):
+    def __init__(self, model: OneLLM, executor: Executor, batch_lines_executor: Executor, max_batch: int,
+                 max_wait_s: float, metrics: BatchMetrics | None = None, live: LiveTraffic | None = None):
         self.model = model
         self.live = live or LiveTraffic()
         self.held_for_live = False  # batch lines' inputs wait for the online requests being served
         self.metrics = metrics
-        self.executor = executor
+        # a paused run of batch lines' inputs holds its thread: the online inputs need another one
+        self.executors = {ONLINE: executor, BATCH: batch_lines_executor}
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         # modality -> [(input, future, arrival time, the request's span of its wait and batch, its
         # priority)], oldest first
         self.waiting: dict[str, list[tuple[torch.Tensor, asyncio.Future, float, Span, int]]] = defaultdict(list)
-        self.running = False
+        self.running: set[int] = set()  # the priorities of the runs under way, one run of each at most
         self.timer: asyncio.TimerHandle | None = None
         self.batch_sizes: list[int] = []  # of every batch run, for tests and benchmarks
 
@@ -72,21 +76,23 @@ class EncoderBatcher:
         if self.timer:
             self.timer.cancel()
             self.timer = None
-        if self.running:
+        if ONLINE in self.running:
             return  # the running batch dispatches again when it ends
         for queue in self.waiting.values():
             # online inputs first, each priority oldest first (the sort is stable)
             queue[:] = sorted((entry for entry in queue if not entry[1].cancelled()), key=lambda entry: entry[4])
         heads = {m: queue[0] for m, queue in self.waiting.items() if queue}
         if any(head[4] == ONLINE for head in heads.values()):
-            heads = {m: head for m, head in heads.items() if head[4] == ONLINE}
-        elif heads and self.live.serving:
+            heads, priority = {m: head for m, head in heads.items() if head[4] == ONLINE}, ONLINE
+        elif self.running or not heads:
+            return
+        elif self.live.serving:
             if not self.held_for_live:
                 self.held_for_live = True
                 asyncio.ensure_future(self._after_live())
             return
-        if not heads:
-            return
+        else:
+            priority = BATCH
         loop = asyncio.get_running_loop()
         arrivals = {m: head[2] for m, head in heads.items()}
         due = [m for m, arrived in arrivals.items()
@@ -100,19 +106,19 @@ class EncoderBatcher:
         for _, _, _, span, _ in queue[: self.max_batch]:
             span.set_attribute("onellm.encoder.batch_size", len(batch))
         del queue[: self.max_batch]
-        self.running = True
+        self.running.add(priority)
         self.batch_sizes.append(len(batch))
-        asyncio.ensure_future(self._run(modality, batch))
+        asyncio.ensure_future(self._run(modality, batch, priority))
 
     async def _after_live(self) -> None:
         await self.live.until_idle()
         self.held_for_live = False
         self._dispatch()
 
-    async def _run(self, modality: str, batch: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
+    async def _run(self, modality: str, batch: list[tuple[torch.Tensor, asyncio.Future]], priority: int) -> None:
         try:
-            prefixes = await asyncio.get_running_loop().run_in_executor(self.executor, self._encode, modality,
-                                                                        [x for x, _ in batch])
+            prefixes = await asyncio.get_running_loop().run_in_executor(
+                self.executors[priority], self._encode, modality, [x for x, _ in batch], priority)
         except Exception as e:  # noqa: BLE001 - every waiting request learns of the failure
             for _, future in batch:
                 if not future.done():
@@ -122,19 +128,27 @@ class EncoderBatcher:
                 if not future.done():
                     future.set_result(prefix)
         finally:
-            self.running = False
+            self.running.discard(priority)
             self._dispatch()
 
-    def _encode(self, modality: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """On the encoder thread, from stacking the inputs to each request's own rows: nothing here
+    def _encode(self, modality: str, inputs: list[torch.Tensor], priority: int) -> list[torch.Tensor]:
+        """On an encoder thread, from stacking the inputs to each request's own rows: nothing here
         may run on the event loop, which on a GPU would wait for the encoder's queued work."""
-        started = time.perf_counter()
+        started, paused = time.perf_counter(), 0.0
+
+        def between_blocks() -> None:
+            nonlocal paused
+            if priority == BATCH:
+                waiting = time.perf_counter()
+                self.live.wait_until_idle_in_thread()
+                paused += time.perf_counter() - waiting
+
         with self.model.encoder_stream():
-            prefixes = self.model.encode(modality, torch.stack(inputs))
+            prefixes = self.model.encode(modality, torch.stack(inputs), between_blocks)
             # each request's own copy: a row of the batch would keep all B rows alive in the prefix
             # cache while it counts one
             copies = [prefix.clone() for prefix in prefixes]
         if self.metrics is not None:
-            self.metrics.encoder_seconds.labels(modality).observe(time.perf_counter() - started)
+            self.metrics.encoder_seconds.labels(modality).observe(time.perf_counter() - started - paused)
             self.metrics.encoder_batch_size.labels(modality).observe(len(inputs))
         return copies

@@ -1,5 +1,7 @@
 """The frozen CLIP ViT trunk shared by every modality (ONELLM.md §3, "CLIP vision trunk")."""
 
+from collections.abc import Callable
+
 import torch
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
@@ -23,16 +25,21 @@ def patch_tokens(visual: VisionTransformer, images: torch.Tensor) -> torch.Tenso
     return x.flatten(2).transpose(1, 2)
 
 
-def run_trunk(visual: VisionTransformer, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def run_trunk(visual: VisionTransformer, tokens: torch.Tensor, positions: torch.Tensor,
+              between_blocks: Callable[[], None]) -> torch.Tensor:
     """[N, L, W] tokens -> [N, L+1, W]: class token, positions, ln_pre, blocks, ln_post on every token.
 
     `proj` is not applied. open_clip >= 2.24 runs its transformer batch-first, so the
     tokens go in as (N, L, W); permuting them to (L, N, W) would attend across the batch.
+    The blocks run here one by one, not through `visual.transformer`, so that `between_blocks`
+    runs before each.
     """
     cls = visual.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
     x = torch.cat([cls, tokens], dim=1) + positions.to(tokens.dtype)
     x = visual.ln_pre(x)
-    x = visual.transformer(x)
+    for block in visual.transformer.resblocks:
+        between_blocks()
+        x = block(x)
     return visual.ln_post(x)
 
 

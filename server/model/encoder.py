@@ -4,6 +4,8 @@ Attribute names follow the checkpoint's (`clip.visual.*`, `conv1.<m>`, `resample
 `clip_proj1.<m>`, ...) so the converted weights load with a strict `load_state_dict`.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -63,24 +65,28 @@ class Encoder(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.resample_tokens.keys())
 
-    def features(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+    def features(self, modality: str, x: torch.Tensor,
+                 between_blocks: Callable[[], None] = lambda: None) -> torch.Tensor:
         """Model input [B, ...] -> CLIP trunk output [B, L+1, W]."""
         visual = self.clip.visual
         if modality in self.conv1:
-            return run_trunk(visual, self.conv1[modality](x), self.positional_embedding[modality])
+            return run_trunk(visual, self.conv1[modality](x), self.positional_embedding[modality], between_blocks)
         frames = x if x.dim() == 5 else x.unsqueeze(1)  # image [B, 3, H, W] is one frame
         b, t = frames.shape[:2]
-        feats = run_trunk(visual, patch_tokens(visual, frames.flatten(0, 1)), visual.positional_embedding)
+        feats = run_trunk(visual, patch_tokens(visual, frames.flatten(0, 1)), visual.positional_embedding,
+                          between_blocks)
         return feats.view(b, t, *feats.shape[1:]).mean(1)  # video/rgbd/rgbn: average over frames
 
     @torch.inference_mode()
-    def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        """Model input [B, ...] -> prefix [B, 30, D]."""
+    def forward(self, modality: str, x: torch.Tensor, between_blocks: Callable[[], None] = lambda: None) -> torch.Tensor:
+        """Model input [B, ...] -> prefix [B, 30, D]. `between_blocks` runs before each transformer
+        block (CLIP's and the UPM's): there a run of lower priority can wait for more urgent work."""
         if modality not in self.resample_tokens:
             raise KeyError(f"this model has no '{modality}' modality")
-        h = self.clip_proj1[modality](self.features(modality, x))  # [B, L+1, W]
+        h = self.clip_proj1[modality](self.features(modality, x, between_blocks))  # [B, L+1, W]
         h = torch.cat([self.resample_tokens[modality].expand(h.shape[0], -1, -1), h], dim=1)
-        out = mix_experts(self.resample_layers, self.routers[modality], h, self.prefix_tokens)  # [B, 30, W]
+        out = mix_experts(self.resample_layers, self.routers[modality], h, self.prefix_tokens,
+                          between_blocks)  # [B, 30, W]
         return self.clip_proj2[modality](out)  # [B, 30, D]
 
     def block(self, modality: str, prefix: torch.Tensor) -> torch.Tensor:

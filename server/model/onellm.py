@@ -1,7 +1,7 @@
 """Load a model folder (`model_repo/<name>/`, see model_repo/README.md) into a ready encoder."""
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +45,13 @@ class OneLLM:
     def bos_id(self) -> int:
         return self.config["llm"]["bos_id"]
 
-    def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
-        """Model inputs [B, ...] -> prefixes [B, 30, D] on this model's device and dtype."""
+    def encode(self, modality: str, inputs: torch.Tensor,
+               between_blocks: Callable[[], None] = lambda: None) -> torch.Tensor:
+        """Model inputs [B, ...] -> prefixes [B, 30, D] on this model's device and dtype;
+        `between_blocks` runs before each transformer block."""
         if self.device.type == "cuda":  # from page-locked memory the copy is queued, not waited for
             inputs = inputs.pin_memory().to(self.device, non_blocking=True)
-        return self.encoder(modality, inputs.to(self.device, self.dtype))
+        return self.encoder(modality, inputs.to(self.device, self.dtype), between_blocks)
 
     @contextmanager
     def encoder_stream(self) -> Iterator[None]:

@@ -5,10 +5,12 @@ runs to its end, and a paused batch stream answers as it would have unpaused, wi
 online traffic counting as the engine's stall."""
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from server.config import Settings
 from server.core.service import Generation, Prepared, chat_service_for
@@ -87,7 +89,7 @@ def images(n: int) -> list[torch.Tensor]:
 
 
 def test_the_encoder_runs_an_online_input_before_batch_inputs_that_came_first(model):
-    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=1, max_wait_s=0.001)
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), ThreadPoolExecutor(1), max_batch=1, max_wait_s=0.001)
     done: list[str] = []
 
     async def encode(name: str, modality: str, x: torch.Tensor, priority: int) -> None:
@@ -98,7 +100,7 @@ def test_the_encoder_runs_an_online_input_before_batch_inputs_that_came_first(mo
     async def scenario() -> None:
         # the first runs at once; the others queue behind it in the order they come
         first, line1, line2, online = images(4)
-        await asyncio.gather(encode("first", "image", first, BATCH), encode("line1", "image", line1, BATCH),
+        await asyncio.gather(encode("first", "image", first, ONLINE), encode("line1", "image", line1, BATCH),
                              encode("line2", "image", line2, BATCH), encode("imu", "imu", torch.randn(6, 400), BATCH),
                              encode("online", "image", online, ONLINE))
 
@@ -108,7 +110,7 @@ def test_the_encoder_runs_an_online_input_before_batch_inputs_that_came_first(mo
 
 
 def test_batch_inputs_alone_run_in_one_batch(model):
-    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
 
     async def encode(x: torch.Tensor) -> torch.Tensor:
         request_priority.set(BATCH)
@@ -118,6 +120,44 @@ def test_batch_inputs_alone_run_in_one_batch(model):
         return await asyncio.gather(*(encode(x) for x in images(3)))
 
     assert len(asyncio.run(scenario())) == 3 and batcher.batch_sizes == [3]
+
+
+def test_an_encoder_run_of_batch_lines_waits_between_blocks_while_online_requests_are_served(model, fixture_dir):
+    """An audio input goes through every block of the tiny encoder in some hundreds of milliseconds:
+    an online input arriving meanwhile is encoded at once, the line's run takes no block while
+    online requests are served, for twice as long as the whole run takes alone, and goes on once
+    none is, to the prefix it would have had."""
+    audio = load_file(fixture_dir / "reference.safetensors")["audio.input"][0]
+    started = time.perf_counter()
+    alone = model.encode("audio", audio[None])[0]
+    hold_s = 2 * (time.perf_counter() - started)
+    live = LiveTraffic()
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), ThreadPoolExecutor(1), max_batch=1, max_wait_s=0.001,
+                             live=live)
+    done: list[str] = []
+
+    async def encode(name: str, modality: str, x: torch.Tensor, priority: int) -> torch.Tensor:
+        request_priority.set(priority)
+        prefix = await batcher.encode(modality, x)
+        done.append(name)
+        return prefix
+
+    async def scenario() -> tuple[list[str], torch.Tensor]:
+        line = asyncio.create_task(encode("line", "audio", audio, BATCH))
+        while not batcher.running:  # its run has started
+            await asyncio.sleep(0.001)
+        live.enter()  # an online request admitted
+        try:  # left whatever happens: a run paused for good would keep the process from exiting
+            await encode("online", "image", images(1)[0], ONLINE)
+            await asyncio.sleep(hold_s)
+            held = list(done)
+        finally:
+            live.leave()
+        return held, await line
+
+    held, prefix = asyncio.run(scenario())
+    assert held == ["online"], "the online input waited for the batch line's run, or the run went on beside it"
+    torch.testing.assert_close(prefix, alone, atol=1e-6, rtol=1e-6)
 
 
 def test_a_batch_lines_decoding_and_encoding_wait_for_the_online_requests_served(model):

@@ -29,7 +29,7 @@ def run_concurrently(batcher, items, modality="image"):
 
 
 def test_concurrent_requests_run_as_one_batch_with_their_own_rows(model):
-    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
     inputs = images(5)
     prefixes = run_concurrently(batcher, inputs)
     assert batcher.batch_sizes == [5]
@@ -38,7 +38,8 @@ def test_concurrent_requests_run_as_one_batch_with_their_own_rows(model):
 
 
 def test_a_full_batch_runs_without_waiting_and_the_rest_follows(model):
-    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=2, max_wait_s=3600)  # the timer never fires
+    # the timer never fires
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), ThreadPoolExecutor(1), max_batch=2, max_wait_s=3600)
 
     async def main():
         # a generous deadline, far below the timer: a batcher that waited it out fails here
@@ -51,7 +52,7 @@ def test_a_full_batch_runs_without_waiting_and_the_rest_follows(model):
 
 
 def test_modalities_batch_separately(model):
-    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
 
     async def main():
         return await asyncio.gather(batcher.encode("image", images(1)[0]), batcher.encode("imu", torch.randn(6, 400)),
@@ -63,7 +64,7 @@ def test_modalities_batch_separately(model):
 
 
 def test_a_cancelled_request_leaves_the_batch_before_it_runs(model):
-    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
 
     async def main():
         a, b, c = (asyncio.ensure_future(batcher.encode("image", x)) for x in images(3))
@@ -77,7 +78,7 @@ def test_a_cancelled_request_leaves_the_batch_before_it_runs(model):
 
 def test_each_prefix_of_a_batch_holds_only_its_own_rows(model):
     """The prefix cache counts 30 x D per entry: a row that kept its batch alive would hold B times that."""
-    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
     prefixes = run_concurrently(batcher, images(4))
     assert batcher.batch_sizes == [4]
     for prefix in prefixes:
@@ -98,7 +99,7 @@ class Watched(torch.Tensor):
 
 def test_no_tensor_work_of_a_batch_runs_on_the_event_loop(model):
     # on a GPU, stacking or copying there would wait for the encoder's queued work
-    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
     Watched.threads = set()
 
     async def main():

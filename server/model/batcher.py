@@ -12,7 +12,7 @@ may run, and a batch takes its queue's online inputs first. A batch of batch lin
 starts only while no online request is being served (`live`) and nothing else runs; it runs on a
 thread of its own and, once online requests are served again, waits between two transformer
 blocks until none is left, while their inputs run on the encoder's thread. An audio input is
-24 blocks deep in the tiny model, and a whole run of one would hold the cores for up to a second.
+26 blocks deep in the tiny model, and a whole run of one would hold the cores for up to a second.
 """
 
 import asyncio

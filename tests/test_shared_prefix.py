@@ -127,7 +127,8 @@ def test_an_online_request_does_not_wait_for_a_batch_lines_run_of_the_same_file(
         online, batch = asyncio.run(scenario())
     finally:
         service.close()
-    assert torch.equal(online.embeddings, batch.embeddings)
+    # one run each, batched alone or together: the same rows within float32's rounding
+    torch.testing.assert_close(online.embeddings, batch.embeddings, atol=1e-6, rtol=1e-6)
     assert count(service, "onellm_encoder_runs_total") == 2
 
 

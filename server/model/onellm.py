@@ -62,9 +62,10 @@ class OneLLM:
             return
         if self._encoder_stream is None:
             self._encoder_stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(self._encoder_stream):
+        stream = self._encoder_stream  # both encoder threads' first runs may make one: each waits for its own
+        with torch.cuda.stream(stream):
             yield
-        self._encoder_stream.synchronize()
+        stream.synchronize()
 
     def prompt_ids(self, turns: Sequence[tuple[str, str]], system: str | None = None) -> list[int]:
         text = render(turns, self.config["prompt"]["system"] if system is None else system)

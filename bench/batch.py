@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from load import content_parts, chat_body, machine, percentiles, run_level, stream, summarize
+from load import content_parts, chat_body, machine, mean_encoder_batch, percentiles, run_level, scrape, stream, summarize
 from media import IMU_RATE, MIX, Item, make_item, mixed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,12 +119,17 @@ async def saturation(url: str, levels: list[int], requests: int, max_tokens: int
 
 
 async def measure(url: str, args) -> dict:
-    found = {"saturation": await saturation(url, args.concurrency, args.requests, args.max_tokens)}
+    async with httpx.AsyncClient(timeout=600) as client:
+        before = await scrape(client, url)
+        found = {"saturation": await saturation(url, args.concurrency, args.requests, args.max_tokens)}
+        found["saturation"]["mean_encoder_batch"] = mean_encoder_batch(before, await scrape(client, url))
     interval = 1 / (args.online_share * found["saturation"]["best"]["requests_per_s"])
     found["idle"] = await online_at_rate(url, args.online, SEEDS["idle"], interval, args.max_tokens)
     print(f"idle online: {found['idle']}")
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        before = await scrape(client, url)
         found["batch"] = await run_batch(client, mixed(args.lines, SEEDS["batch"]), args.max_tokens)
+        found["batch"]["mean_encoder_batch"] = mean_encoder_batch(before, await scrape(client, url))
         found["ratio_to_saturation"] = round(
             found["batch"]["lines_per_s"] / found["saturation"]["best"]["requests_per_s"], 3)
         print(f"batch alone: {found['batch']}, ratio {found['ratio_to_saturation']}")

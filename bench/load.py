@@ -242,6 +242,13 @@ def total(metrics: dict[str, float], name: str, **labels) -> float:
                if re.fullmatch(rf"{re.escape(name)}(\{{.*\}})?", key) and all(w in key for w in wanted))
 
 
+def mean_encoder_batch(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Inputs per encoder batch between two scrapes, every modality; None where none ran."""
+    batches = total(after, "onellm_encoder_batch_size_count") - total(before, "onellm_encoder_batch_size_count")
+    inputs = total(after, "onellm_encoder_batch_size_sum") - total(before, "onellm_encoder_batch_size_sum")
+    return round(inputs / batches, 2) if batches else None
+
+
 # ---------------------------------------------------------------- in-process work
 
 
@@ -648,9 +655,7 @@ async def main() -> None:
                 before = await scrape(client, args.url)
                 summary = summarize(*await run_level(bodies, chat_url, c), c)
                 after = await scrape(client, args.url)
-                batches = total(after, "onellm_encoder_batch_size_count") - total(before, "onellm_encoder_batch_size_count")
-                attachments = total(after, "onellm_encoder_batch_size_sum") - total(before, "onellm_encoder_batch_size_sum")
-                summary["mean_encoder_batch"] = round(attachments / batches, 2) if batches else None
+                summary["mean_encoder_batch"] = mean_encoder_batch(before, after)
                 results["gateway"].append(summary)
                 print(line("gateway", summary), f"encoder batch {summary['mean_encoder_batch']}", flush=True)
 

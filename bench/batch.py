@@ -33,7 +33,8 @@ from pathlib import Path
 
 import httpx
 
-from load import content_parts, chat_body, machine, mean_encoder_batch, percentiles, run_level, scrape, stream, summarize
+from load import (content_parts, chat_body, machine, mean_encoder_batch, percentiles, run_level, scrape, stream,
+                  summarize)
 from media import IMU_RATE, MIX, Item, make_item, mixed
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,6 +33,7 @@ from server.model.dtype import decide_dtype, host_cpu_flags, native_on_cpu  # no
 from server.model.onellm import load_model  # noqa: E402
 
 DTYPES = ("bfloat16", "float32", "float16")
+CPU_FLAGS = host_cpu_flags()
 
 
 def count_flops(fn, *args) -> int:
@@ -80,7 +81,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> dic
     """GFLOP/s of one square matrix product: large enough to reach the kernel's rate, except for a
     half dtype this CPU has no instructions for, whose rate is so low that a small one says enough
     (a 2048² bfloat16 product takes 14 s on an AVX2 CPU)."""
-    slow = device.type == "cpu" and not native_on_cpu(dtype, host_cpu_flags())
+    slow = device.type == "cpu" and not native_on_cpu(dtype, CPU_FLAGS)
     n = 256 if slow else 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     per_call = timed(lambda: a @ a, device, 0 if slow else seconds)

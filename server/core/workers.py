@@ -16,7 +16,7 @@ class Workers:
     def __init__(self, model: OneLLM, metrics: Metrics, decoding_threads: int, encoder_max_batch: int = 8,
                  encoder_max_wait_ms: float = 1.0, live: LiveTraffic | None = None):
         # decoding runs in a pool so a large video never stalls other users' token streams;
-        # the encoder has one thread of its own: torch already uses every core for one batch
+        # the encoder has threads of its own, one computing at a time: torch already uses every core for one batch
         self.decoding = ThreadPoolExecutor(decoding_threads, thread_name_prefix="preprocess")
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")
         self._encoder_for_batch_lines = ThreadPoolExecutor(1, thread_name_prefix="encoder-batch-lines")

@@ -78,7 +78,8 @@ class Encoder(nn.Module):
         return feats.view(b, t, *feats.shape[1:]).mean(1)  # video/rgbd/rgbn: average over frames
 
     @torch.inference_mode()
-    def forward(self, modality: str, x: torch.Tensor, between_blocks: Callable[[], None] = lambda: None) -> torch.Tensor:
+    def forward(self, modality: str, x: torch.Tensor,
+                between_blocks: Callable[[], None] = lambda: None) -> torch.Tensor:
         """Model input [B, ...] -> prefix [B, 30, D]. `between_blocks` runs before each transformer
         block (CLIP's and the UPM's): there a run of lower priority can wait for more urgent work."""
         if modality not in self.resample_tokens:

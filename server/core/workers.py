@@ -37,6 +37,7 @@ class Workers:
         return await self.batcher.encode(modality, inputs)
 
     def close(self) -> None:
+        self.batcher.close()
         self.decoding.shutdown(wait=False, cancel_futures=True)
         self._encoder.shutdown(wait=False, cancel_futures=True)
         self._encoder_for_batch_lines.shutdown(wait=False, cancel_futures=True)

@@ -46,9 +46,10 @@ class LiveTraffic:
             self._idle_for_threads.set()
             self._busy.clear()
 
-    def wait_until_idle_in_thread(self) -> None:
-        """Blocks a worker thread (never the event loop) while online requests are served."""
-        self._idle_for_threads.wait()
+    def wait_until_idle_in_thread(self, timeout: float) -> bool:
+        """Blocks a worker thread (never the event loop) while online requests are served, at most
+        `timeout` seconds: False if they still are."""
+        return self._idle_for_threads.wait(timeout)
 
     async def until_idle(self) -> None:
         await self._idle.wait()

@@ -26,7 +26,12 @@ from opentelemetry.trace import Span
 
 from server import tracing
 from server.engines.priority import BATCH, ONLINE, LiveTraffic, request_priority
+from server.errors import Cancelled
 from server.model.onellm import OneLLM
+
+# how often a run of batch lines' inputs paused for online traffic looks whether the gateway is
+# closing: a thread left waiting would keep the process from exiting
+CLOSING_CHECK_S = 0.1
 
 
 class Histogram(Protocol):
@@ -61,6 +66,7 @@ class EncoderBatcher:
         self.running: set[int] = set()  # the priorities of the runs under way, one run of each at most
         self.timer: asyncio.TimerHandle | None = None
         self.batch_sizes: list[int] = []  # of every batch run, for tests and benchmarks
+        self.closed = False
 
     async def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         """One model input (no batch dim) -> its prefix [30, D]."""
@@ -110,6 +116,11 @@ class EncoderBatcher:
         self.batch_sizes.append(len(batch))
         asyncio.ensure_future(self._run(modality, batch, priority))
 
+    def close(self) -> None:
+        """A run of batch lines' inputs paused for online traffic stops at once (its lines fail as
+        Cancelled: a gateway shutting down sends them again when it starts)."""
+        self.closed = True
+
     async def _after_live(self) -> None:
         await self.live.until_idle()
         self.held_for_live = False
@@ -140,7 +151,9 @@ class EncoderBatcher:
             nonlocal paused
             if priority == BATCH:
                 waiting = time.perf_counter()
-                self.live.wait_until_idle_in_thread()
+                while not self.live.wait_until_idle_in_thread(CLOSING_CHECK_S):
+                    if self.closed:
+                        raise Cancelled("the gateway is shutting down")
                 paused += time.perf_counter() - waiting
 
         with self.model.encoder_stream():

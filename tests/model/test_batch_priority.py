@@ -17,6 +17,7 @@ from server.core.service import Generation, Prepared, chat_service_for
 from server.engines.base import EngineUnavailable, Sampling, Usage
 from server.engines.local import LocalEngine
 from server.engines.priority import BATCH, ONLINE, LiveTraffic, request_priority
+from server.errors import Cancelled
 from server.core.workers import Workers
 from server.metrics import Metrics
 from server.model.batcher import EncoderBatcher
@@ -158,6 +159,34 @@ def test_an_encoder_run_of_batch_lines_waits_between_blocks_while_online_request
     held, prefix = asyncio.run(scenario())
     assert held == ["online"], "the online input waited for the batch line's run, or the run went on beside it"
     torch.testing.assert_close(prefix, alone, atol=1e-6, rtol=1e-6)
+
+
+def test_a_run_of_batch_lines_paused_for_good_ends_when_the_encoder_closes(model, fixture_dir):
+    """A gateway shutting down while online requests are still counted: the lines' paused run stops
+    (its line fails as cancelled, to be sent again after the restart) and frees its thread, which
+    the process would otherwise wait for at exit."""
+    audio = load_file(fixture_dir / "reference.safetensors")["audio.input"][0]
+    live, batch_lines_thread = LiveTraffic(), ThreadPoolExecutor(1)
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), batch_lines_thread, max_batch=1, max_wait_s=0.001,
+                             live=live)
+
+    async def scenario() -> None:
+        request_priority.set(BATCH)
+        line = asyncio.create_task(batcher.encode("audio", audio))
+        while not batcher.running:
+            await asyncio.sleep(0.001)
+        live.enter()  # never left: the run pauses at its next block and would wait for good
+        try:
+            await asyncio.sleep(0.2)
+            assert not line.done(), "the run went on while an online request was served"
+            batcher.close()
+            with pytest.raises(Cancelled):
+                await asyncio.wait_for(line, 10)
+        finally:
+            live.leave()
+
+    asyncio.run(scenario())
+    assert batch_lines_thread.submit(lambda: "free").result(timeout=10) == "free"
 
 
 def test_a_batch_lines_decoding_and_encoding_wait_for_the_online_requests_served(model):

@@ -18,6 +18,8 @@ llm/, and the gateway over it, computing in float32 as vLLM does. Then, on that 
 4. batch + online: another batch of as many lines while (2)'s clients arrive at the same rate: their
    TTFT against (2)'s.
 
+In (1) and (3) it also reads the encoder's share of the time and, per modality, its mean batch and
+milliseconds per input (the gateway's histograms): what the batch's lines/s is bound by here.
 Every request and line carries files of its own seed, so the prefix cache never answers one.
 `--flag NAME=VALUE` passes a flag to `onellm serve` (repeatable), e.g. batch-max-in-flight=8.
 """
@@ -33,8 +35,8 @@ from pathlib import Path
 
 import httpx
 
-from load import (content_parts, chat_body, machine, mean_encoder_batch, percentiles, run_level, scrape, stream,
-                  summarize)
+from load import (content_parts, chat_body, encoder_use, machine, mean_encoder_batch, percentiles, run_level, scrape,
+                  stream, summarize)
 from media import IMU_RATE, MIX, Item, make_item, mixed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,16 +123,20 @@ async def saturation(url: str, levels: list[int], requests: int, max_tokens: int
 
 async def measure(url: str, args) -> dict:
     async with httpx.AsyncClient(timeout=600) as client:
-        before = await scrape(client, url)
+        before, begin = await scrape(client, url), time.perf_counter()
         found = {"saturation": await saturation(url, args.concurrency, args.requests, args.max_tokens)}
-        found["saturation"]["mean_encoder_batch"] = mean_encoder_batch(before, await scrape(client, url))
+        after, wall = await scrape(client, url), time.perf_counter() - begin
+        found["saturation"]["mean_encoder_batch"] = mean_encoder_batch(before, after)
+        found["saturation"]["encoder"] = encoder_use(before, after, wall)  # over every level
     interval = 1 / (args.online_share * found["saturation"]["best"]["requests_per_s"])
     found["idle"] = await online_at_rate(url, args.online, SEEDS["idle"], interval, args.max_tokens)
     print(f"idle online: {found['idle']}")
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         before = await scrape(client, url)
         found["batch"] = await run_batch(client, mixed(args.lines, SEEDS["batch"]), args.max_tokens)
-        found["batch"]["mean_encoder_batch"] = mean_encoder_batch(before, await scrape(client, url))
+        after = await scrape(client, url)
+        found["batch"]["mean_encoder_batch"] = mean_encoder_batch(before, after)
+        found["batch"]["encoder"] = encoder_use(before, after, found["batch"]["wall_s"])
         found["ratio_to_saturation"] = round(
             found["batch"]["lines_per_s"] / found["saturation"]["best"]["requests_per_s"], 3)
         print(f"batch alone: {found['batch']}, ratio {found['ratio_to_saturation']}")

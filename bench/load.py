@@ -249,6 +249,21 @@ def mean_encoder_batch(before: dict[str, float], after: dict[str, float]) -> flo
     return round(inputs / batches, 2) if batches else None
 
 
+def encoder_use(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict:
+    """The encoder between two scrapes `wall_s` apart: the share of that time it spent running a
+    batch, and for each modality its mean batch and its encoder milliseconds per input."""
+    def spent(name: str, **labels) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    by_modality = {}
+    for modality in MIX:
+        if inputs := spent("onellm_encoder_batch_size_sum", modality=modality):
+            by_modality[modality] = {
+                "mean_batch": round(inputs / spent("onellm_encoder_batch_size_count", modality=modality), 2),
+                "ms_per_input": round(1000 * spent("onellm_encoder_batch_seconds_sum", modality=modality) / inputs, 1)}
+    return {"busy": round(spent("onellm_encoder_batch_seconds_sum") / wall_s, 3), "by_modality": by_modality}
+
+
 # ---------------------------------------------------------------- in-process work
 
 

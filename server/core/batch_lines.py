@@ -12,14 +12,11 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/responses")
 
 @dataclass(frozen=True)
 class BatchLine:
-    """One request of a batch's input file: its line number (from 1), custom_id, endpoint and JSON
-    body, and the types of its media parts (`media`, e.g. "input_audio"): the runner sends lines of
-    one kind together, since the encoder batches only inputs of one modality that wait at once."""
+    """One request of a batch's input file: its line number (from 1), custom_id, endpoint and JSON body."""
     number: int
     custom_id: str
     url: str
     body: bytes
-    media: str = ""
 
 
 def new_batch_id() -> str:

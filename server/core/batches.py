@@ -186,10 +186,7 @@ class BatchRunner:
         tally(batch, results)
         sending = self._sending[batch["id"]] = []
         try:
-            # lines of one kind of media one after another: those in flight at once then share a modality,
-            # and the encoder batches their inputs (in the file's order they would seldom meet)
-            waiting = sorted((line for line in lines if line.custom_id not in results), key=lambda line: line.media)
-            for line in waiting:
+            for line in (line for line in lines if line.custom_id not in results):
                 await self._in_flight.acquire()
                 if self._halted(batch):
                     self._in_flight.release()

@@ -42,21 +42,7 @@ def _line(number: int, text: str, endpoint: str) -> BatchLine | dict:
     if unknown:
         return _error(number, "invalid_request", f"line {number}: unknown field '{sorted(unknown)[0]}'",
                       sorted(unknown)[0])
-    return BatchLine(number, custom_id, endpoint, json.dumps(body).encode(), _media_types(body))
-
-
-def _media_types(body: dict) -> str:
-    """The types of the request's non-text content parts, sorted and joined ("" for text alone):
-    chat's `messages` and the Responses API's `input` alike hold items whose `content` lists parts."""
-    items = body.get("messages", body.get("input"))
-    types = set()
-    for item in items if isinstance(items, list) else ():
-        parts = item.get("content") if isinstance(item, dict) else None
-        for part in parts if isinstance(parts, list) else ():
-            kind = part.get("type") if isinstance(part, dict) else None
-            if isinstance(kind, str) and kind not in ("text", "input_text"):
-                types.add(kind)
-    return ",".join(sorted(types))
+    return BatchLine(number, custom_id, endpoint, json.dumps(body).encode())
 
 
 def input_lines(data: bytes, endpoint: str) -> tuple[list[BatchLine], list[dict]]:

@@ -15,7 +15,7 @@ import json
 
 import httpx
 
-from load import chat_body, content_parts, percentiles, run_clients, scrape, stream, total
+from load import chat_body, content_parts, percentiles, run_clients, scrape, spent, stream
 from media import MIX, make_item
 
 SEED = 900_000
@@ -39,7 +39,7 @@ async def burst(url: str, clients: int, modality: str, seed: int, max_tokens: in
         raise SystemExit(f"{len(errors)} requests failed, the first: {errors[0]}")
 
     def grew(name: str) -> float:
-        return total(after, name, modality=modality) - total(before, name, modality=modality)
+        return spent(before, after, name, modality=modality)
 
     counted = {"decodes": grew("onellm_preprocess_seconds_count"), "encoder_runs": grew("onellm_encoder_runs_total"),
                "shared": grew("onellm_prefix_shared_runs_total"), "cache_hits": grew("onellm_prefix_cache_hits_total")}

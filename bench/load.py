@@ -46,6 +46,7 @@ import re
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import av
@@ -242,26 +243,29 @@ def total(metrics: dict[str, float], name: str, **labels) -> float:
                if re.fullmatch(rf"{re.escape(name)}(\{{.*\}})?", key) and all(w in key for w in wanted))
 
 
+def spent(before: dict[str, float], after: dict[str, float], name: str, **labels) -> float:
+    """How much a counter (or a histogram's _sum or _count) grew between two scrapes."""
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
 def mean_encoder_batch(before: dict[str, float], after: dict[str, float]) -> float | None:
     """Inputs per encoder batch between two scrapes, every modality; None where none ran."""
-    batches = total(after, "onellm_encoder_batch_size_count") - total(before, "onellm_encoder_batch_size_count")
-    inputs = total(after, "onellm_encoder_batch_size_sum") - total(before, "onellm_encoder_batch_size_sum")
-    return round(inputs / batches, 2) if batches else None
+    batches = spent(before, after, "onellm_encoder_batch_size_count")
+    return round(spent(before, after, "onellm_encoder_batch_size_sum") / batches, 2) if batches else None
 
 
 def encoder_use(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict:
     """The encoder between two scrapes `wall_s` apart: the share of that time it spent running a
     batch, and for each modality its mean batch and its encoder milliseconds per input."""
-    def spent(name: str, **labels) -> float:
-        return total(after, name, **labels) - total(before, name, **labels)
-
     by_modality = {}
     for modality in MIX:
-        if inputs := spent("onellm_encoder_batch_size_sum", modality=modality):
-            by_modality[modality] = {
-                "mean_batch": round(inputs / spent("onellm_encoder_batch_size_count", modality=modality), 2),
-                "ms_per_input": round(1000 * spent("onellm_encoder_batch_seconds_sum", modality=modality) / inputs, 1)}
-    return {"busy": round(spent("onellm_encoder_batch_seconds_sum") / wall_s, 3), "by_modality": by_modality}
+        if inputs := spent(before, after, "onellm_encoder_batch_size_sum", modality=modality):
+            batches = spent(before, after, "onellm_encoder_batch_size_count", modality=modality)
+            seconds = spent(before, after, "onellm_encoder_batch_seconds_sum", modality=modality)
+            by_modality[modality] = {"mean_batch": round(inputs / batches, 2),
+                                     "ms_per_input": round(1000 * seconds / inputs, 1)}
+    return {"busy": round(spent(before, after, "onellm_encoder_batch_seconds_sum") / wall_s, 3),
+            "by_modality": by_modality}
 
 
 # ---------------------------------------------------------------- in-process work
@@ -342,7 +346,7 @@ async def overhead(args, model: OneLLM) -> dict:
             via_gateway = await stream(client, f"{args.url}/v1/chat/completions",
                                        chat_body([{"role": "user", "content": content_parts(item)}], args.max_tokens))
             after = await scrape(client, args.url)
-            stage = sum(total(after, f"{h}_sum") - total(before, f"{h}_sum")
+            stage = sum(spent(before, after, f"{h}_sum")
                         for h in ("onellm_preprocess_seconds", "onellm_encoder_batch_seconds"))
             direct = await stream(client, f"{args.direct}/v1/completions", body)
             for r in (via_gateway, direct):
@@ -374,14 +378,13 @@ async def turns(args) -> dict:
             for r in (first, second):
                 if r.error:
                     raise SystemExit(f"turns pass failed: {r.error}")
-            delta = lambda after, before, name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
             rows.append({
                 "first_ttft_ms": first.ttft * 1e3, "follow_up_ttft_ms": second.ttft * 1e3,
-                "follow_up_encoder_runs": delta(gateway_after, gateway_before, "onellm_encoder_runs_total", modality="video"),
-                "follow_up_prefix_cache_hits": delta(gateway_after, gateway_before, "onellm_prefix_cache_hits_total",
+                "follow_up_encoder_runs": spent(gateway_before, gateway_after, "onellm_encoder_runs_total", modality="video"),
+                "follow_up_prefix_cache_hits": spent(gateway_before, gateway_after, "onellm_prefix_cache_hits_total",
                                                      modality="video"),
-                "follow_up_vllm_prefix_queries": delta(vllm_after, vllm_before, "vllm:prefix_cache_queries_total"),
-                "follow_up_vllm_prefix_hits": delta(vllm_after, vllm_before, "vllm:prefix_cache_hits_total"),
+                "follow_up_vllm_prefix_queries": spent(vllm_before, vllm_after, "vllm:prefix_cache_queries_total"),
+                "follow_up_vllm_prefix_hits": spent(vllm_before, vllm_after, "vllm:prefix_cache_hits_total"),
             })
     first = statistics.median(r["first_ttft_ms"] for r in rows)
     follow = statistics.median(r["follow_up_ttft_ms"] for r in rows)
@@ -409,9 +412,8 @@ async def vllm_prefix_cache(args, model: OneLLM) -> dict:
                              completions_body(embeddings, served, args.max_tokens, salt))
             after = await scrape(client, args.direct)
             rows.append({"request": name, "prompt_tokens": embeddings.shape[0], "ttft_ms": round(r.ttft * 1e3, 2),
-                         "queries": total(after, "vllm:prefix_cache_queries_total")
-                         - total(before, "vllm:prefix_cache_queries_total"),
-                         "hits": total(after, "vllm:prefix_cache_hits_total") - total(before, "vllm:prefix_cache_hits_total"),
+                         "queries": spent(before, after, "vllm:prefix_cache_queries_total"),
+                         "hits": spent(before, after, "vllm:prefix_cache_hits_total"),
                          "error": r.error})
     return {"shared_prefix_rows": shared, "requests": rows}
 
@@ -473,7 +475,7 @@ async def video_chat(client: httpx.AsyncClient, base_url: str, item: Item, by_re
         after = await scrape(client, base_url)
         if r.error:
             raise SystemExit(f"references pass failed at turn {turn}: {r.error}")
-        delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
+        delta = partial(spent, before, after)
         rows.append({
             "turn": turn, "body_bytes": len(body), "ttft_ms": round(r.ttft * 1e3, 2),
             "latency_ms": round(r.latency * 1e3, 2),

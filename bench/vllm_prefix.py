@@ -19,7 +19,7 @@ import time
 
 import httpx
 
-from load import completions_body, make_item, prompt_embeddings, scrape, served_model, stream, total
+from load import completions_body, make_item, prompt_embeddings, scrape, served_model, spent, stream
 from server.model.onellm import load_model
 
 ANSWER = ("The clip shows a street at dusk: cars pass from left to right, a cyclist waits at the "
@@ -37,8 +37,7 @@ async def send(client: httpx.AsyncClient, vllm: str, body: bytes) -> tuple[float
     after = await scrape(client, vllm)
     if result.error:
         raise SystemExit(f"vLLM refused the request: {result.error}")
-    counted = [total(after, f"vllm:prefix_cache_{kind}_total") - total(before, f"vllm:prefix_cache_{kind}_total")
-               for kind in ("queries", "hits")]
+    counted = [spent(before, after, f"vllm:prefix_cache_{kind}_total") for kind in ("queries", "hits")]
     return result.ttft * 1e3, *counted
 
 

@@ -255,8 +255,9 @@ def mean_encoder_batch(before: dict[str, float], after: dict[str, float]) -> flo
 
 
 def encoder_use(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict:
-    """The encoder between two scrapes `wall_s` apart: the share of that time it spent running a
-    batch, and for each modality its mean batch and its encoder milliseconds per input."""
+    """The encoder between two scrapes `wall_s` apart: the seconds it spent running batches per
+    second of that time (over 1 where batch lines' runs went side by side), and for each modality
+    its mean batch and its encoder milliseconds per input."""
     by_modality = {}
     for modality in MIX:
         if inputs := spent(before, after, "onellm_encoder_batch_size_sum", modality=modality):

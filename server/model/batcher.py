@@ -9,15 +9,18 @@ in shape); a video batch sends all B·T frames through the CLIP trunk in one cal
 
 Online requests come before batch lines: while any online input waits, only queues holding one
 may run, and a batch takes its queue's online inputs first. A batch of batch lines' inputs alone
-starts only while no online request is being served (`live`) and nothing else runs; it runs on a
-thread of its own and, once online requests are served again, waits between two transformer
+starts only while no online request is being served (`live`) and no online batch runs; it runs on
+a thread of its own and, once online requests are served again, waits between two transformer
 blocks until none is left, while their inputs run on the encoder's thread. An audio input is
 26 blocks deep in the tiny model, and a whole run of one would hold the cores for up to a second.
+Batches of batch lines' inputs run up to `batch_lines_runs` at once (one per thread of their
+executor): they are throughput work, which on a CPU goes further as one run per core than as one
+run over every core (server/core/workers.py).
 """
 
 import asyncio
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import Executor
 from typing import Protocol
 
@@ -51,19 +54,21 @@ class BatchMetrics(Protocol):
 
 class EncoderBatcher:
     def __init__(self, model: OneLLM, executor: Executor, batch_lines_executor: Executor, max_batch: int,
-                 max_wait_s: float, metrics: BatchMetrics | None = None, live: LiveTraffic | None = None):
+                 max_wait_s: float, metrics: BatchMetrics | None = None, live: LiveTraffic | None = None,
+                 batch_lines_runs: int = 1):
         self.model = model
         self.live = live or LiveTraffic()
         self.held_for_live = False  # batch lines' inputs wait for the online requests being served
         self.metrics = metrics
         # a paused run of batch lines' inputs holds its thread: the online inputs need another one
         self.executors = {ONLINE: executor, BATCH: batch_lines_executor}
+        self.batch_lines_runs = batch_lines_runs
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         # modality -> [(input, future, arrival time, the request's span of its wait and batch, its
         # priority)], oldest first
         self.waiting: dict[str, list[tuple[torch.Tensor, asyncio.Future, float, Span, int]]] = defaultdict(list)
-        self.running: set[int] = set()  # the priorities of the runs under way, one run of each at most
+        self.running: Counter[int] = Counter()  # runs under way by priority: one online, up to `batch_lines_runs` of batch lines
         self.timer: asyncio.TimerHandle | None = None
         self.batch_sizes: list[int] = []  # of every batch run, for tests and benchmarks
         self.closed = False
@@ -82,7 +87,7 @@ class EncoderBatcher:
         if self.timer:
             self.timer.cancel()
             self.timer = None
-        if ONLINE in self.running:
+        if self.running[ONLINE]:
             return  # the running batch dispatches again when it ends
         for queue in self.waiting.values():
             # online inputs first, each priority oldest first (the sort is stable)
@@ -90,7 +95,7 @@ class EncoderBatcher:
         heads = {m: queue[0] for m, queue in self.waiting.items() if queue}
         if any(head[4] == ONLINE for head in heads.values()):
             heads, priority = {m: head for m, head in heads.items() if head[4] == ONLINE}, ONLINE
-        elif self.running or not heads:
+        elif self.running[BATCH] >= self.batch_lines_runs or not heads:
             return
         elif self.live.serving:
             if not self.held_for_live:
@@ -112,9 +117,11 @@ class EncoderBatcher:
         for _, _, _, span, _ in queue[: self.max_batch]:
             span.set_attribute("onellm.encoder.batch_size", len(batch))
         del queue[: self.max_batch]
-        self.running.add(priority)
+        self.running[priority] += 1
         self.batch_sizes.append(len(batch))
         asyncio.ensure_future(self._run(modality, batch, priority))
+        if priority == BATCH:
+            self._dispatch()  # another queue may be due for a run beside this one
 
     def close(self) -> None:
         """A run of batch lines' inputs paused for online traffic stops at once (its lines fail as
@@ -139,7 +146,7 @@ class EncoderBatcher:
                 if not future.done():
                     future.set_result(prefix)
         finally:
-            self.running.discard(priority)
+            self.running[priority] -= 1
             self._dispatch()
 
     def _encode(self, modality: str, inputs: list[torch.Tensor], priority: int) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from server.engines.base import EngineUnavailable, Sampling, Usage
 from server.engines.local import LocalEngine
 from server.engines.priority import BATCH, ONLINE, LiveTraffic, request_priority
 from server.errors import Cancelled
-from server.core.workers import Workers
+from server.core.workers import Workers, one_core_threads
 from server.metrics import Metrics
 from server.model.batcher import EncoderBatcher
 from server.model.onellm import load_model
@@ -123,6 +123,35 @@ def test_batch_inputs_alone_run_in_one_batch(model):
     assert len(asyncio.run(scenario())) == 3 and batcher.batch_sizes == [3]
 
 
+def test_batch_lines_inputs_run_side_by_side_each_on_one_core(model, fixture_dir):
+    """Two lines' inputs of different modalities, each its own batch, run at once on the batch lines'
+    two threads, which compute on one core each, to the prefixes they have alone; threads started
+    afterwards still take the process's count."""
+    audio = load_file(fixture_dir / "reference.safetensors")["audio.input"][0]
+    image = images(1)[0]
+    alone = {"audio": model.encode("audio", audio[None])[0], "image": model.encode("image", image[None])[0]}
+    process_count = torch.get_num_threads()
+    batch_lines_threads = one_core_threads(2, "lines")
+    batcher = EncoderBatcher(model, ThreadPoolExecutor(1), batch_lines_threads, max_batch=8, max_wait_s=0.001,
+                             batch_lines_runs=2)
+    at_once: list[int] = []
+
+    async def scenario() -> list[torch.Tensor]:
+        request_priority.set(BATCH)
+        lines = [asyncio.create_task(batcher.encode(m, x)) for m, x in (("audio", audio), ("image", image))]
+        while not all(line.done() for line in lines):
+            at_once.append(batcher.running[BATCH])
+            await asyncio.sleep(0.001)
+        return [await line for line in lines]
+
+    prefixes = asyncio.run(scenario())
+    assert max(at_once) == 2, "the second line's input waited for the first one's run"
+    for prefix, m in zip(prefixes, ("audio", "image")):
+        torch.testing.assert_close(prefix, alone[m], atol=1e-5, rtol=1e-5)
+    assert [batch_lines_threads.submit(torch.get_num_threads).result() for _ in range(4)] == [1] * 4
+    assert ThreadPoolExecutor(1).submit(torch.get_num_threads).result() == process_count == torch.get_num_threads()
+
+
 def test_an_encoder_run_of_batch_lines_waits_between_blocks_while_online_requests_are_served(model, fixture_dir):
     """An audio input goes through every block of the tiny encoder in some hundreds of milliseconds:
     an online input arriving meanwhile is encoded at once, the line's run takes no block while
@@ -145,7 +174,7 @@ def test_an_encoder_run_of_batch_lines_waits_between_blocks_while_online_request
 
     async def scenario() -> tuple[list[str], torch.Tensor]:
         line = asyncio.create_task(encode("line", "audio", audio, BATCH))
-        while not batcher.running:  # its run has started
+        while not batcher.running[BATCH]:  # its run has started
             await asyncio.sleep(0.001)
         live.enter()  # an online request admitted
         try:  # left whatever happens: a run paused for good would keep the process from exiting
@@ -173,7 +202,7 @@ def test_a_run_of_batch_lines_paused_for_good_ends_when_the_encoder_closes(model
     async def scenario() -> None:
         request_priority.set(BATCH)
         line = asyncio.create_task(batcher.encode("audio", audio))
-        while not batcher.running:
+        while not batcher.running[BATCH]:
             await asyncio.sleep(0.001)
         live.enter()  # never left: the run pauses at its next block and would wait for good
         try:

@@ -28,8 +28,9 @@ class Workers:
         if model.device.type == "cpu":
             lines_runs = torch.get_num_threads()
             self._encoder_for_batch_lines = one_core_threads(lines_runs, "encoder-batch-lines")
-        else:
-            lines_runs, self._encoder_for_batch_lines = 1, ThreadPoolExecutor(1, thread_name_prefix="encoder-batch-lines")
+        else:  # on a GPU the runs would queue on the one device anyway
+            lines_runs = 1
+            self._encoder_for_batch_lines = ThreadPoolExecutor(1, thread_name_prefix="encoder-batch-lines")
         # batch lines' work starts only while no online request is being served: a decoding job once
         # running in the pool takes the cores until it ends, an encoder run until its next block
         self.live = live or LiveTraffic()

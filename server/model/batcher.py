@@ -1,8 +1,8 @@
 """Dynamic batching of the encoder: requests of one modality queue and run as one batch.
 
-The encoder runs one batch at a time. When it is free, a modality's queue runs as soon as it
-holds `max_batch` requests or its oldest has waited `max_wait`; of several such queues the one
-with the oldest request goes first. While a batch runs the queues keep filling, so under load
+The encoder runs one batch of online requests at a time. When it is free, a modality's queue
+runs as soon as it holds `max_batch` requests or its oldest has waited `max_wait`; of several
+such queues the one with the oldest request goes first. While a batch runs the queues keep filling, so under load
 batches grow to what has arrived in the meantime instead of lining up one request each.
 Each request gets its own prefix rows back, copied out of the batch. Modalities batch separately (their inputs differ
 in shape); a video batch sends all B·T frames through the CLIP trunk in one call.
@@ -68,7 +68,8 @@ class EncoderBatcher:
         # modality -> [(input, future, arrival time, the request's span of its wait and batch, its
         # priority)], oldest first
         self.waiting: dict[str, list[tuple[torch.Tensor, asyncio.Future, float, Span, int]]] = defaultdict(list)
-        self.running: Counter[int] = Counter()  # runs under way by priority: one online, up to `batch_lines_runs` of batch lines
+        # runs under way by priority: one online at most, up to `batch_lines_runs` of batch lines
+        self.running: Counter[int] = Counter()
         self.timer: asyncio.TimerHandle | None = None
         self.batch_sizes: list[int] = []  # of every batch run, for tests and benchmarks
         self.closed = False

@@ -80,7 +80,7 @@ class LlamaCppEngine(LocalEngine):
         model_params = lib.llama_model_default_params()
         # read into memory of its own rather than mapped: mapped pages of a file are the first the
         # kernel drops under memory pressure, and every token then reads the weights from disk again
-        model_params.use_mmap = False
+        model_params.load_mode = lib.LLAMA_LOAD_MODE_NONE
         self.llm = lib.llama_model_load_from_file(str(gguf_path).encode(), model_params)
         if not self.llm:
             raise ValueError(f"llama.cpp could not load {gguf_path}")

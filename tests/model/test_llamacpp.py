@@ -177,6 +177,18 @@ def test_greedy_answer_starts_with_the_argmax_of_the_first_logits(llama_cpp, qua
     asyncio.run(engine.close())
 
 
+def test_the_weights_are_read_into_memory_not_mapped_from_the_file(llama_cpp, quantized_fixture):
+    """Mapped, the file's pages count against the host beside the copy llama.cpp repacks them into,
+    and are the first pages the kernel drops under pressure (each token then reads the disk)."""
+    from server.engines.llamacpp import LlamaCppEngine
+
+    path = gguf_path(quantized_fixture, "q4_0")
+    engine = LlamaCppEngine(path, quantized_fixture / "llm" / "tokenizer.model", max_positions=256, sequences=1)
+    mapped = [row for row in open("/proc/self/maps") if row.rstrip().endswith(str(path))]
+    asyncio.run(engine.close())
+    assert mapped == []
+
+
 def test_auto_serves_the_smallest_quantized_file_on_a_cpu_and_full_weights_elsewhere(llama_cpp, quantized_fixture,
                                                                                     fixture_model):
     from server.engines.llamacpp import quantized_weights

@@ -149,6 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefill-rows", type=int, default=100)
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--skip-llm", action="store_true")
+    parser.add_argument("--skip-full-llm", action="store_true",
+                        help="only the quantized files of --gguf: the full weights' figures are not made")
     parser.add_argument("--gguf", default="", help="PATH[,PATH]: quantized LLM files for server.engines.llamacpp")
     parser.add_argument("--out", help="write the figures as JSON here")
     return parser.parse_args(argv)

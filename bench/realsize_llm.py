@@ -56,13 +56,22 @@ def decode_timing(engine, embeddings: torch.Tensor, tokens: int) -> dict:
             "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "total_s": stamps[-1] - start}
 
 
+def prefill_flops(config: LlamaConfig, rows: int) -> int:
+    """FLOPs of the prefill of `rows` prompt rows, counted on a model on the meta device: no weights are
+    made, and llama.cpp's products (not torch's to count) are the same model's."""
+    from realsize import count_flops
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).eval()
+        prompt = torch.empty(1, rows, config.hidden_size)
+    return count_flops(lambda: model(inputs_embeds=prompt, logits_to_keep=1))
+
+
 def prefill_and_decode(engine, dim: int, args, device, dtype, matmul_gflops: float, read_gb_s: float,
-                       weight_bytes: int, flops: int | None = None) -> dict:
-    from realsize import count_flops, read_bandwidth, synchronizer
+                       weight_bytes: int, flops: int) -> dict:
+    from realsize import read_bandwidth, synchronizer
 
     prompt = torch.randn(args.prefill_rows, dim, device=device, dtype=dtype) * 0.02
-    # llama.cpp's products are not torch's to count: the same model's count is passed in
-    flops = flops or count_flops(engine.first_logits, prompt)
     engine.first_logits(prompt)  # warm-up
     sync = synchronizer(device)
     sync()
@@ -96,10 +105,14 @@ def image_question(encoder, engine, device, dtype, answer_tokens: int) -> dict:
             + decode["first_token_s"]}
 
 
+def llm_config(args) -> LlamaConfig:
+    return LlamaConfig.from_pretrained(Path(args.model) / "llm") if args.model else LlamaConfig(**SEVEN_B_LLM)
+
+
 def build_engine(args, device, dtype) -> LocalEngine:
     if args.model:
         return LocalEngine(Path(args.model) / "llm", device, dtype)
-    return LocalEngine.around(random_llm(LlamaConfig(**SEVEN_B_LLM), device, dtype))
+    return LocalEngine.around(random_llm(llm_config(args), device, dtype))
 
 
 def llm_bytes(config: LlamaConfig, dtype: torch.dtype) -> int:
@@ -119,31 +132,45 @@ def room_for_llm(args, device, dtype) -> str | None:
     """Why the 7B LLM should not be built in this host's memory now (other jobs hold it), or None."""
     if args.model or device.type != "cpu":
         return None
-    need = llm_bytes(LlamaConfig(**SEVEN_B_LLM), dtype) * 1.15  # activations, KV cache, the logits
+    need = llm_bytes(llm_config(args), dtype) * 1.15  # activations, KV cache, the logits
     if (free := available_bytes()) < need:
         return f"{free / 2**30:.1f} GiB available, {need / 2**30:.1f} GiB needed"
     return None
 
 
 def llm_figures(encoder, args, device, dtype, machine: dict, memory) -> dict:
+    """The full-weights LLM's figures, where this host's memory holds it, then each quantized file's:
+    on a CPU without native bfloat16 the full 7B LLM in float32 (27 GB) does not fit a small host,
+    and the quantized files are what it serves."""
+    from realsize import release_freed_heap
+
     name = str(dtype).removeprefix("torch.")
-    if reason := room_for_llm(args, device, dtype):
-        print(f"  LLM skipped: {reason}", flush=True)
-        return {"skipped": reason}
     matmul, read = machine["matmul"][name]["gflops"], machine["read_gb_per_s"]
+    config = llm_config(args)
+    flops = prefill_flops(config, args.prefill_rows)
+    figures = {"prefill_gflop": flops / 1e9}
+    if reason := room_for_llm(args, device, dtype):
+        print(f"  LLM, full weights, skipped: {reason}", flush=True)
+        figures["skipped"] = reason
+    elif not args.skip_full_llm:
+        figures.update(full_llm_figures(encoder, args, device, dtype, matmul, read, memory, flops))
+    if args.gguf:
+        release_freed_heap()  # the quantized parts' peak memory is then what serving them holds beside the encoder
+        figures["gguf"] = gguf_figures(encoder, args, config.hidden_size, device, dtype, matmul, read, memory, flops)
+    return figures
+
+
+def full_llm_figures(encoder, args, device, dtype, matmul: float, read: float, memory, prefill_flops: int) -> dict:
     with memory.phase("LLM") as peak:
         engine = build_engine(args, device, dtype)
-        dim = engine.model.config.hidden_size
-        figures = prefill_and_decode(engine, dim, args, device, dtype, matmul, read, bytes_per_token(engine.model))
+        figures = prefill_and_decode(engine, engine.model.config.hidden_size, args, device, dtype, matmul, read,
+                                     bytes_per_token(engine.model), prefill_flops)
         figures["image_question"] = image_question(encoder, engine, device, dtype, args.answer_tokens)
     figures["peak_bytes"] = peak.bytes
-    print(f"  LLM {name}: prefill {figures['prefill_rows_per_s']:.1f} rows/s ({figures['prefill_pct_of_matmul']:.0f} %"
-          f" of matmul); decode {figures['decode']['tokens_per_s']:.2f} tok/s ({figures['decode_pct_of_bandwidth']:.0f} %"
-          f" of bandwidth ÷ bytes); image question {figures['image_question']['seconds']:.1f} s", flush=True)
-    del engine
-    if args.gguf:
-        figures["gguf"] = gguf_figures(encoder, args, dim, device, dtype, matmul, read, memory,
-                                       int(figures["prefill_gflop"] * 1e9))
+    print(f"  LLM {str(dtype).removeprefix('torch.')}: prefill {figures['prefill_rows_per_s']:.1f} rows/s "
+          f"({figures['prefill_pct_of_matmul']:.0f} % of matmul); decode {figures['decode']['tokens_per_s']:.2f} tok/s"
+          f" ({figures['decode_pct_of_bandwidth']:.0f} % of bandwidth ÷ bytes); image question "
+          f"{figures['image_question']['seconds']:.1f} s", flush=True)
     return figures
 
 

@@ -64,6 +64,27 @@ def test_one_run_reports_every_figure(tiny_model, tmp_path):
     assert quantized["image_question"]["answer_tokens"] == 4 and quantized["peak_bytes"] > 0
 
 
+def test_the_quantized_llm_is_measured_without_the_full_one(tiny_model, tmp_path):
+    """Where the full weights are not run (a CPU whose float32 7B LLM does not fit), the quantized
+    file still gets every figure, its prefill set against the same FLOP count."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        unavailable("llama_cpp is not installed: `uv sync --extra llamacpp` (make test does)")
+
+    from server.tools.quantize import quantize
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model, model)
+    gguf = quantize(model, "q8_0")
+    report = realsize.main(["--model", str(model), "--modalities", "fmri", "--batches", "1", "--answer-tokens", "2",
+                            "--read-gib", "0.125", "--gguf", str(gguf), "--skip-full-llm"])
+    llm = report["llm"]
+    assert "decode" not in llm and "peak_bytes" not in llm
+    quantized = llm["gguf"][gguf.name]
+    assert quantized["prefill_gflop"] == llm["prefill_gflop"] > 0 and quantized["prefill_pct_of_matmul"] > 0
+    assert quantized["decode"]["tokens"] == 2 and quantized["image_question"]["answer_tokens"] == 2
+    assert quantized["peak_bytes"] > 0
+
+
 def test_a_random_llm_is_built_in_place_and_decodes():
     from realsize_llm import random_llm
     from transformers import LlamaConfig
@@ -80,6 +101,20 @@ def test_a_random_llm_is_built_in_place_and_decodes():
     assert (weights["model.norm.weight"] == 1).all()
     ids = list(LocalEngine.around(model).token_ids(torch.randn(5, 64), Sampling(max_tokens=6, ignore_eos=True)))
     assert len(ids) == 6 and all(0 <= i < 300 for i in ids)
+
+
+def test_the_prefill_is_counted_without_weights_as_with_them():
+    """llama.cpp's prefill is set against the FLOPs torch counts for the same model, counted on the
+    meta device (a 7B model in float32 does not fit every host that runs the quantized one)."""
+    from realsize_llm import prefill_flops, random_llm
+    from transformers import LlamaConfig
+
+    from server.engines.local import LocalEngine
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=300, max_position_embeddings=64)
+    engine = LocalEngine.around(random_llm(config, torch.device("cpu"), torch.float32))
+    assert prefill_flops(config, 9) == realsize.count_flops(engine.first_logits, torch.randn(9, 64))
 
 
 def test_the_llm_size_the_memory_check_uses_is_the_models():

@@ -125,3 +125,23 @@ def test_the_llm_size_the_memory_check_uses_is_the_models():
                          vocab_size=300)
     model = LlamaForCausalLM(config)
     assert llm_bytes(config, torch.float32) == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_the_served_benchmark_asks_a_real_server_and_reads_its_memory(tiny_model, tmp_path):
+    """bench/realsize_serve.py on the tiny model: `onellm serve` in its own process answers each
+    image question in full over HTTP, and the server's own peak memory is read."""
+    spec = importlib.util.spec_from_file_location("realsize_serve", BENCH / "realsize_serve.py")
+    serve_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_bench)
+
+    out = tmp_path / "served.json"
+    report = serve_bench.main(["--model", str(tiny_model), "--questions", "2", "--answer-tokens", "4",
+                               "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["served"]["id"] == tiny_model.name and report["served"]["llm_weights"] == "full"
+    assert len(report["questions"]) == 2
+    for question in report["questions"]:
+        assert 0 < question["first_token_s"] <= question["seconds"]
+        assert question["prompt_tokens"] > 30 and 1 <= question["answer_tokens"] <= 4
+    # the server process's own figure: it holds torch and the model
+    assert report["peak_bytes"] >= report["peak_bytes_ready"] > 200 * 2**20

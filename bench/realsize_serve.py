@@ -1,0 +1,151 @@
+"""OneLLM-7B served on a CPU as a user serves it: `onellm serve` in a process of its own on a model
+folder of OneLLM-7B's shapes (random weights) with its LLM quantized, and image questions over HTTP.
+Reports each answer's time to its first token and end to end, and the server's peak memory (VmHWM):
+what a host needs to serve the model.
+
+    uv run --extra llamacpp python bench/realsize_serve.py --scratch /tmp/onellm-7b \\
+        --tokenizer ../shared/fixtures/onellm-ref-tiny/tokenizer.model --out docs/bench-realsize-serve.json
+    uv run python bench/realsize_serve.py --model model_repo/tiny        # a model folder as it is
+
+The 7B folder is made once in --scratch: `onellm convert` of a random checkpoint with OneLLM-7B's
+encoder and LLM embedding table and one LLM block (its 32 would be 13 GB written only to be quantized),
+and beside it the GGUF file of LLaMA-2-7B's shapes that bench/quantized.py writes with `onellm
+quantize`'s writer (served by default on a CPU, as `onellm quantize` output is).
+"""
+
+import argparse
+import base64
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+IMAGE = REPO.parent / "shared" / "fixtures" / "preprocess-ref" / "inputs" / "room.jpg"
+QUESTION = "What is in this image?"  # the README's
+
+
+def seven_b_folder(scratch: Path, tokenizer: Path, weight_type: str) -> Path:
+    """scratch/onellm-7b-shapes, made on the first run."""
+    folder = scratch / "onellm-7b-shapes"
+    if (folder / f"llm-{weight_type}.gguf").is_file():
+        return folder
+    import torch
+
+    from quantized import gguf_file
+    from server.tools.convert import convert
+    from server.tools.make_tiny import random_checkpoint
+
+    params = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 1, "norm_eps": 1e-5, "vocab_size": 32000}
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        checkpoint = Path(tmp) / "consolidated.00-of-01.pth"
+        torch.save({k: v.half() for k, v in random_checkpoint(32000, 0, width=1024, clip_layers=24,
+                                                               params=params).items()}, checkpoint)
+        convert(checkpoint, params, tokenizer, folder, dtype="float16", random_weights=True, force=True)
+    (folder / f"llm-{weight_type}.gguf").hardlink_to(gguf_file(scratch, weight_type, tokenizer))
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_memory_bytes(pid: int) -> int:
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmHWM:"):
+            return int(row.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def start_server(folder: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--host",
+                                "127.0.0.1", "--port", str(port), *extra], cwd=REPO,
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 900  # loading 7B-shaped weights on a small CPU takes minutes
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"onellm serve exited ({process.returncode}); its log: {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError(f"onellm serve was not ready in 15 minutes; its log: {log}")
+
+
+def image_question(port: int, model: str, image: bytes, answer_tokens: int) -> dict:
+    """One streamed answer through /v1/chat/completions, greedy, exactly answer_tokens long unless the
+    model ends it (its usage says how many)."""
+    body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
+            "max_tokens": answer_tokens, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": QUESTION},
+                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(image).decode()}},
+            ]}]}
+    start, first, usage = time.perf_counter(), None, None
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+            usage = chunk.get("usage") or usage
+    end = time.perf_counter()
+    return {"seconds": end - start, "first_token_s": first - start, "prompt_tokens": usage["prompt_tokens"],
+            "answer_tokens": usage["completion_tokens"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="serve this model folder as it is (instead of the 7B one)")
+    parser.add_argument("--scratch", type=Path, help="where the 7B folder is made and kept (about 7 GB)")
+    parser.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared/fixtures/onellm-ref-tiny/tokenizer.model",
+                        help="LLaMA-2's tokenizer.model (32000 pieces), for the 7B folder")
+    parser.add_argument("--weights", default="q4_0", help="the quantized LLM file the 7B folder gets")
+    parser.add_argument("--questions", type=int, default=3, help="the same image each time: the first is cold")
+    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--image", type=Path, default=IMAGE)
+    parser.add_argument("--serve-args", default="", help="more `onellm serve` flags, space-separated")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if not args.model and not args.scratch:
+        parser.error("--model or --scratch is needed")
+
+    sys.path.insert(0, str(REPO / "bench"))
+    folder = args.model or seven_b_folder(args.scratch, args.tokenizer, args.weights)
+    port, log = free_port(), Path(tempfile.mkstemp(prefix="onellm-serve-", suffix=".log")[1])
+    started = time.perf_counter()
+    server = start_server(folder, port, log, args.serve_args.split())
+    try:
+        served = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]
+        report = {"model": str(folder), "serve_args": args.serve_args, "ready_s": time.perf_counter() - started,
+                  "served": served,
+                  "peak_bytes_ready": peak_memory_bytes(server.pid), "questions": []}
+        image = args.image.read_bytes()
+        for _ in range(args.questions):
+            report["questions"].append(image_question(port, served["id"], image, args.answer_tokens))
+            print(f"  image question: {report['questions'][-1]}", flush=True)
+        report["peak_bytes"] = peak_memory_bytes(server.pid)
+    finally:
+        server.terminate()
+        server.wait(60)
+    print(f"ready in {report['ready_s']:.0f} s; peak memory {report['peak_bytes'] / 2**30:.2f} GiB "
+          f"({report['peak_bytes_ready'] / 2**30:.2f} when ready); log {log}")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

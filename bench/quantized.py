@@ -127,11 +127,14 @@ def bytes_per_token(path: Path) -> int:
 def llama_cpp_run(path: Path, tokenizer: Path, repeats: int = 3) -> dict:
     """Best prefill and best decode of `repeats` answers."""
     engine = LlamaCppEngine(path, tokenizer, max_positions=CONFIG["max_position_embeddings"], sequences=1)
-    embeddings = torch.randn(PROMPT_ROWS, CONFIG["hidden_size"]) * 0.02
-    engine.first_logits(embeddings)  # warm-up: threads, buffers of the prompt's size
+
+    def new_prompt():  # rows no earlier prompt began with: the engine would reuse them
+        return torch.randn(PROMPT_ROWS, CONFIG["hidden_size"]) * 0.02
+
+    engine.first_logits(new_prompt())  # warm-up: threads, buffers of the prompt's size
     prefills, decodes = [], []
     for _ in range(repeats):
-        ids = engine.token_ids(embeddings, Sampling(max_tokens=TOKENS + 1, stop=(), ignore_eos=True))
+        ids = engine.token_ids(new_prompt(), Sampling(max_tokens=TOKENS + 1, stop=(), ignore_eos=True))
         prefills.append(timed(lambda: next(ids)))
         decodes.append(timed(lambda: [None for _ in ids]))
     asyncio.run(engine.close())

@@ -71,16 +71,19 @@ def prefill_and_decode(engine, dim: int, args, device, dtype, matmul_gflops: flo
                        weight_bytes: int, flops: int) -> dict:
     from realsize import read_bandwidth, synchronizer
 
-    prompt = torch.randn(args.prefill_rows, dim, device=device, dtype=dtype) * 0.02
-    engine.first_logits(prompt)  # warm-up
+    def new_prompt():  # a prompt of rows no earlier one began with: the llama.cpp engine would reuse them
+        return torch.randn(args.prefill_rows, dim, device=device, dtype=dtype) * 0.02
+
+    engine.first_logits(new_prompt())  # warm-up
     sync = synchronizer(device)
+    prompt = new_prompt()
     sync()
     start = time.perf_counter()
     engine.first_logits(prompt)
     sync()
     prefill_s = time.perf_counter() - start
     before = read_bandwidth(device, 0, args.read_gib)
-    decode = decode_timing(engine, prompt, args.answer_tokens)
+    decode = decode_timing(engine, new_prompt(), args.answer_tokens)
     around = (before + read_bandwidth(device, 0, args.read_gib)) / 2
     return {"prefill_rows": args.prefill_rows, "prefill_s": prefill_s, "prefill_gflop": flops / 1e9,
             "prefill_rows_per_s": args.prefill_rows / prefill_s,

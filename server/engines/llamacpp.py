@@ -6,12 +6,19 @@ is given; generated tokens go in as ids, embedded by the file's own (8-bit) tabl
 one llama.cpp context, each on a sequence of its own with a KV cache of `max_positions` rows; a
 request waits for a free sequence. Like the transformers engine, steps run on one worker thread and
 concurrent requests interleave step by step; the text side (stop strings, UTF-8) is that engine's.
+
+A free sequence keeps its last prompt's rows in its KV cache, and a request takes the free sequence
+whose kept rows begin its own prompt for longest: a chat's next turn (same attachment, same earlier
+turns) or the same question again computes only the rows that are new: on a CPU the prefill is much
+of an answer's time. The logits are then those of one pass over the whole prompt up to rounding:
+llama.cpp's kernels round by how the rows are split between calls (docs/benchmarks.md says how much).
 """
 
 import asyncio
 import ctypes
+import hashlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,7 +105,8 @@ class LlamaCppEngine(LocalEngine):
         self.eos_id = self.tokenizer.eos_id()
         self.max_positions = max_positions
         self.weights = Path(gguf_path).stem.removeprefix("llm-")  # q4_0 or q8_0, as `onellm quantize` names them
-        self._free = list(range(sequences))
+        self._free = list(range(sequences))  # the longest free first
+        self._kept: dict[int, list[bytes]] = {}  # sequence -> digests of the prompt rows its KV cache holds
         self._sequence_gate = asyncio.Semaphore(sequences)
         self._batch_gate = asyncio.Semaphore(max(sequences - 1, 1))
         self._token_batch = lib.llama_batch_init(1, 0, 1)
@@ -108,19 +116,26 @@ class LlamaCppEngine(LocalEngine):
 
     def first_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits [V] of the first generated token for prompt embeddings [L, D]."""
-        seq = self._free.pop()
+        rows = prompt_rows(embeddings)
+        digests = row_digests(rows)
+        seq, kept = self._take_sequence(digests)
         try:
-            return self._prefill(seq, embeddings)
+            logits = self._prefill(seq, rows, kept)
+            kept = len(rows)
+            return logits
         finally:
-            self._forget(seq)
+            self._release(seq, digests, kept)
 
     def token_ids(self, embeddings: torch.Tensor, sampling: Sampling) -> Iterator[int]:
         """Generated ids one by one; stops at EOS unless told not to. Holds a sequence until closed."""
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         limit = min(sampling.max_tokens, self.max_positions - embeddings.shape[0])
-        seq = self._free.pop()
+        rows = prompt_rows(embeddings)
+        digests = row_digests(rows)
+        seq, kept = self._take_sequence(digests)
         try:
-            logits = self._prefill(seq, embeddings)
+            logits = self._prefill(seq, rows, kept)
+            kept = len(rows)
             for step in range(limit):
                 token = pick_token(logits, sampling, generator)
                 yield token
@@ -128,7 +143,7 @@ class LlamaCppEngine(LocalEngine):
                     return
                 logits = self._next(seq, token, embeddings.shape[0] + step)
         finally:
-            self._forget(seq)
+            self._release(seq, digests, kept)
 
     async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
                      affinity: str | None = None) -> AsyncIterator[str]:
@@ -141,10 +156,28 @@ class LlamaCppEngine(LocalEngine):
             async for delta in super().stream(embeddings, sampling, usage, affinity):
                 yield delta
 
-    def _prefill(self, seq: int, embeddings: torch.Tensor) -> torch.Tensor:
-        rows = embeddings.float().contiguous().numpy()  # [L, D]
+    def _take_sequence(self, digests: list[bytes]) -> tuple[int, int]:
+        """A free sequence, the one whose kept rows begin the prompt for longest (the longest free
+        among equals), and how many of its rows are kept: at most all but the last, whose logits
+        are needed. Its cache is cut back to them."""
+        seq = max(self._free, key=lambda s: common_prefix(self._kept.get(s, ()), digests))
+        self._free.remove(seq)
+        kept = min(common_prefix(self._kept.pop(seq, ()), digests), max(len(digests) - 1, 0))
+        self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(self.ctx), seq, kept, -1)
+        return seq, kept
+
+    def _release(self, seq: int, digests: list[bytes], kept: int) -> None:
+        """The sequence back to the free ones, its cache holding the prompt's first `kept` rows (the
+        generated tokens' rows dropped: a next turn sends the answer as text, embedded otherwise)."""
+        self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(self.ctx), seq, kept, -1)
+        if kept:
+            self._kept[seq] = digests[:kept]
+        self._free.append(seq)
+
+    def _prefill(self, seq: int, rows: np.ndarray, first: int = 0) -> torch.Tensor:
+        """Logits after rows[first:] are added to a sequence that holds rows[:first]."""
         batch = self._prompt_batch
-        for start in range(0, len(rows), PROMPT_CHUNK):
+        for start in range(first, len(rows), PROMPT_CHUNK):
             chunk = rows[start:start + PROMPT_CHUNK]
             ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
             for i in range(len(chunk)):
@@ -171,16 +204,27 @@ class LlamaCppEngine(LocalEngine):
         pointer = self.lib.llama_get_logits_ith(self.ctx, -1)
         return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.vocab_size,)).copy())
 
-    def _forget(self, seq: int) -> None:
-        self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(self.ctx), seq, -1, -1)
-        self._free.append(seq)
-
     async def close(self) -> None:
         await super().close()
         self.lib.llama_batch_free(self._token_batch)
         self.lib.llama_batch_free(self._prompt_batch)
         self.lib.llama_free(self.ctx)
         self.lib.llama_model_free(self.llm)
+
+
+def prompt_rows(embeddings: torch.Tensor) -> np.ndarray:
+    """[L, D] float32, as llama_batch.embd takes them."""
+    return embeddings.float().contiguous().numpy()
+
+
+def row_digests(rows: np.ndarray) -> list[bytes]:
+    """A digest of each row's bytes: what a sequence remembers of the rows its cache holds."""
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+
+
+def common_prefix(kept: Sequence[bytes], digests: list[bytes]) -> int:
+    """How many leading rows the two lists of digests share."""
+    return next((i for i, (a, b) in enumerate(zip(kept, digests)) if a != b), min(len(kept), len(digests)))
 
 
 def _forward_log(level: int, text: bytes, user_data) -> None:

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 IMAGE = REPO.parent / "shared" / "fixtures" / "preprocess-ref" / "inputs" / "room.jpg"
 QUESTION = "What is in this image?"  # the README's
+FOLLOW_UP = "What colour are the walls?"
 
 
 def seven_b_folder(scratch: Path, tokenizer: Path, weight_type: str) -> Path:
@@ -83,27 +84,32 @@ def start_server(folder: Path, port: int, log: Path, extra: list[str]) -> subpro
     raise RuntimeError(f"onellm serve was not ready in 15 minutes; its log: {log}")
 
 
-def image_question(port: int, model: str, image: bytes, answer_tokens: int) -> dict:
+def first_turn(image: bytes) -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "text", "text": QUESTION},
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(image).decode()}},
+    ]}]
+
+
+def answer(port: int, model: str, messages: list[dict], answer_tokens: int) -> dict:
     """One streamed answer through /v1/chat/completions, greedy, exactly answer_tokens long unless the
     model ends it (its usage says how many)."""
     body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
-            "max_tokens": answer_tokens, "messages": [{"role": "user", "content": [
-                {"type": "text", "text": QUESTION},
-                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(image).decode()}},
-            ]}]}
-    start, first, usage = time.perf_counter(), None, None
+            "max_tokens": answer_tokens, "messages": messages}
+    start, first, usage, text = time.perf_counter(), None, None, ""
     with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line.removeprefix("data: "))
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter()
+            if chunk["choices"] and (delta := chunk["choices"][0]["delta"].get("content")):
+                first = first or time.perf_counter()
+                text += delta
             usage = chunk.get("usage") or usage
     end = time.perf_counter()
     return {"seconds": end - start, "first_token_s": first - start, "prompt_tokens": usage["prompt_tokens"],
-            "answer_tokens": usage["completion_tokens"]}
+            "answer_tokens": usage["completion_tokens"], "text": text}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared/fixtures/onellm-ref-tiny/tokenizer.model",
                         help="LLaMA-2's tokenizer.model (32000 pieces), for the 7B folder")
     parser.add_argument("--weights", default="q4_0", help="the quantized LLM file the 7B folder gets")
-    parser.add_argument("--questions", type=int, default=3, help="the same image each time: the first is cold")
+    parser.add_argument("--questions", type=int, default=3,
+                        help="the same image and question each time (the first is cold), then a follow-up turn")
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--image", type=Path, default=IMAGE)
     parser.add_argument("--serve-args", default="", help="more `onellm serve` flags, space-separated")
@@ -132,10 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
         report = {"model": str(folder), "serve_args": args.serve_args, "ready_s": time.perf_counter() - started,
                   "served": served,
                   "peak_bytes_ready": peak_memory_bytes(server.pid), "questions": []}
-        image = args.image.read_bytes()
+        turn = first_turn(args.image.read_bytes())
         for _ in range(args.questions):
-            report["questions"].append(image_question(port, served["id"], image, args.answer_tokens))
+            report["questions"].append(answer(port, served["id"], turn, args.answer_tokens))
             print(f"  image question: {report['questions'][-1]}", flush=True)
+        turn += [{"role": "assistant", "content": report["questions"][-1]["text"]}, {"role": "user", "content": FOLLOW_UP}]
+        report["follow_up"] = answer(port, served["id"], turn, args.answer_tokens)
+        print(f"  the chat's next turn: {report['follow_up']}", flush=True)
         report["peak_bytes"] = peak_memory_bytes(server.pid)
     finally:
         server.terminate()

@@ -129,7 +129,7 @@ def test_the_llm_size_the_memory_check_uses_is_the_models():
 
 def test_the_served_benchmark_asks_a_real_server_and_reads_its_memory(tiny_model, tmp_path):
     """bench/realsize_serve.py on the tiny model: `onellm serve` in its own process answers each
-    image question in full over HTTP, and the server's own peak memory is read."""
+    image question in full over HTTP, then the chat's next turn, and the server's own peak memory is read."""
     spec = importlib.util.spec_from_file_location("realsize_serve", BENCH / "realsize_serve.py")
     serve_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve_bench)
@@ -143,5 +143,7 @@ def test_the_served_benchmark_asks_a_real_server_and_reads_its_memory(tiny_model
     for question in report["questions"]:
         assert 0 < question["first_token_s"] <= question["seconds"]
         assert question["prompt_tokens"] > 30 and 1 <= question["answer_tokens"] <= 4
+    follow_up = report["follow_up"]  # the first turn, its answer and a new question
+    assert follow_up["prompt_tokens"] > report["questions"][0]["prompt_tokens"] + report["questions"][0]["answer_tokens"]
     # the server process's own figure: it holds torch and the model
     assert report["peak_bytes"] >= report["peak_bytes_ready"] > 200 * 2**20

@@ -67,9 +67,10 @@ def peak_memory_bytes(pid: int) -> int:
 
 
 def start_server(folder: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--host",
-                                "127.0.0.1", "--port", str(port), *extra], cwd=REPO,
-                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    with log.open("w") as out:  # the server writes on through its own copy of the descriptor
+        process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--host",
+                                    "127.0.0.1", "--port", str(port), *extra], cwd=REPO,
+                                   stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900  # loading 7B-shaped weights on a small CPU takes minutes
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--image", type=Path, default=IMAGE)
     parser.add_argument("--serve-args", default="", help="more `onellm serve` flags, space-separated")
+    parser.add_argument("--log", type=Path, help="the server's log (default: a new file in the temp folder)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not args.model and not args.scratch:
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     sys.path.insert(0, str(REPO / "bench"))
     folder = args.model or seven_b_folder(args.scratch, args.tokenizer, args.weights)
-    port, log = free_port(), Path(tempfile.mkstemp(prefix="onellm-serve-", suffix=".log")[1])
+    port, log = free_port(), args.log or Path(tempfile.mkstemp(prefix="onellm-serve-", suffix=".log")[1])
     started = time.perf_counter()
     server = start_server(folder, port, log, args.serve_args.split())
     try:

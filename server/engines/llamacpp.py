@@ -105,7 +105,7 @@ class LlamaCppEngine(LocalEngine):
         self.eos_id = self.tokenizer.eos_id()
         self.max_positions = max_positions
         self.weights = Path(gguf_path).stem.removeprefix("llm-")  # q4_0 or q8_0, as `onellm quantize` names them
-        self._free = list(range(sequences))  # the longest free first
+        self._free = list(range(sequences))  # in the order they were freed: the longest free first
         self._kept: dict[int, list[bytes]] = {}  # sequence -> digests of the prompt rows its KV cache holds
         self._sequence_gate = asyncio.Semaphore(sequences)
         self._batch_gate = asyncio.Semaphore(max(sequences - 1, 1))

@@ -134,7 +134,7 @@ def test_a_prompt_that_begins_as_a_kept_one_computes_only_its_new_rows(llama_cpp
     """A free sequence keeps its last prompt's rows: a prompt that begins with them (a chat's next
     turn) has only its new rows computed, and gets the logits of an engine that computed them all,
     up to rounding: within twice the quantized engine's own distance from the float32 LLM (measured:
-    3.5e-3 against 3.4e-3). Rows reused at wrong positions, or another prompt's, are far off."""
+    3.5e-3 against 3.4e-3)."""
     from server.engines.llamacpp import LlamaCppEngine
     from server.engines.local import LocalEngine
 

@@ -21,18 +21,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from server.engines.base import Sampling  # noqa: E402
+from realsize_llm import decode_timing  # noqa: E402
 from server.engines.llamacpp import LlamaCppEngine, import_llama_cpp  # noqa: E402
 
 PROMPT_ROWS = 82  # the image question's
 
 
 def decode_rate(engine: LlamaCppEngine, prompt: torch.Tensor, tokens: int) -> float:
-    ids = engine.token_ids(prompt, Sampling(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True))
-    next(ids)  # the prefill
-    start = time.perf_counter()
-    count = sum(1 for _ in ids)
-    return count / (time.perf_counter() - start)
+    return decode_timing(engine, prompt, tokens + 1)["tokens_per_s"]  # the tokens after the prefill's
 
 
 def hold_openmp_teams(threads: int) -> list[ThreadPoolExecutor]:
@@ -75,12 +71,12 @@ def main() -> None:
     args = parser.parse_args()
 
     print(import_llama_cpp().llama_print_system_info().decode().strip())
-    prompt = torch.randn(PROMPT_ROWS, 4096) * 0.02
     rows, engine = [], None
     for threads in (1, torch.get_num_threads()):
         if engine is not None:
             asyncio.run(engine.close())
         engine = LlamaCppEngine(args.gguf, args.tokenizer, max_positions=2048, sequences=1, threads=threads)
+        prompt = torch.randn(PROMPT_ROWS, engine.dim) * 0.02  # rows as wide as the file's model
         engine.first_logits(prompt)  # warm-up
         rows.append((f"{threads} thread(s), alone", decode_rate(engine, prompt, args.tokens)))
     pools = hold_openmp_teams(args.teams)

@@ -16,8 +16,6 @@ quantize`'s writer (served by default on a CPU, as `onellm quantize` output is).
 import argparse
 import base64
 import json
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,10 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+from gateway_process import GatewayProcess  # noqa: E402
+from peak_memory import peak_bytes  # noqa: E402
+
 IMAGE = REPO.parent / "shared" / "fixtures" / "preprocess-ref" / "inputs" / "room.jpg"
 QUESTION = "What is in this image?"  # the README's
 FOLLOW_UP = "What colour are the walls?"
@@ -53,38 +55,6 @@ def seven_b_folder(scratch: Path, tokenizer: Path, weight_type: str) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def peak_memory_bytes(pid: int) -> int:
-    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if row.startswith("VmHWM:"):
-            return int(row.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
-
-
-def start_server(folder: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
-    with log.open("w") as out:  # the server writes on through its own copy of the descriptor
-        process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--host",
-                                    "127.0.0.1", "--port", str(port), *extra], cwd=REPO,
-                                   stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 900  # loading 7B-shaped weights on a small CPU takes minutes
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"onellm serve exited ({process.returncode}); its log: {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise RuntimeError(f"onellm serve was not ready in 15 minutes; its log: {log}")
-
-
 def first_turn(image: bytes) -> list[dict]:
     return [{"role": "user", "content": [
         {"type": "text", "text": QUESTION},
@@ -92,13 +62,13 @@ def first_turn(image: bytes) -> list[dict]:
     ]}]
 
 
-def answer(port: int, model: str, messages: list[dict], answer_tokens: int) -> dict:
+def answer(url: str, model: str, messages: list[dict], answer_tokens: int) -> dict:
     """One streamed answer through /v1/chat/completions, greedy, exactly answer_tokens long unless the
     model ends it (its usage says how many)."""
     body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
             "max_tokens": answer_tokens, "messages": messages}
     start, first, usage, text = time.perf_counter(), None, None, ""
-    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=600) as response:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: {"):
@@ -125,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--image", type=Path, default=IMAGE)
     parser.add_argument("--serve-args", default="", help="more `onellm serve` flags, space-separated")
-    parser.add_argument("--log", type=Path, help="the server's log (default: a new file in the temp folder)")
+    parser.add_argument("--workdir", type=Path,
+                        help="the server's folder: its log (serve.log), temp and stored files (default: a new one in /tmp)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not args.model and not args.scratch:
@@ -133,27 +104,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     sys.path.insert(0, str(REPO / "bench"))
     folder = args.model or seven_b_folder(args.scratch, args.tokenizer, args.weights)
-    port, log = free_port(), args.log or Path(tempfile.mkstemp(prefix="onellm-serve-", suffix=".log")[1])
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="onellm-serve-"))
+    server = GatewayProcess(folder, workdir, args.serve_args.split())
     started = time.perf_counter()
-    server = start_server(folder, port, log, args.serve_args.split())
+    server.start()
     try:
-        served = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]
+        served = httpx.get(f"{server.url}/v1/models").json()["data"][0]
         report = {"model": str(folder), "serve_args": args.serve_args, "ready_s": time.perf_counter() - started,
-                  "served": served,
-                  "peak_bytes_ready": peak_memory_bytes(server.pid), "questions": []}
+                  "served": served, "peak_bytes_ready": peak_bytes(server.pid), "questions": []}
         turn = first_turn(args.image.read_bytes())
         for _ in range(args.questions):
-            report["questions"].append(answer(port, served["id"], turn, args.answer_tokens))
+            report["questions"].append(answer(server.url, served["id"], turn, args.answer_tokens))
             print(f"  image question: {report['questions'][-1]}", flush=True)
         turn += [{"role": "assistant", "content": report["questions"][-1]["text"]}, {"role": "user", "content": FOLLOW_UP}]
-        report["follow_up"] = answer(port, served["id"], turn, args.answer_tokens)
+        report["follow_up"] = answer(server.url, served["id"], turn, args.answer_tokens)
         print(f"  the chat's next turn: {report['follow_up']}", flush=True)
-        report["peak_bytes"] = peak_memory_bytes(server.pid)
+        report["peak_bytes"] = peak_bytes(server.pid)
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop()
     print(f"ready in {report['ready_s']:.0f} s; peak memory {report['peak_bytes'] / 2**30:.2f} GiB "
-          f"({report['peak_bytes_ready'] / 2**30:.2f} when ready); log {log}")
+          f"({report['peak_bytes_ready'] / 2**30:.2f} when ready); log {server.log_path}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -136,7 +136,7 @@ def test_the_served_benchmark_asks_a_real_server_and_reads_its_memory(tiny_model
 
     out = tmp_path / "served.json"
     report = serve_bench.main(["--model", str(tiny_model), "--questions", "2", "--answer-tokens", "4",
-                               "--out", str(out), "--log", str(tmp_path / "serve.log")])
+                               "--out", str(out), "--workdir", str(tmp_path)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["served"]["id"] == tiny_model.name and report["served"]["llm_weights"] == "full"
     assert len(report["questions"]) == 2

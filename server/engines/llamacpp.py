@@ -116,7 +116,7 @@ class LlamaCppEngine(LocalEngine):
 
     def first_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits [V] of the first generated token for prompt embeddings [L, D]."""
-        rows = prompt_rows(embeddings)
+        rows = self._prompt_rows(embeddings)
         digests = row_digests(rows)
         seq, kept = self._take_sequence(digests)
         try:
@@ -130,7 +130,7 @@ class LlamaCppEngine(LocalEngine):
         """Generated ids one by one; stops at EOS unless told not to. Holds a sequence until closed."""
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         limit = min(sampling.max_tokens, self.max_positions - embeddings.shape[0])
-        rows = prompt_rows(embeddings)
+        rows = self._prompt_rows(embeddings)
         digests = row_digests(rows)
         seq, kept = self._take_sequence(digests)
         try:
@@ -155,6 +155,13 @@ class LlamaCppEngine(LocalEngine):
             await gates.enter_async_context(self._sequence_gate)  # token_ids takes a sequence free by then
             async for delta in super().stream(embeddings, sampling, usage, affinity):
                 yield delta
+
+    def _prompt_rows(self, embeddings: torch.Tensor) -> np.ndarray:
+        """[L, D] float32, as llama_batch.embd takes them: rows of another width would be copied
+        past the end of its buffer."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(f"prompt embeddings of shape {tuple(embeddings.shape)}: this model takes [L, {self.dim}]")
+        return embeddings.float().contiguous().numpy()
 
     def _take_sequence(self, digests: list[bytes]) -> tuple[int, int]:
         """A free sequence, the one whose kept rows begin the prompt for longest (the longest free
@@ -212,9 +219,6 @@ class LlamaCppEngine(LocalEngine):
         self.lib.llama_model_free(self.llm)
 
 
-def prompt_rows(embeddings: torch.Tensor) -> np.ndarray:
-    """[L, D] float32, as llama_batch.embd takes them."""
-    return embeddings.float().contiguous().numpy()
 
 
 def row_digests(rows: np.ndarray) -> list[bytes]:

@@ -214,6 +214,17 @@ def test_greedy_answer_starts_with_the_argmax_of_the_first_logits(llama_cpp, qua
     asyncio.run(engine.close())
 
 
+def test_prompt_rows_of_another_width_are_refused_not_copied(llama_cpp, quantized_fixture, prompts):
+    from server.engines.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(gguf_path(quantized_fixture, "q8_0"), quantized_fixture / "llm" / "tokenizer.model",
+                            max_positions=256, sequences=1)
+    with pytest.raises(ValueError, match=rf"this model takes \[L, {engine.dim}\]"):
+        engine.first_logits(torch.zeros(3, engine.dim * 32))
+    assert torch.isfinite(engine.first_logits(prompts[0])).all()  # its sequence was not taken
+    asyncio.run(engine.close())
+
+
 def test_the_weights_are_read_into_memory_not_mapped_from_the_file(llama_cpp, quantized_fixture):
     """Mapped, the file's pages count against the host beside the copy llama.cpp repacks them into,
     and are the first pages the kernel drops under pressure (each token then reads the disk)."""

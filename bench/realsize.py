@@ -3,6 +3,7 @@
     uv run python bench/realsize.py --out docs/bench-realsize.json                # CPU, the device's dtype
     uv run python bench/realsize.py --device cuda --dtype float16                 # a GPU
     uv run python bench/realsize.py --model model_repo/tiny --skip-llm            # a converted model's shapes
+    uv run python bench/realsize.py --llm-layers 8 --gguf DIR/llm-q4_0.gguf       # float32 7B does not fit: 8 of its layers
 
 Random weights of OneLLM-7B's shapes (the real checkpoint cannot be fetched here): the encoder of
 bench/encoder.py and LLaMA-2-7B built in memory. The run measures the device's matmul rate per dtype
@@ -15,6 +16,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import platform
 import sys
 import time
@@ -36,19 +38,18 @@ DTYPES = ("bfloat16", "float32", "float16")
 CPU_FLAGS = host_cpu_flags()
 
 
+def onednn_linear_flops(x_shape, weight_shape, *_, **__) -> int:
+    return 2 * math.prod(x_shape) * weight_shape[0]  # weight [out, in]
+
+
 def count_flops(fn, *args) -> int:
     """Floating-point operations of fn(*args), counted op by op from the shapes torch sees.
 
-    nn.MultiheadAttention's fused inference path (CLIP's attention) is one opaque op to the
-    counter, which would drop its projections and its attention from the count; it is turned
-    off while counting so that they show as the matrix products and attention they are."""
-    was = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn(*args)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(was)
+    The counter knows aten's products; the oneDNN product that server/engines/linear.py calls for few
+    rows is taught to it here."""
+    with FlopCounterMode(display=False,
+                         custom_mapping={torch.ops.mkldnn._linear_pointwise: onednn_linear_flops}) as counter:
+        fn(*args)
     return counter.get_total_flops()
 
 
@@ -149,6 +150,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefill-rows", type=int, default=100)
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--skip-llm", action="store_true")
+    parser.add_argument("--llm-layers", type=int, default=0,
+                        help="build only this many of the full-weights LLM's layers (where 7B's do not fit)")
     parser.add_argument("--skip-full-llm", action="store_true",
                         help="only the quantized files of --gguf: the full weights' figures are not made")
     parser.add_argument("--gguf", default="", help="PATH[,PATH]: quantized LLM files for server.engines.llamacpp")

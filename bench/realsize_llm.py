@@ -112,10 +112,19 @@ def llm_config(args) -> LlamaConfig:
     return LlamaConfig.from_pretrained(Path(args.model) / "llm") if args.model else LlamaConfig(**SEVEN_B_LLM)
 
 
+def full_llm_config(args) -> LlamaConfig:
+    """The full-weights LLM to build: LLaMA-2-7B, or the first --llm-layers of its layers where the
+    whole does not fit (its ratios to the machine's rates are per layer; its times are not 7B's)."""
+    config = llm_config(args)
+    if args.llm_layers:
+        config.num_hidden_layers = args.llm_layers
+    return config
+
+
 def build_engine(args, device, dtype) -> LocalEngine:
     if args.model:
         return LocalEngine(Path(args.model) / "llm", device, dtype)
-    return LocalEngine.around(random_llm(llm_config(args), device, dtype))
+    return LocalEngine.around(random_llm(full_llm_config(args), device, dtype))
 
 
 def llm_bytes(config: LlamaConfig, dtype: torch.dtype) -> int:
@@ -135,7 +144,7 @@ def room_for_llm(args, device, dtype) -> str | None:
     """Why the 7B LLM should not be built in this host's memory now (other jobs hold it), or None."""
     if args.model or device.type != "cpu":
         return None
-    need = llm_bytes(llm_config(args), dtype) * 1.15  # activations, KV cache, the logits
+    need = llm_bytes(full_llm_config(args), dtype) * 1.15  # activations, KV cache, the logits
     if (free := available_bytes()) < need:
         return f"{free / 2**30:.1f} GiB available, {need / 2**30:.1f} GiB needed"
     return None
@@ -156,7 +165,10 @@ def llm_figures(encoder, args, device, dtype, machine: dict, memory) -> dict:
         print(f"  LLM, full weights, skipped: {reason}", flush=True)
         figures["skipped"] = reason
     elif not args.skip_full_llm:
-        figures.update(full_llm_figures(encoder, args, device, dtype, matmul, read, memory, flops))
+        full = full_llm_config(args)
+        figures["layers"] = full.num_hidden_layers
+        figures.update(full_llm_figures(encoder, args, device, dtype, matmul, read, memory,
+                                        prefill_flops(full, args.prefill_rows)))
     if args.gguf:
         release_freed_heap()  # the quantized parts' peak memory is then what serving them holds beside the encoder
         figures["gguf"] = gguf_figures(encoder, args, config.hidden_size, device, dtype, matmul, read, memory, flops)
@@ -170,7 +182,7 @@ def full_llm_figures(encoder, args, device, dtype, matmul: float, read: float, m
                                      bytes_per_token(engine.model), prefill_flops)
         figures["image_question"] = image_question(encoder, engine, device, dtype, args.answer_tokens)
     figures["peak_bytes"] = peak.bytes
-    print(f"  LLM {str(dtype).removeprefix('torch.')}: prefill {figures['prefill_rows_per_s']:.1f} rows/s "
+    print(f"  LLM {str(dtype).removeprefix('torch.')}, {engine.model.config.num_hidden_layers} layers: prefill {figures['prefill_rows_per_s']:.1f} rows/s "
           f"({figures['prefill_pct_of_matmul']:.0f} % of matmul); decode {figures['decode']['tokens_per_s']:.2f} tok/s"
           f" ({figures['decode_pct_of_bandwidth']:.0f} % of bandwidth ÷ bytes); image question "
           f"{figures['image_question']['seconds']:.1f} s", flush=True)

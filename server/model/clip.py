@@ -6,6 +6,8 @@ import torch
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
+from server.engines.linear import adopt_linears
+
 
 def build_visual(weights: dict[str, torch.Tensor], heads: int) -> VisionTransformer:
     """An open_clip VisionTransformer sized from the `clip.visual.*` tensors; no pretrained download."""
@@ -13,10 +15,12 @@ def build_visual(weights: dict[str, torch.Tensor], heads: int) -> VisionTransfor
     grid = int(round((weights["positional_embedding"].shape[0] - 1) ** 0.5))
     layers = 1 + max(int(k.split(".")[2]) for k in weights if k.startswith("transformer.resblocks."))
     mlp_width = weights["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    return VisionTransformer(
+    visual = VisionTransformer(
         image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=heads,
         mlp_ratio=mlp_width / width, output_dim=weights["proj"].shape[1],
         act_layer=QuickGELU)  # OpenAI CLIP was trained with QuickGELU, not GELU
+    adopt_linears(visual.transformer)
+    return visual
 
 
 def patch_tokens(visual: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from server.engines.linear import Linear
 from server.model.clip import Clip, build_visual, patch_tokens, run_trunk
 from server.model.upm import Block, Router, mix_experts
 from server.model.tokenizers import TOKENIZERS
@@ -23,7 +24,7 @@ def _count(weights: dict[str, torch.Tensor], prefix: str) -> int:
 
 
 def _linear_norm(n_in: int, n_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(n_in, n_out), nn.LayerNorm(n_out))
+    return nn.Sequential(Linear(n_in, n_out), nn.LayerNorm(n_out))
 
 
 class Encoder(nn.Module):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engines.linear import Linear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -25,10 +27,10 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.wq = nn.Linear(dim, dim, bias=False)
-        self.wk = nn.Linear(dim, dim, bias=False)
-        self.wv = nn.Linear(dim, dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.wq = Linear(dim, dim, bias=False)
+        self.wk = Linear(dim, dim, bias=False)
+        self.wv = Linear(dim, dim, bias=False)
+        self.wo = Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, n_queries: int | None = None) -> torch.Tensor:
         """x [B, N, W] -> [B, n_queries or N, W]: the first n_queries rows attend to all N."""
@@ -43,9 +45,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -68,8 +70,8 @@ class Block(nn.Module):
 class Router(nn.Module):
     def __init__(self, dim: int, experts: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, 4 * dim)
-        self.fc2 = nn.Linear(4 * dim, experts)
+        self.fc1 = Linear(dim, 4 * dim)
+        self.fc2 = Linear(4 * dim, experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = torch.sigmoid(self.fc2(F.gelu(self.fc1(x))))  # exact-erf GELU

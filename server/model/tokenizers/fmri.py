@@ -1,8 +1,9 @@
 import torch
-from torch import nn
+
+from server.engines.linear import Linear
 
 
-class FmriTokenizer(nn.Linear):
+class FmriTokenizer(Linear):
     """Voxels [B, 1, 15724] -> [B, 8, W]: one linear layer to 8W, read row-major as [W, 8]."""
 
     @classmethod

@@ -1,0 +1,75 @@
+"""Linear layers whose products of few rows run through oneDNN on a CPU in float32.
+
+torch's float32 `F.linear` on a CPU calls MKL's sgemm, which is slow for products of few rows:
+measured on a 2-core AVX2 EPYC (GFLOP/s, MKL against oneDNN's `_linear_pointwise`, weights too
+large for the caches): 16 rows 31-54 against 69-84, 64 rows 86-112 against 116-129, 128 rows
+108-136 against 134-144; from 256 rows on MKL is level or ahead, and at 1,243 rows 176 against 129.
+A 1-row product, one decoded token's, read a 4096×11008 weight at 24.8 GB/s through MKL and 34.7
+through oneDNN. So the in-process LLM's decode steps go through oneDNN, and an encoder run wherever
+it has few rows: fMRI's 9 through CLIP and 39 through the UPM at batch 1, and the UPM's last block's
+30 for every modality. Only float32 is routed: bfloat16 was not measured here (this CPU has no
+native bfloat16), and on a GPU `F.linear` is what runs.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEW_ROWS = 256  # below this many rows oneDNN's float32 product is the faster one (measured above)
+ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear: x [..., in] @ weight [out, in]ᵀ + bias -> [..., out]."""
+    if ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() < FEW_ROWS * x.shape[-1]:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    @classmethod
+    def taking_over(cls, other: nn.Linear) -> "Linear":
+        """A Linear holding `other`'s parameters themselves (built on the meta device: no new memory)."""
+        new = cls(other.in_features, other.out_features, bias=other.bias is not None, device="meta")
+        new.weight, new.bias = other.weight, other.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention(batch_first=True) called with query, key and value the same tensor,
+    its parameters taken over under the same names, its projections through `linear`:
+    nn.MultiheadAttention's fused inference op makes them with MKL itself."""
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        if not (attention.batch_first and attention._qkv_same_embed_dim and attention.in_proj_bias is not None
+                and attention.bias_k is None):
+            raise ValueError("only batch-first self-attention with biases is replaced")
+        self.heads = attention.num_heads
+        self.in_proj_weight, self.in_proj_bias = attention.in_proj_weight, attention.in_proj_bias  # q, k, v stacked
+        self.out_proj = Linear.taking_over(attention.out_proj)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool = False,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        if key is not query or value is not query or need_weights:
+            raise ValueError("SelfAttention attends a sequence to itself and returns no weights")
+        b, n, w = query.shape
+        qkv = linear(query, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3W]
+        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3 × [B, H, N, W/H]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, w)), None
+
+
+def adopt_linears(module: nn.Module) -> None:
+    """Replaces, in a module built by another library (open_clip's CLIP), each nn.Linear and each
+    nn.MultiheadAttention by the forms above, which take over their parameters."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.MultiheadAttention):
+            setattr(module, name, SelfAttention(child))
+        elif type(child) is nn.Linear:
+            setattr(module, name, Linear.taking_over(child))
+        else:
+            adopt_linears(child)

@@ -54,18 +54,18 @@ class SelfAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool = False,
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        if key is not query or value is not query or need_weights:
-            raise ValueError("SelfAttention attends a sequence to itself and returns no weights")
+        if key is not query or value is not query or need_weights or attn_mask is not None:
+            raise ValueError("SelfAttention attends a sequence to itself, unmasked, and returns no weights")
         b, n, w = query.shape
         qkv = linear(query, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3W]
         q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3 × [B, H, N, W/H]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(y.transpose(1, 2).reshape(b, n, w)), None
 
 
 def adopt_linears(module: nn.Module) -> None:
-    """Replaces, in a module built by another library (open_clip's CLIP), each nn.Linear and each
-    nn.MultiheadAttention by the forms above, which take over their parameters."""
+    """Replaces, in a module built by another library (open_clip's CLIP, transformers' LLaMA), each
+    nn.Linear and each nn.MultiheadAttention by the forms above, which take over their parameters."""
     for name, child in module.named_children():
         if isinstance(child, nn.MultiheadAttention):
             setattr(module, name, SelfAttention(child))

@@ -61,6 +61,8 @@ def test_self_attention_refuses_what_it_does_not_compute():
     x = torch.randn(1, 3, 16)
     with pytest.raises(ValueError, match="itself"):
         attention(x, torch.randn(1, 3, 16), x)
+    with pytest.raises(ValueError, match="unmasked"):  # nn.MultiheadAttention's masks mean the opposite of SDPA's
+        attention(x, x, x, attn_mask=torch.zeros(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="only batch-first"):
         SelfAttention(nn.MultiheadAttention(16, 2))  # sequence-first
 

@@ -150,3 +150,14 @@ def test_the_served_benchmark_asks_a_real_server_and_reads_its_memory(tiny_model
     assert follow_up["prompt_tokens"] > report["questions"][0]["prompt_tokens"] + report["questions"][0]["answer_tokens"]
     # the server process's own figure: it holds torch and the model
     assert report["peak_bytes"] >= report["peak_bytes_ready"] > 200 * 2**20
+
+
+def test_llm_layers_builds_part_of_the_full_llm_and_leaves_the_quantized_files_whole():
+    """--llm-layers shrinks only the float32 LLM that is built; the prefill FLOPs of the GGUF files,
+    which hold all of 7B's layers, are still counted on the whole config."""
+    import realsize_llm
+
+    args = realsize.parse_args(["--llm-layers", "3"])
+    assert realsize_llm.full_llm_config(args).num_hidden_layers == 3
+    assert realsize_llm.llm_config(args).num_hidden_layers == 32
+    assert realsize_llm.full_llm_config(realsize.parse_args([])).num_hidden_layers == 32

@@ -19,7 +19,7 @@ import ctypes
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -116,34 +116,20 @@ class LlamaCppEngine(LocalEngine):
 
     def first_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits [V] of the first generated token for prompt embeddings [L, D]."""
-        rows = self._prompt_rows(embeddings)
-        digests = row_digests(rows)
-        seq, kept = self._take_sequence(digests)
-        try:
-            logits = self._prefill(seq, rows, kept)
-            kept = len(rows)
+        with self._prompt_in_sequence(embeddings) as (_, logits):
             return logits
-        finally:
-            self._release(seq, digests, kept)
 
     def token_ids(self, embeddings: torch.Tensor, sampling: Sampling) -> Iterator[int]:
         """Generated ids one by one; stops at EOS unless told not to. Holds a sequence until closed."""
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         limit = min(sampling.max_tokens, self.max_positions - embeddings.shape[0])
-        rows = self._prompt_rows(embeddings)
-        digests = row_digests(rows)
-        seq, kept = self._take_sequence(digests)
-        try:
-            logits = self._prefill(seq, rows, kept)
-            kept = len(rows)
+        with self._prompt_in_sequence(embeddings) as (seq, logits):
             for step in range(limit):
                 token = pick_token(logits, sampling, generator)
                 yield token
                 if token == self.eos_id and not sampling.ignore_eos or step + 1 == limit:
                     return
                 logits = self._next(seq, token, embeddings.shape[0] + step)
-        finally:
-            self._release(seq, digests, kept)
 
     async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
                      affinity: str | None = None) -> AsyncIterator[str]:
@@ -162,6 +148,20 @@ class LlamaCppEngine(LocalEngine):
         if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"prompt embeddings of shape {tuple(embeddings.shape)}: this model takes [L, {self.dim}]")
         return embeddings.float().contiguous().numpy()
+
+    @contextmanager
+    def _prompt_in_sequence(self, embeddings: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """A free sequence holding the prompt, and the logits after it. On exit the sequence is free
+        again, keeping the prompt's rows if its prefill was finished (the rows it reused otherwise)."""
+        rows = self._prompt_rows(embeddings)
+        digests = row_digests(rows)
+        seq, kept = self._take_sequence(digests)
+        try:
+            logits = self._prefill(seq, rows, kept)
+            kept = len(rows)
+            yield seq, logits
+        finally:
+            self._release(seq, digests, kept)
 
     def _take_sequence(self, digests: list[bytes]) -> tuple[int, int]:
         """A free sequence, the one whose kept rows begin the prompt for longest (the longest free
@@ -217,8 +217,6 @@ class LlamaCppEngine(LocalEngine):
         self.lib.llama_batch_free(self._prompt_batch)
         self.lib.llama_free(self.ctx)
         self.lib.llama_model_free(self.llm)
-
-
 
 
 def row_digests(rows: np.ndarray) -> list[bytes]:

@@ -1,9 +1,11 @@
 """Linear layers whose products of few rows run through oneDNN on a CPU in float32.
 
 torch's float32 `F.linear` on a CPU calls MKL's sgemm, which is slow for products of few rows:
-measured on a 2-core AVX2 EPYC (GFLOP/s, MKL against oneDNN's `_linear_pointwise`, weights too
-large for the caches): 16 rows 31-54 against 69-84, 64 rows 86-112 against 116-129, 128 rows
-108-136 against 134-144; from 256 rows on MKL is level or ahead, and at 1,243 rows 176 against 129.
+measured on a 2-core AVX2 EPYC (GFLOP/s, MKL against oneDNN's `_linear_pointwise`, five weights
+of the encoder's and the LLM's shapes, each taken in turn from copies no cache holds): 16 rows
+31-54 against 69-84, 64 rows 86-112 against 116-129, 128 rows 108-136 against 134-144, 256 rows
+127-158 against 142-153 (within about 15 % either way), 512 rows 160-164 against 138-152, and
+1,243 rows 176 against 129.
 A 1-row product, one decoded token's, read a 4096×11008 weight at 24.8 GB/s through MKL and 34.7
 through oneDNN. So the in-process LLM's decode steps go through oneDNN, and an encoder run wherever
 it has few rows: fMRI's 9 through CLIP and 39 through the UPM at batch 1, and the UPM's last block's
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEW_ROWS = 256  # below this many rows oneDNN's float32 product is the faster one (measured above)
+FEW_ROWS = 256  # below it oneDNN was faster for nearly every shape measured above; from 512, MKL
 ONEDNN = torch.backends.mkldnn.is_available()
 
 

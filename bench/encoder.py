@@ -14,7 +14,7 @@ import time
 import torch
 
 from server.model.encoder import Encoder
-from server.model.onellm import load_model
+from server.model.onellm import load_model, place
 
 INPUT_SHAPES = {
     "image": (3, 224, 224), "video": (15, 3, 224, 224), "rgbd": (2, 3, 224, 224), "rgbn": (2, 3, 224, 224),
@@ -62,8 +62,8 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
-    encoder = random_7b_encoder() if args.shapes == "7b" else load_model(args.model, dtype=args.dtype).encoder
-    encoder.to(args.device, dtype)
+    encoder = (place(random_7b_encoder(), args.device, dtype) if args.shapes == "7b"
+               else load_model(args.model, args.device, args.dtype).encoder)
     batches = [int(b) for b in args.batches.split(",")]
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"encoder {'OneLLM-7B shapes (random weights)' if args.shapes == '7b' else args.model}, "

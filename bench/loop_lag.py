@@ -34,13 +34,13 @@ from server.core.service import Generation, chat_service_for  # noqa: E402
 from server.engines.base import Sampling  # noqa: E402
 from server.engines.vllm import VLLMEngine  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
-from server.model.onellm import load_model  # noqa: E402
+from server.model.onellm import load_model, place  # noqa: E402
 
 
 def model_of_7b_shapes(tiny: Path, dtype: str):
     """The tiny model's tokenizer and template around an encoder of OneLLM-7B's shapes."""
     model = load_model(tiny, dtype=dtype)
-    model.encoder = random_7b_encoder().to(dtype=model.dtype)
+    model.encoder = place(random_7b_encoder(), model.device, model.dtype)
     model.config = {**model.config, "name": "7b-shapes", "llm": {**model.config["llm"], "dim": SEVEN_B["dim"]}}
     return model
 

@@ -32,7 +32,7 @@ from realsize_llm import llm_figures  # noqa: E402
 from realsize_memory import PeakMemory  # noqa: E402
 
 from server.model.dtype import decide_dtype, host_cpu_flags, native_on_cpu  # noqa: E402
-from server.model.onellm import load_model  # noqa: E402
+from server.model.onellm import load_model, place  # noqa: E402
 
 DTYPES = ("bfloat16", "float32", "float16")
 CPU_FLAGS = host_cpu_flags()
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"machine": machine_figures(device, args.seconds, args.read_gib), "dtype": str(dtype).removeprefix("torch."),
               "shapes": args.model or "OneLLM-7B (random weights)"}
     matmul = report["machine"]["matmul"][report["dtype"]]["gflops"]
-    encoder = (load_model(args.model, device, dtype).encoder if args.model else random_7b_encoder()).to(device, dtype)
+    encoder = load_model(args.model, device, dtype).encoder if args.model else place(random_7b_encoder(), device, dtype)
     release_freed_heap()
     with memory.phase("encoder, running (its fp32 build not counted)") as peak:
         report["encoder"] = encoder_figures(encoder, args.modalities.split(","), [int(b) for b in args.batches.split(",")],

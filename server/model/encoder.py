@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from server.engines.linear import Linear
+from server.engines.linear import Linear, pack_linears
 from server.model.clip import Clip, build_visual, patch_tokens, run_trunk
 from server.model.upm import Block, Router, mix_experts
 from server.model.tokenizers import TOKENIZERS
@@ -61,6 +61,12 @@ class Encoder(nn.Module):
         self.load_state_dict(weights, strict=True)
         self.requires_grad_(False)
         self.eval()
+
+    def pack_weights(self) -> None:
+        """Packs the bfloat16 weights of the layers that multiply many rows a call for oneDNN on a CPU
+        (server/engines/linear.py says why): all but the tokenizers', which at batch 1 multiply one."""
+        for part in (self.clip, self.resample_layers, self.routers, self.clip_proj1, self.clip_proj2):
+            pack_linears(part)
 
     @property
     def modalities(self) -> list[str]:

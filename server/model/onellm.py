@@ -10,7 +10,7 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
 
-from server.model.dtype import DtypeChoice, decide_dtype
+from server.model.dtype import DtypeChoice, decide_dtype, host_cpu_flags, native_on_cpu
 from server.model.encoder import Encoder
 from server.model.prompt import assemble, render
 
@@ -84,6 +84,15 @@ class OneLLM:
         return embeddings
 
 
+def place(encoder: Encoder, device: str | torch.device, dtype: torch.dtype) -> Encoder:
+    """The encoder moved to `device` in `dtype`, ready to run: on a CPU that computes bfloat16
+    natively, its weights packed for oneDNN (after which it must not be moved or cast again)."""
+    encoder.to(device=device, dtype=dtype)
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and native_on_cpu(dtype, host_cpu_flags()):
+        encoder.pack_weights()
+    return encoder
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto") -> OneLLM:
     """The model folder at `path` on `device`, computing in `dtype`: "auto" (server/model/dtype.py
     decides from the device and the CPU) or a dtype asked for."""
@@ -94,7 +103,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
     requested = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     compute = decide_dtype(requested, str(device), stored)
     enc = config["encoder"]
-    encoder = Encoder(weights, config["modalities"], enc["clip_heads"], enc["upm_heads"], enc["norm_eps"])
-    encoder.to(device=device, dtype=compute.dtype)
+    encoder = place(Encoder(weights, config["modalities"], enc["clip_heads"], enc["upm_heads"], enc["norm_eps"]),
+                    device, compute.dtype)
     tokenizer = spm.SentencePieceProcessor(model_file=str(path / "llm" / "tokenizer.model"))
     return OneLLM(path, config, encoder, tokenizer, stored, compute)

@@ -1,5 +1,6 @@
 """server/engines/linear.py: few float32 rows through oneDNN, many through aten, the same results
-either way; CLIP's attention and the in-process LLM taken over without touching their weights."""
+either way; bfloat16 weights packed for oneDNN, the same results as plain ones; CLIP's attention and
+the in-process LLM taken over without touching their weights."""
 
 import pytest
 import torch
@@ -8,8 +9,13 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from server.engines.linear import FEW_ROWS, Linear, SelfAttention, adopt_linears, linear
+from server.engines.linear import FEW_ROWS, Linear, SelfAttention, adopt_linears, linear, pack_linears
 from server.engines.local import LocalEngine
+from server.model import onellm
+from server.model.onellm import load_model
+
+BF16_ON_ONEDNN = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+needs_bf16_onednn = pytest.mark.skipif(not BF16_ON_ONEDNN, reason="this CPU's oneDNN has no bfloat16 kernels")
 
 
 class OpsCalled(TorchDispatchMode):
@@ -95,3 +101,59 @@ def test_the_in_process_llm_decodes_through_the_routed_products(fixture_model):
     assert nn.Linear not in kinds and Linear in kinds
     ops = ops_of(lambda: engine.first_logits(torch.randn(5, engine.model.config.hidden_size)))
     assert "_linear_pointwise" in ops and "addmm" not in ops and "mm" not in ops, ops
+
+
+@needs_bf16_onednn
+@pytest.mark.parametrize("rows", [1, 9, 300])
+@torch.inference_mode()
+def test_packed_bfloat16_weights_compute_what_the_plain_ones_did(rows):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(64, 4, batch_first=True)
+    nn.init.normal_(mha.in_proj_bias)
+    model = nn.Sequential(Linear(64, 64), nn.ReLU())
+    model.attention = SelfAttention(mha)
+    model = model.to(torch.bfloat16).eval()
+    x = torch.randn(1, rows, 80, dtype=torch.bfloat16)[..., 8:72]  # rows not contiguous
+    plain_linear, plain_attention = model[0](x), model.attention(x, x, x)[0]
+    pack_linears(model)
+    assert model[0].weight.is_mkldnn and model.attention.in_proj_weight.is_mkldnn
+    assert model.attention.out_proj.weight.is_mkldnn and not model.attention.in_proj_bias.is_mkldnn
+    ops = ops_of(lambda: model.attention(x, x, x))
+    assert "_linear_pointwise" in ops and "_native_multi_head_attention" not in ops, ops
+    torch.testing.assert_close(model[0](x), plain_linear, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(model.attention(x, x, x)[0], plain_attention, atol=2e-2, rtol=2e-2)
+
+
+def test_only_bfloat16_weights_on_a_cpu_are_packed():
+    with pytest.raises(ValueError, match="only bfloat16 weights on a CPU"):
+        pack_linears(Linear(4, 4))  # float32
+
+
+def pack_state(model) -> dict[str, bool]:
+    return {name: p.is_mkldnn for name, p in model.encoder.named_parameters()}
+
+
+@needs_bf16_onednn
+def test_the_encoder_is_packed_where_the_cpu_computes_bfloat16_natively(fixture_model, monkeypatch):
+    monkeypatch.setattr(onellm, "host_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    packed = load_model(fixture_model, dtype="bfloat16")
+    state = pack_state(packed)
+    assert not any(v for name, v in state.items() if name.startswith("conv1."))  # one row a call at batch 1
+    assert all(state[f"{part}.weight"] for part in ("clip.visual.transformer.resblocks.0.mlp.c_fc",
+                                                     "resample_layers.0.0.attention.wq", "routers.image.fc1",
+                                                     "clip_proj2.image.0"))
+    assert state["clip.visual.transformer.resblocks.0.attn.in_proj_weight"]
+    monkeypatch.setattr(onellm, "host_cpu_flags", lambda: frozenset())
+    plain = load_model(fixture_model, dtype="bfloat16")
+    assert not any(pack_state(plain).values())
+    exact = load_model(fixture_model, dtype="float32")
+    torch.manual_seed(0)
+    for modality, x in {"image": torch.randn(2, 3, 224, 224), "fmri": torch.randn(2, 1, 15724)}.items():
+        want = exact.encode(modality, x)
+        errors = [(m.encode(modality, x).float() - want).abs().max().item() for m in (packed, plain)]
+        assert errors[0] <= 1.5 * errors[1], errors  # bfloat16's error, not more
+
+
+def test_float32_weights_stay_plain(fixture_model, monkeypatch):
+    monkeypatch.setattr(onellm, "host_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert not any(pack_state(load_model(fixture_model, dtype="float32")).values())

@@ -1,7 +1,9 @@
 """OneLLM-7B served on a CPU as a user serves it: `onellm serve` in a process of its own on a model
 folder of OneLLM-7B's shapes (random weights) with its LLM quantized, and image questions over HTTP.
 Reports each answer's time to its first token and end to end, and the server's peak memory (VmHWM):
-what a host needs to serve the model.
+what a host needs to serve the model. The questions are: the README's image question (the first
+one on a cold server), the same again (its prefix cached), the chat's next turn, then questions
+about new images (noise, nothing of theirs cached): a warm server's usual case.
 
     uv run --extra llamacpp python bench/realsize_serve.py --scratch /tmp/onellm-7b \\
         --tokenizer ../shared/fixtures/onellm-ref-tiny/tokenizer.model --out docs/bench-realsize-serve.json
@@ -15,6 +17,7 @@ quantize`'s writer (served by default on a CPU, as `onellm quantize` output is).
 
 import argparse
 import base64
+import io
 import json
 import sys
 import tempfile
@@ -22,12 +25,15 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 from gateway_process import GatewayProcess  # noqa: E402
 from peak_memory import peak_bytes  # noqa: E402
+from scraped_metrics import total  # noqa: E402
 
 IMAGE = REPO.parent / "shared" / "fixtures" / "preprocess-ref" / "inputs" / "room.jpg"
 QUESTION = "What is in this image?"  # the README's
@@ -55,6 +61,14 @@ def seven_b_folder(scratch: Path, tokenizer: Path, weight_type: str) -> Path:
     return folder
 
 
+def new_image(seed: int) -> bytes:
+    """A 640×480 JPEG of noise: an image no earlier question sent."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG")
+    return out.getvalue()
+
+
 def first_turn(image: bytes) -> list[dict]:
     return [{"role": "user", "content": [
         {"type": "text", "text": QUESTION},
@@ -62,9 +76,14 @@ def first_turn(image: bytes) -> list[dict]:
     ]}]
 
 
+STAGES = {"preprocess_s": "onellm_preprocess_seconds_sum", "encoder_s": "onellm_encoder_batch_seconds_sum"}
+
+
 def answer(url: str, model: str, messages: list[dict], answer_tokens: int) -> dict:
     """One streamed answer through /v1/chat/completions, greedy, exactly answer_tokens long unless the
-    model ends it (its usage says how many)."""
+    model ends it (its usage says how many), with the seconds the server's /metrics add up for its
+    attachments' decoding and encoder runs meanwhile (none when their prefixes are cached)."""
+    stages = {key: total(url, name) for key, name in STAGES.items()}
     body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
             "max_tokens": answer_tokens, "messages": messages}
     start, first, usage, text = time.perf_counter(), None, None, ""
@@ -79,7 +98,8 @@ def answer(url: str, model: str, messages: list[dict], answer_tokens: int) -> di
                 text += delta
             usage = chunk.get("usage") or usage
     end = time.perf_counter()
-    return {"seconds": end - start, "first_token_s": first - start, "prompt_tokens": usage["prompt_tokens"],
+    stages = {key: total(url, name) - stages[key] for key, name in STAGES.items()}
+    return {"seconds": end - start, "first_token_s": first - start, **stages, "prompt_tokens": usage["prompt_tokens"],
             "answer_tokens": usage["completion_tokens"], "text": text}
 
 
@@ -92,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--weights", default="q4_0", help="the quantized LLM file the 7B folder gets")
     parser.add_argument("--questions", type=int, default=3,
                         help="the same image and question each time (the first is cold), then a follow-up turn")
+    parser.add_argument("--new-images", type=int, default=2, help="questions about new images, after the rest")
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--image", type=Path, default=IMAGE)
     parser.add_argument("--serve-args", default="", help="more `onellm serve` flags, space-separated")
@@ -119,6 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
         turn += [{"role": "assistant", "content": report["questions"][-1]["text"]}, {"role": "user", "content": FOLLOW_UP}]
         report["follow_up"] = answer(server.url, served["id"], turn, args.answer_tokens)
         print(f"  the chat's next turn: {report['follow_up']}", flush=True)
+        report["new_images"] = []
+        for seed in range(args.new_images):
+            report["new_images"].append(answer(server.url, served["id"], first_turn(new_image(seed)), args.answer_tokens))
+            print(f"  a new image: {report['new_images'][-1]}", flush=True)
         report["peak_bytes"] = peak_bytes(server.pid)
     finally:
         server.stop()

@@ -132,20 +132,25 @@ def test_the_llm_size_the_memory_check_uses_is_the_models():
 
 def test_the_served_benchmark_asks_a_real_server_and_reads_its_memory(tiny_model, tmp_path):
     """bench/realsize_serve.py on the tiny model: `onellm serve` in its own process answers each
-    image question in full over HTTP, then the chat's next turn, and the server's own peak memory is read."""
+    image question in full over HTTP, then the chat's next turn, then a new image's question, and the
+    server's own peak memory is read."""
     spec = importlib.util.spec_from_file_location("realsize_serve", BENCH / "realsize_serve.py")
     serve_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve_bench)
 
     out = tmp_path / "served.json"
     report = serve_bench.main(["--model", str(tiny_model), "--questions", "2", "--answer-tokens", "4",
-                               "--out", str(out), "--workdir", str(tmp_path)])
+                               "--new-images", "1", "--out", str(out), "--workdir", str(tmp_path)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["served"]["id"] == tiny_model.name and report["served"]["llm_weights"] == "full"
-    assert len(report["questions"]) == 2
-    for question in report["questions"]:
+    assert len(report["questions"]) == 2 and len(report["new_images"]) == 1
+    for question in report["questions"] + report["new_images"]:
         assert 0 < question["first_token_s"] <= question["seconds"]
         assert question["prompt_tokens"] > 30 and 1 <= question["answer_tokens"] <= 4
+    first, again = report["questions"]
+    assert first["encoder_s"] > 0 and first["preprocess_s"] > 0  # the server's own figures for this answer
+    assert again["encoder_s"] == 0  # the same image: its prefix was cached
+    assert report["new_images"][0]["encoder_s"] > 0
     follow_up = report["follow_up"]  # the first turn, its answer and a new question
     assert follow_up["prompt_tokens"] > report["questions"][0]["prompt_tokens"] + report["questions"][0]["answer_tokens"]
     # the server process's own figure: it holds torch and the model

@@ -1,4 +1,4 @@
-"""Linear layers whose products of few rows run through oneDNN on a CPU in float32.
+"""Linear layers run through oneDNN on a CPU: float32 products of few rows, bfloat16 on packed weights.
 
 torch's float32 `F.linear` on a CPU calls MKL's sgemm, which is slow for products of few rows:
 measured on a 2-core AVX2 EPYC (GFLOP/s, MKL against oneDNN's `_linear_pointwise`, five weights

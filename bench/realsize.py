@@ -42,13 +42,19 @@ def onednn_linear_flops(x_shape, weight_shape, *_, **__) -> int:
     return 2 * math.prod(x_shape) * weight_shape[0]  # weight [out, in]
 
 
+def fused_attention_flops(query_shape, *_, **__) -> int:
+    b, n, w = query_shape  # self-attention: q, k, v and the output projections, then QKᵀ and AV
+    return 2 * b * n * w * 4 * w + 2 * 2 * b * n * n * w
+
+
 def count_flops(fn, *args) -> int:
     """Floating-point operations of fn(*args), counted op by op from the shapes torch sees.
 
-    The counter knows aten's products; the oneDNN product that server/engines/linear.py calls for few
-    rows is taught to it here."""
+    The counter knows aten's products and attention; the oneDNN product server/engines/linear.py
+    calls, and the fused op its SelfAttention runs on plain weights of many rows, are taught to it here."""
     with FlopCounterMode(display=False,
-                         custom_mapping={torch.ops.mkldnn._linear_pointwise: onednn_linear_flops}) as counter:
+                         custom_mapping={torch.ops.mkldnn._linear_pointwise: onednn_linear_flops,
+                                         torch.ops.aten._native_multi_head_attention: fused_attention_flops}) as counter:
         fn(*args)
     return counter.get_total_flops()
 

@@ -174,6 +174,12 @@ class Settings:
 
     prefix_cache_mb: float | None = _share(float, "storage", "memory for the prefixes of recent attachments, "
                                            "so that a chat resending its files runs the encoder once")
+    # a prefix, or prompt rows, cached for one tenant answer another's request faster: the timing
+    # alone would tell that tenant that someone sent the same file or the same words
+    cache_scope: str = _setting("tenant", "storage", "whose requests reuse an attachment's cached prefix and "
+                                "the LLM's cached prompt rows: tenant (those of the API key, or project, that "
+                                "made them) or all (every key's: keys of one organisation)",
+                                choices=("tenant", "all"))
     cache_url: str | None = _setting(None, "storage", "Redis (redis://host:port/db) where gateways share "
                                      "attachment prefixes; without it each gateway caches only its own", str)
     cache_timeout_ms: float = _setting(100.0, "storage", "connect and reply timeout of that Redis; slower is "

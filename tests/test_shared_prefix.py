@@ -212,3 +212,37 @@ def test_the_prefix_cache_counts_what_an_entry_keeps_alive():
     assert cache.size == batch.numel() * batch.element_size()
     cache.put("own", batch[1].clone())
     assert cache.size == 5 * 30 * 8 * batch.element_size()
+
+
+@pytest.mark.parametrize("scope", ["tenant", "all"])
+def test_requests_of_two_tenants_share_a_run_and_a_prefix_only_when_the_scope_is_all(loaded, scope):
+    """A prefix made for one tenant answering another's request sooner would tell that tenant that
+    someone sent the same file: by default each tenant's requests make their own (and the engine
+    is given a salt of each tenant's), with `cache_scope=all` they share them."""
+    model, engine = loaded
+    service = chat_service_for(Settings(preprocess_workers=1, prefix_cache_mb=1, default_max_tokens=8,
+                                        cache_scope=scope), model, engine, Metrics())
+    data = video(6)
+    release = threading.Event()
+
+    async def two_tenants_at_once_then_again():
+        service.workers.decoding.submit(release.wait)  # holds the one worker until both have queued
+        requests = [asyncio.ensure_future(service.prepare(chat(data), None, tenant))
+                    for tenant in ("key:a", "key:b")]
+        await until(lambda: queued(service) == 2)
+        release.set()
+        return *await asyncio.gather(*requests), await service.prepare(chat(data), None, "key:b")
+
+    try:
+        a, b, b_again = asyncio.run(two_tenants_at_once_then_again())
+    finally:
+        release.set()
+        service.close()
+    assert torch.equal(a.embeddings, b.embeddings) and b_again.media == b.media
+    shared = scope == "all"
+    assert count(service, "onellm_encoder_runs_total") == (1 if shared else 2)
+    assert count(service, "onellm_prefix_shared_runs_total") == (1 if shared else 0)
+    assert count(service, "onellm_prefix_cache_hits_total") == 1  # b's second request, either way
+    assert (a.media == b.media) == shared
+    assert b_again.cache_salt == b.cache_salt and (a.cache_salt == b.cache_salt) == shared
+    assert (a.cache_salt is None) == shared

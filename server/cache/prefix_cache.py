@@ -10,8 +10,11 @@ from dataclasses import dataclass
 import torch
 
 
-def prefix_key(model: str, modality: str, files: dict[str, bytes], options: dict) -> str:
-    digest = hashlib.sha256(f"{model}\0{modality}\0{sorted(options.items())}".encode())
+def prefix_key(model: str, modality: str, files: dict[str, bytes], options: dict, salt: str | None = None) -> str:
+    """The hash of an attachment's bytes and options; with `salt` (a tenant's) the same bytes hash
+    apart for each salt."""
+    header = f"{model}\0{modality}\0{sorted(options.items())}" + (f"\0{salt}" if salt is not None else "")
+    digest = hashlib.sha256(header.encode())
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + len(files[name]).to_bytes(8, "little"))
         digest.update(files[name])  # apart: joined to the header, a 64 MiB file was copied first

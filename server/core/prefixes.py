@@ -2,10 +2,12 @@
 
 Made once: a prefix comes from the local cache when the same bytes came before, from the run
 already making it when they are arriving at the same time, from the shared cache when another
-gateway made it, and only else from decoding and the encoder. A media reference (a uuid sent
-instead of the bytes) stands for the prefix key of the bytes that came with it."""
+gateway made it, and only else from decoding and the encoder. Each tenant has prefixes of its own
+unless the cache scope is `all`: the key of the same bytes differs between tenants. A media
+reference (a uuid sent instead of the bytes) stands for the prefix key of the bytes that came with it."""
 
 import asyncio
+import hashlib
 import threading
 
 import torch
@@ -27,10 +29,12 @@ from server.storage.records import MediaReferences, gone
 
 class Prefixes:
     """`cache_bytes` of prefixes held locally; `shared`: other gateways' prefixes, behind the local
-    cache; `references`: what media uuids stand for (None: references are refused)."""
+    cache; `references`: what media uuids stand for (None: references are refused); `scope`:
+    whose requests share prefixes, each tenant's own (`tenant`) or everyone's (`all`)."""
 
     def __init__(self, model: OneLLM, metrics: Metrics, workers: Workers, cache_bytes: int, decoder_limits: DecoderLimits,
-                 shared: SharedPrefixCache | None = None, references: MediaReferences | None = None):
+                 shared: SharedPrefixCache | None = None, references: MediaReferences | None = None,
+                 scope: str = "tenant"):
         self.model = model
         self.metrics = metrics
         self.workers = workers
@@ -39,6 +43,14 @@ class Prefixes:
         self.runs = SharedRuns()
         self.shared = shared
         self.references = references
+        self.scope = scope
+
+    def cache_salt(self, tenant: str) -> str | None:
+        """What sets `tenant`'s cached prefixes and prompt rows apart from other tenants' (None:
+        shared by all): a hash, so that an engine is never told the tenant id itself."""
+        if self.scope == "all":
+            return None
+        return hashlib.sha256(f"onellm-cache\0{tenant}".encode()).hexdigest()
 
     async def key(self, attachment: Attachment, tenant: str) -> str:
         """The prefix key of an attachment: its bytes' hash, or what its reference stands for (which
@@ -46,7 +58,7 @@ class Prefixes:
         if attachment.reference is None:
             # hashing a 64 MiB upload takes ~30 ms that every stream would wait out on the event loop
             return await self.workers.off_loop(prefix_key, self.model.name, attachment.modality, attachment.files,
-                                               attachment.options)
+                                               attachment.options, self.cache_salt(tenant))
         part_field = MODALITIES[attachment.modality].fields[0]
         param = attachment.params.get(part_field, part_field)
         try:

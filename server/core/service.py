@@ -34,6 +34,7 @@ class Prepared:
     max_tokens: int
     modalities: list[str]
     affinity: str  # the same for every turn of the chat: see ChatService.affinity
+    cache_salt: str | None = None  # the engine's cached prompt rows are shared only within it: see Prefixes.cache_salt
     media: list[str] = field(default_factory=list)  # the uuid of each attachment in the prompt, in order
     first_turn: int = 0  # the chat's turns before it did not fit the context
     messages_param: str = "messages"  # the chat's Chat.messages_param
@@ -90,8 +91,8 @@ class ChatService:
             embeddings = await asyncio.to_thread(self._assemble, ids, [(a.modality, p) for a, p in
                                                                        zip(attachments, prefixes)], request_span)
         return Prepared(embeddings, max_tokens, [a.modality for a in attachments],
-                        await self.affinity(chat, dict(zip(map(id, attachments), keys)), tenant), list(keys), start,
-                        chat.messages_param)
+                        await self.affinity(chat, dict(zip(map(id, attachments), keys)), tenant),
+                        self.prefixes.cache_salt(tenant), list(keys), start, chat.messages_param)
 
     def _assemble(self, ids: list[int], parts: list, request_span: Span) -> torch.Tensor:
         embeddings = self.model.embeddings(ids, parts)  # [rows, dim]
@@ -121,7 +122,8 @@ class ChatService:
         """Text deltas of one answer; fills `generation.usage` and the metrics as it goes. A hung
         stream would hold its client and its admission slot for good: stall_timeout_s ends it."""
         prepared = generation.prepared
-        deltas = self.engine.stream(prepared.embeddings, sampling, generation.usage, prepared.affinity)
+        deltas = self.engine.stream(prepared.embeddings, sampling, generation.usage, prepared.affinity,
+                                    prepared.cache_salt)
         # current only while the engine runs (within each anext), never across a yield to the caller
         engine_span = tracing.detached_span("engine", {"onellm.engine": self.engine.name})
         batch_line = request_priority.get() == BATCH and self.live is not None
@@ -175,6 +177,6 @@ def chat_service_for(settings: Settings, model: OneLLM, engine: Engine, metrics:
     workers = Workers(model, metrics, settings.preprocess_workers, settings.encoder_max_batch,
                       settings.encoder_max_wait_ms, live)
     prefixes = Prefixes(model, metrics, workers, int(settings.prefix_cache_mb * MiB), settings.decoder_limits(),
-                        shared_prefixes, references)
+                        shared_prefixes, references, settings.cache_scope)
     return ChatService(model, engine, metrics, workers, prefixes, ContextWindow(model, settings.default_max_tokens),
                        settings.stall_timeout_s, live)

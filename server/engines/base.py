@@ -83,10 +83,11 @@ class Engine(Protocol):
     name: str
 
     def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
-               affinity: str | None = None) -> AsyncIterator[str]:
+               affinity: str | None = None, cache_salt: str | None = None) -> AsyncIterator[str]:
         """Text deltas for `embeddings` [L, D]; stop strings are never yielded. `affinity` is the
         same for every turn of one chat, so that an engine of several replicas can keep a chat
-        where its KV blocks are cached; an engine of one ignores it."""
+        where its KV blocks are cached; an engine of one ignores it. Prompt rows an engine keeps
+        cached from one request serve another only if both have the same `cache_salt`."""
         ...
 
     async def start(self) -> None:

@@ -10,7 +10,7 @@ concurrent requests interleave step by step; the text side (stop strings, UTF-8)
 A free sequence keeps its last prompt's rows in its KV cache, and a request takes the free sequence
 whose kept rows begin its own prompt for longest: a chat's next turn (same attachment, same earlier
 turns) or the same question again computes only the rows that are new: on a CPU the prefill is much
-of an answer's time. The logits are then those of one pass over the whole prompt up to rounding:
+of an answer's time. Rows kept for one cache salt (a tenant's) are never reused for another. The logits are then those of one pass over the whole prompt up to rounding:
 llama.cpp's kernels round by how the rows are split between calls (docs/benchmarks.md says how much).
 """
 
@@ -114,16 +114,16 @@ class LlamaCppEngine(LocalEngine):
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="llama-cpp")
         self.live = live or LiveTraffic()  # batch streams yield to it, as in LocalEngine.stream
 
-    def first_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def first_logits(self, embeddings: torch.Tensor, cache_salt: str | None = None) -> torch.Tensor:
         """Logits [V] of the first generated token for prompt embeddings [L, D]."""
-        with self._prompt_in_sequence(embeddings) as (_, logits):
+        with self._prompt_in_sequence(embeddings, cache_salt) as (_, logits):
             return logits
 
-    def token_ids(self, embeddings: torch.Tensor, sampling: Sampling) -> Iterator[int]:
+    def token_ids(self, embeddings: torch.Tensor, sampling: Sampling, cache_salt: str | None = None) -> Iterator[int]:
         """Generated ids one by one; stops at EOS unless told not to. Holds a sequence until closed."""
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         limit = min(sampling.max_tokens, self.max_positions - embeddings.shape[0])
-        with self._prompt_in_sequence(embeddings) as (seq, logits):
+        with self._prompt_in_sequence(embeddings, cache_salt) as (seq, logits):
             for step in range(limit):
                 token = pick_token(logits, sampling, generator)
                 yield token
@@ -132,14 +132,14 @@ class LlamaCppEngine(LocalEngine):
                 logits = self._next(seq, token, embeddings.shape[0] + step)
 
     async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
-                     affinity: str | None = None) -> AsyncIterator[str]:
+                     affinity: str | None = None, cache_salt: str | None = None) -> AsyncIterator[str]:
         # batch lines hold at most all but one sequence: paused while online requests are served,
         # they would otherwise keep every sequence from the online requests they wait for
         async with AsyncExitStack() as gates:
             if request_priority.get() != ONLINE:
                 await gates.enter_async_context(self._batch_gate)
             await gates.enter_async_context(self._sequence_gate)  # token_ids takes a sequence free by then
-            async for delta in super().stream(embeddings, sampling, usage, affinity):
+            async for delta in super().stream(embeddings, sampling, usage, affinity, cache_salt):
                 yield delta
 
     def _prompt_rows(self, embeddings: torch.Tensor) -> np.ndarray:
@@ -150,11 +150,12 @@ class LlamaCppEngine(LocalEngine):
         return embeddings.float().contiguous().numpy()
 
     @contextmanager
-    def _prompt_in_sequence(self, embeddings: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    def _prompt_in_sequence(self, embeddings: torch.Tensor,
+                            cache_salt: str | None) -> Iterator[tuple[int, torch.Tensor]]:
         """A free sequence holding the prompt, and the logits after it. On exit the sequence is free
         again, keeping the prompt's rows if its prefill was finished (the rows it reused otherwise)."""
         rows = self._prompt_rows(embeddings)
-        digests = row_digests(rows)
+        digests = row_digests(rows, cache_salt)
         seq, kept = self._take_sequence(digests)
         try:
             logits = self._prefill(seq, rows, kept)
@@ -219,9 +220,11 @@ class LlamaCppEngine(LocalEngine):
         self.lib.llama_model_free(self.llm)
 
 
-def row_digests(rows: np.ndarray) -> list[bytes]:
-    """A digest of each row's bytes: what a sequence remembers of the rows its cache holds."""
-    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+def row_digests(rows: np.ndarray, salt: str | None = None) -> list[bytes]:
+    """A digest of each row's bytes: what a sequence remembers of the rows its cache holds. Keyed
+    by `salt`, the same rows of two salts differ, so neither reuses the other's."""
+    key = hashlib.sha256(salt.encode()).digest() if salt is not None else b""
+    return [hashlib.blake2b(row.tobytes(), digest_size=16, key=key).digest() for row in rows]
 
 
 def common_prefix(kept: Sequence[bytes], digests: list[bytes]) -> int:

@@ -159,8 +159,9 @@ class LocalEngine:
         x = embeddings.unsqueeze(0).to(self.model.device, self.model.dtype)
         return self.model(inputs_embeds=x, logits_to_keep=1).logits[0, -1].float()
 
-    def token_ids(self, embeddings: torch.Tensor, sampling: Sampling) -> Iterator[int]:
-        """Generated ids one by one, decoding with a KV cache; stops at EOS unless told not to."""
+    def token_ids(self, embeddings: torch.Tensor, sampling: Sampling, cache_salt: str | None = None) -> Iterator[int]:
+        """Generated ids one by one, decoding with a KV cache; stops at EOS unless told not to.
+        The cache is the request's alone, kept for no other, so `cache_salt` sets nothing apart here."""
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         limit = min(sampling.max_tokens, self.max_positions - embeddings.shape[0])
         with torch.inference_mode():
@@ -186,10 +187,10 @@ class LocalEngine:
         return token == self.eos_id and not sampling.ignore_eos
 
     async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
-                     affinity: str | None = None) -> AsyncIterator[str]:
+                     affinity: str | None = None, cache_salt: str | None = None) -> AsyncIterator[str]:
         usage = usage if usage is not None else Usage()
         loop = asyncio.get_running_loop()
-        ids = self.token_ids(embeddings, sampling)
+        ids = self.token_ids(embeddings, sampling, cache_salt)
         text = TextStream(self.tokenizer, sampling.stop)
         usage.finish_reason = "length"
         # the one worker thread interleaves every stream's steps: a batch stream takes none while

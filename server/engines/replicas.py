@@ -115,7 +115,7 @@ class ReplicatedVLLMEngine:
         return backend
 
     async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
-                     affinity: str | None = None) -> AsyncIterator[str]:
+                     affinity: str | None = None, cache_salt: str | None = None) -> AsyncIterator[str]:
         usage = usage if usage is not None else Usage()
         self._start_probing()
         tried: list[str] = []
@@ -129,7 +129,8 @@ class ReplicatedVLLMEngine:
             streamed = False
             self._started(backend)
             try:
-                async with aclosing(self.backends[backend].stream(embeddings, sampling, usage)) as deltas:
+                async with aclosing(self.backends[backend].stream(embeddings, sampling, usage,
+                                                                   cache_salt=cache_salt)) as deltas:
                     async for delta in deltas:
                         streamed = True
                         yield delta

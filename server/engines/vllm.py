@@ -36,8 +36,9 @@ def encode_embeddings(embeddings: torch.Tensor, dtype: torch.dtype) -> str:
 
 
 def completion_request(embeddings: torch.Tensor, sampling: Sampling, model: str,
-                       dtype: torch.dtype = torch.float32) -> dict:
-    """The JSON body of a streaming `/v1/completions` request for `embeddings` [L, D]."""
+                       dtype: torch.dtype = torch.float32, cache_salt: str | None = None) -> dict:
+    """The JSON body of a streaming `/v1/completions` request for `embeddings` [L, D]; vLLM's
+    prefix cache shares KV blocks only between requests of the same `cache_salt`."""
     if embeddings.dim() != 2:
         raise ValueError(f"prompt embeddings must be [L, D], got shape {tuple(embeddings.shape)}")
     stop = list(dict.fromkeys([*sampling.stop, TURN_SEPARATOR]))
@@ -55,6 +56,8 @@ def completion_request(embeddings: torch.Tensor, sampling: Sampling, model: str,
     }
     if sampling.seed is not None:
         body["seed"] = sampling.seed
+    if cache_salt is not None:
+        body["cache_salt"] = cache_salt
     return body
 
 
@@ -66,10 +69,11 @@ def request_json(body: dict) -> bytes:
     return f'{rest[:-1]}, "prompt_embeds": "{body["prompt_embeds"]}"}}'.encode("ascii")
 
 
-def request_content(embeddings: torch.Tensor, sampling: Sampling, model: str, dtype: torch.dtype) -> bytes:
+def request_content(embeddings: torch.Tensor, sampling: Sampling, model: str, dtype: torch.dtype,
+                    cache_salt: str | None = None) -> bytes:
     """The request's bytes. Run off the event loop: moving the embeddings to the CPU waits for the
     device's queued work, and torch.save and base64 take milliseconds per hundred rows."""
-    return request_json(completion_request(embeddings, sampling, model, dtype))
+    return request_json(completion_request(embeddings, sampling, model, dtype, cache_salt))
 
 
 class SSEParser:
@@ -177,10 +181,10 @@ class VLLMEngine:
         return self.model
 
     async def stream(self, embeddings: torch.Tensor, sampling: Sampling, usage: Usage | None = None,
-                     affinity: str | None = None) -> AsyncIterator[str]:
+                     affinity: str | None = None, cache_salt: str | None = None) -> AsyncIterator[str]:
         usage = usage if usage is not None else Usage()
         content = await asyncio.to_thread(request_content, embeddings, sampling, await self._served_model(),
-                                          self.dtype)
+                                          self.dtype, cache_salt)
         try:
             # Leaving this block early (the caller's aclose() or a cancelled task) closes
             # the HTTP response, which is how vLLM learns to abort the request.

@@ -2,6 +2,7 @@
 ONELLM_API_KEYS and from --api-keys-file, CORS open to one origin); which keys share a tenant,
 on the projects gateway (keys that share a name, keys that share a project)."""
 
+import base64
 import itertools
 import re
 import socket
@@ -13,6 +14,7 @@ import pytest
 
 import media
 from gateways import ENV_KEYS, FILE_KEY, ORIGIN, PROJECT_KEYS
+from scraped_metrics import total
 from server.traffic.access import key_id, load_api_keys
 
 WRONG_KEYS = ["env-key-0f3a9", "env-key-0f3a9c0", "ENV-KEY-0F3A9C", "wrong-key-a7e2f1"]
@@ -192,6 +194,24 @@ def test_keys_of_one_project_share_its_files_and_stored_responses(projects):
         assert new.get(f"/v1/responses/{response.json()['id']}").status_code == 200
         assert new.delete(f"/v1/files/{file_id}").status_code == 200
         assert old.get(f"/v1/files/{file_id}").status_code == 404
+
+
+def test_a_tenant_is_never_answered_from_the_prefix_another_tenant_made(projects):
+    """A prefix cached for team-1 would answer team-2's question about the same picture sooner,
+    telling team-2 that someone sent it: team-2's request runs the encoder again. The keys of
+    acme's project share theirs."""
+    picture = "data:image/png;base64," + base64.b64encode(media.image("png", seed=2601)).decode()
+    metrics_key = {"Authorization": f"Bearer {PROJECT_KEYS['old']}"}
+
+    def encoder_runs_for(name: str) -> float:
+        before = total(projects.url, "onellm_encoder_runs_total", metrics_key, modality="image")
+        with key_client(projects, name) as client:
+            response = client.post("/v1/chat/completions", json={"max_tokens": 1, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": picture}}, {"type": "text", "text": "What is it?"}]}]})
+            assert response.status_code == 200, response.text
+        return total(projects.url, "onellm_encoder_runs_total", metrics_key, modality="image") - before
+
+    assert [encoder_runs_for(name) for name in ("team-1", "team-2", "old", "new", "team-1")] == [1, 1, 1, 0, 0]
 
 
 def test_keys_that_share_only_a_name_have_quotas_of_their_own(projects):

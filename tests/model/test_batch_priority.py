@@ -250,7 +250,7 @@ class Hung:
     here can be made to show on cue."""
     name = "hung"
 
-    async def stream(self, embeddings, sampling, usage=None, affinity=None):
+    async def stream(self, embeddings, sampling, usage=None, affinity=None, cache_salt=None):
         await asyncio.Event().wait()
         yield ""
 

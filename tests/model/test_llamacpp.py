@@ -166,6 +166,28 @@ def test_a_prompt_that_begins_as_a_kept_one_computes_only_its_new_rows(llama_cpp
         asyncio.run(e.close())
 
 
+def test_rows_kept_for_one_cache_salt_are_computed_again_for_another(llama_cpp, quantized_fixture, prompts):
+    """Prompt rows kept for one tenant (its cache salt) serve that tenant's next prompt, never
+    another's: a shorter wait would tell the other tenant what was asked before."""
+    from server.engines.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(gguf_path(quantized_fixture, "q8_0"), quantized_fixture / "llm" / "tokenizer.model",
+                            max_positions=256, sequences=3)
+    prompt = torch.cat([prompts[0], prompts[1]])
+
+    def rows_computed(salt: str | None) -> int:
+        llama_cpp.llama_perf_context_reset(engine.ctx)
+        engine.first_logits(prompt, salt)
+        return llama_cpp.llama_perf_context(engine.ctx).n_p_eval
+
+    assert rows_computed("tenant-a") == len(prompt)
+    assert rows_computed("tenant-b") == len(prompt)
+    assert rows_computed(None) == len(prompt)  # each of the three sequences now keeps it, for one salt
+    assert rows_computed("tenant-a") == 1
+    assert rows_computed("tenant-b") == 1
+    asyncio.run(engine.close())
+
+
 def test_batch_lines_pause_for_online_requests_and_leave_them_a_sequence(llama_cpp, quantized_fixture, prompts):
     """While the gateway serves an online request, batch lines take no step; two of them never hold
     both sequences, so the online request they wait for finds one and is answered."""

@@ -228,7 +228,7 @@ class RunsOutOfMemory:
     def __init__(self, engine: LocalEngine):
         self.engine = engine
 
-    async def stream(self, embeddings, sampling, usage=None, affinity=None):
+    async def stream(self, embeddings, sampling, usage=None, affinity=None, cache_salt=None):
         async for delta in self.engine.stream(embeddings, sampling, usage, affinity):
             yield delta
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

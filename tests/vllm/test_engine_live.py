@@ -65,12 +65,13 @@ def transformers_greedy(llm, embeddings: torch.Tensor, count: int) -> list[int]:
     return ids
 
 
-def generate(url: str, embeddings: torch.Tensor, sampling: Sampling) -> tuple[str, Usage]:
+def generate(url: str, embeddings: torch.Tensor, sampling: Sampling, cache_salt: str | None = None) -> tuple[str, Usage]:
     async def run():
         engine = VLLMEngine(url)
         usage = Usage()
         try:
-            text = "".join([delta async for delta in engine.stream(embeddings, sampling, usage)])
+            text = "".join([delta async for delta in engine.stream(embeddings, sampling, usage,
+                                                                   cache_salt=cache_salt)])
         finally:
             await engine.close()
         return text, usage
@@ -113,6 +114,23 @@ def test_reference_prefix_gives_reference_greedy_ids(vllm_server, encoder_weight
 
     assert usage.token_ids == case["greedy_ids"]
     assert usage.finish_reason == "length"
+
+
+def test_cached_prompt_blocks_serve_only_requests_of_the_same_cache_salt(vllm_server, encoder_weights):
+    """vLLM's prefix cache keeps a prompt's full 32-row KV blocks; a request of another tenant (another
+    salt) computes them again, one of the same tenant reuses them."""
+    rows = text_embeddings(encoder_weights, [1] + list(range(2000, 2099)))  # 100 rows no other test sends
+
+    def rows_reused(salt: str | None) -> float:
+        before = metric(vllm_server, "vllm:prefix_cache_hits_total")
+        generate(vllm_server, rows, Sampling(max_tokens=1), salt)
+        return metric(vllm_server, "vllm:prefix_cache_hits_total") - before
+
+    assert rows_reused("tenant-a") == 0
+    assert rows_reused("tenant-b") == 0
+    assert rows_reused(None) == 0
+    assert rows_reused("tenant-a") == 96  # its three full blocks
+    assert rows_reused(None) == 96
 
 
 def test_prompt_longer_than_the_context_is_a_400(vllm_server, encoder_weights):

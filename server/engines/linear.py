@@ -12,7 +12,7 @@ it has few rows: fMRI's 9 through CLIP and 39 through the UPM at batch 1, and th
 30 for every modality. Only float32 is routed this way; on a GPU `F.linear` is what runs.
 
 In bfloat16 `F.linear` on a CPU already runs through oneDNN, but on the weight's plain layout. On a
-2-core Zen 5 (AVX512-BF16) the same products on weights packed once into oneDNN's blocked layout
+2-core Zen 4 EPYC (AVX512-BF16) the same products on weights packed once into oneDNN's blocked layout
 (`pack_linears`) ran faster at every row count from 9 (GFLOP/s, plain against packed, nine weights
 of the encoder's and the LLM's shapes from 1024×4096 to 8192×15724): 9 rows 98-148 against 186-263,
 30 rows 249-291 against 326-370, 82-100 rows 345-388 against 394-426, 257 rows 384-418 against
@@ -58,8 +58,8 @@ class SelfAttention(nn.Module):
     its parameters taken over under the same names. Its fused inference op makes the projections
     itself from plain weights, with MKL in float32: where the products are routed or the weights
     packed, they go through `linear` and the attention through SDPA; elsewhere that op runs as before
-    (on a Zen 5 in bfloat16 on plain weights, 177 ms a CLIP layer at audio's 1,243 rows against 194
-    through SDPA)."""
+    (on a 2-core Zen 4 EPYC in bfloat16 on plain weights, 177 ms a CLIP layer at audio's 1,243 rows
+    against 194 through SDPA)."""
 
     def __init__(self, attention: nn.MultiheadAttention):
         super().__init__()

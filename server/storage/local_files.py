@@ -82,9 +82,9 @@ class LocalFileStore:
         return self.root / "meta" / tenant_key(tenant) / f"{file_id}.json"
 
     def _add(self, tenant: str, record: StoredFile, data: bytes) -> StoredFile:
-        blob = self.root / "blobs" / record.sha256
-        if not blob.exists():
-            write_atomically(blob, data)
+        # written even when another file holds these bytes: skipping it would store them sooner,
+        # telling the uploader that someone (another tenant too) had uploaded the same file
+        write_atomically(self.root / "blobs" / record.sha256, data)
         marker = self.root / "refs" / record.sha256 / f"{tenant_key(tenant)}.{record.id}"
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()

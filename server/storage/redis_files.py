@@ -61,10 +61,11 @@ class RedisFileStore:
         keys = self._keys(tenant, record)
         args = [record.id, record.expires_at, json.dumps(asdict(record)), record.uploaded_at]
         async with unavailable_as_503():
-            if not await self._link(keys, args):  # bytes not held yet (or expiring just now): send them once
-                await self.client.set(keys[0], data, exat=record.expires_at, nx=True)
-                if not await self._link(keys, args):
-                    raise Unavailable("the file store lost the upload while storing it; retry", "file")
+            # sent even when Redis holds these bytes already: skipping it would store them sooner,
+            # telling the uploader that someone (another tenant too) had uploaded the same file
+            await self.client.set(keys[0], data, exat=record.expires_at, nx=True)
+            if not await self._link(keys, args):
+                raise Unavailable("the file store lost the upload while storing it; retry", "file")
         return record
 
     async def get(self, tenant: str, file_id: str) -> StoredFile | None:

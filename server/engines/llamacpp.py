@@ -10,8 +10,9 @@ concurrent requests interleave step by step; the text side (stop strings, UTF-8)
 A free sequence keeps its last prompt's rows in its KV cache, and a request takes the free sequence
 whose kept rows begin its own prompt for longest: a chat's next turn (same attachment, same earlier
 turns) or the same question again computes only the rows that are new: on a CPU the prefill is much
-of an answer's time. Rows kept for one cache salt (a tenant's) are never reused for another. The logits are then those of one pass over the whole prompt up to rounding:
+of an answer's time. The logits are then those of one pass over the whole prompt up to rounding:
 llama.cpp's kernels round by how the rows are split between calls (docs/benchmarks.md says how much).
+Rows kept for one cache salt (a tenant's) are never reused for another.
 """
 
 import asyncio

@@ -206,8 +206,9 @@ def test_a_tenant_is_never_answered_from_the_prefix_another_tenant_made(projects
     def encoder_runs_for(name: str) -> float:
         before = total(projects.url, "onellm_encoder_runs_total", metrics_key, modality="image")
         with key_client(projects, name) as client:
-            response = client.post("/v1/chat/completions", json={"max_tokens": 1, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": picture}}, {"type": "text", "text": "What is it?"}]}]})
+            content = [{"type": "image_url", "image_url": {"url": picture}}, {"type": "text", "text": "What is it?"}]
+            response = client.post("/v1/chat/completions",
+                                   json={"max_tokens": 1, "messages": [{"role": "user", "content": content}]})
             assert response.status_code == 200, response.text
         return total(projects.url, "onellm_encoder_runs_total", metrics_key, modality="image") - before
 

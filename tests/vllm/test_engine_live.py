@@ -65,7 +65,8 @@ def transformers_greedy(llm, embeddings: torch.Tensor, count: int) -> list[int]:
     return ids
 
 
-def generate(url: str, embeddings: torch.Tensor, sampling: Sampling, cache_salt: str | None = None) -> tuple[str, Usage]:
+def generate(url: str, embeddings: torch.Tensor, sampling: Sampling,
+             cache_salt: str | None = None) -> tuple[str, Usage]:
     async def run():
         engine = VLLMEngine(url)
         usage = Usage()

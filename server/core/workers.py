@@ -34,6 +34,7 @@ class Workers:
         # batch lines' work starts only while no online request is being served: a decoding job once
         # running in the pool takes the cores until it ends, an encoder run until its next block
         self.live = live or LiveTraffic()
+        self.model = model
         self.batcher = EncoderBatcher(model, self._encoder, self._encoder_for_batch_lines, encoder_max_batch,
                                       encoder_max_wait_ms / 1000, metrics, self.live, lines_runs)
 
@@ -46,6 +47,15 @@ class Workers:
     async def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         """One model input -> its prefix, in the encoder's next batch of `modality`."""
         return await self.batcher.encode(modality, inputs)
+
+    async def encode_alone(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """One model input's prefix [30, D] on the thread that runs online batches, in no batch and
+        counted in no metric (see server/core/warm_up.py)."""
+        def encode() -> torch.Tensor:
+            with self.model.encoder_stream():
+                return self.model.encode(modality, inputs[None])[0].clone()
+
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, encode)
 
     def close(self) -> None:
         self.batcher.close()

@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -20,6 +21,7 @@ from server.config import MiB, Settings
 from server.cache.redis_client import SharedRedis
 from server.core.batches import BatchRunner
 from server.core.service import chat_service_for
+from server.core.warm_up import warm_up
 from server.engines.base import Engine
 from server.engines.priority import LiveTraffic
 from server.entrypoints.batches.lines import input_reader, line_sender
@@ -171,6 +173,9 @@ def lifespan_of(settings: Settings, model: OneLLM | None, engine: Engine | None)
         await app.state.files.start()
         app.state.service = chat_service_for(settings, model, engine, app.state.metrics, shared_cache, references,
                                              app.state.live)
+        started = time.monotonic()
+        if warmed := await warm_up(app.state.service):
+            log.info("warmed up in %.1f s: %s, as a first request's would be", time.monotonic() - started, warmed)
         app.state.batch_runner = await start_batches(app, settings)
         # torch, transformers and the model are ~0.5 M objects that live as long as the process; a
         # full collection walked them all, 190-290 ms with every stream stopped. Frozen, it skips them

@@ -228,11 +228,19 @@ class Settings:
         for f in fields(cls):
             raw = environ.get(f"ONELLM_{f.name.upper()}")
             if raw is not None:
-                values[f.name] = f.metadata["parse"](raw)
+                try:
+                    values[f.name] = f.metadata["parse"](raw)
+                except ValueError as error:
+                    raise ValueError(f"ONELLM_{f.name.upper()}={raw!r}: {error}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     def __post_init__(self):
+        for f in fields(self):
+            # a value out of its choices would otherwise be taken for the closest behaviour, silently
+            if f.metadata["choices"] and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} (ONELLM_{f.name.upper()}) {getattr(self, f.name)!r}: "
+                                 f"not one of {', '.join(f.metadata['choices'])}")
         for name, value in shares(self.memory_budget_mb, self.preprocess_workers).items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)

@@ -53,7 +53,10 @@ def _drained(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(**vars(args))
+    try:
+        settings = Settings.from_env(**vars(args))
+    except ValueError as error:  # a setting from the environment that cannot be one
+        raise SystemExit(f"onellm serve: {error}") from None
     from server.entrypoints.app import create_app
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -41,22 +41,24 @@ FOLLOW_UP = "What colour are the walls?"
 
 
 def seven_b_folder(scratch: Path, tokenizer: Path, weight_type: str) -> Path:
-    """scratch/onellm-7b-shapes, made on the first run."""
+    """scratch/onellm-7b-shapes, made on the first run; a weight type it lacks is added to it."""
     folder = scratch / "onellm-7b-shapes"
     if (folder / f"llm-{weight_type}.gguf").is_file():
         return folder
-    import torch
-
     from quantized import gguf_file
-    from server.tools.convert import convert
-    from server.tools.make_tiny import random_checkpoint
 
-    params = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 1, "norm_eps": 1e-5, "vocab_size": 32000}
-    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        checkpoint = Path(tmp) / "consolidated.00-of-01.pth"
-        torch.save({k: v.half() for k, v in random_checkpoint(32000, 0, width=1024, clip_layers=24,
-                                                               params=params).items()}, checkpoint)
-        convert(checkpoint, params, tokenizer, folder, dtype="float16", random_weights=True, force=True)
+    if not (folder / "model.json").is_file():
+        import torch
+
+        from server.tools.convert import convert
+        from server.tools.make_tiny import random_checkpoint
+
+        params = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 1, "norm_eps": 1e-5, "vocab_size": 32000}
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            checkpoint = Path(tmp) / "consolidated.00-of-01.pth"
+            torch.save({k: v.half() for k, v in random_checkpoint(32000, 0, width=1024, clip_layers=24,
+                                                                   params=params).items()}, checkpoint)
+            convert(checkpoint, params, tokenizer, folder, dtype="float16", random_weights=True, force=True)
     (folder / f"llm-{weight_type}.gguf").hardlink_to(gguf_file(scratch, weight_type, tokenizer))
     return folder
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scratch", type=Path, help="where the 7B folder is made and kept (about 7 GB)")
     parser.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared/fixtures/onellm-ref-tiny/tokenizer.model",
                         help="LLaMA-2's tokenizer.model (32000 pieces), for the 7B folder")
-    parser.add_argument("--weights", default="q4_0", help="the quantized LLM file the 7B folder gets")
+    parser.add_argument("--weights", default="q4_k", help="the quantized LLM file the 7B folder gets and serves")
     parser.add_argument("--questions", type=int, default=3,
                         help="the same image and question each time (the first is cold), then a follow-up turn")
     parser.add_argument("--new-images", type=int, default=2, help="questions about new images, after the rest")
@@ -125,13 +127,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     sys.path.insert(0, str(REPO / "bench"))
     folder = args.model or seven_b_folder(args.scratch, args.tokenizer, args.weights)
+    # the 7B folder keeps every type made for it, and auto would serve the first of them
+    serve_args = ([] if args.model else ["--llm-weights", args.weights]) + args.serve_args.split()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="onellm-serve-"))
-    server = GatewayProcess(folder, workdir, args.serve_args.split())
+    server = GatewayProcess(folder, workdir, serve_args)
     started = time.perf_counter()
     server.start()
     try:
         served = httpx.get(f"{server.url}/v1/models").json()["data"][0]
-        report = {"model": str(folder), "serve_args": args.serve_args, "ready_s": time.perf_counter() - started,
+        report = {"model": str(folder), "serve_args": " ".join(serve_args), "ready_s": time.perf_counter() - started,
                   "served": served, "peak_bytes_ready": peak_bytes(server.pid), "questions": []}
         turn = first_turn(args.image.read_bytes())
         for _ in range(args.questions):

@@ -72,9 +72,10 @@ class Settings:
     default_max_tokens: int = _setting(256, "model")
 
     llm_weights: str = _setting("auto", "engines", "weights of the embedded LLM: `full` (the llm/ folder, in the "
-                                "computed dtype) or a file `onellm quantize` wrote (llm-q4_0.gguf, llm-q8_0.gguf), "
-                                "served by llama.cpp; auto: on a CPU the folder's quantized file (q4_0 first) when "
-                                "it has one and llama.cpp is installed, else full", choices=("auto", "full", "q4_0", "q8_0"))
+                                "computed dtype) or a file `onellm quantize` wrote (llm-q4_k.gguf, llm-q4_0.gguf, "
+                                "llm-q8_0.gguf), served by llama.cpp; auto: on a CPU the folder's quantized file "
+                                "(q4_k first) when it has one and llama.cpp is installed, else full",
+                                choices=("auto", "full", "q4_k", "q4_0", "q8_0"))
     # each sequence keeps a KV cache of the model's whole context: 512 KiB a position for OneLLM-7B
     llm_sequences: int = _setting(4, "engines", "requests the llama.cpp engine decodes at once (others wait; "
                                   "at least 2: batch lines always leave one to online requests)")

@@ -24,7 +24,7 @@ class ModelCard(BaseModel):
     random_weights: bool
     dtype: str  # what the encoder computes in (and the embedded LLM on full weights)
     engine: str  # local, llama.cpp or vllm
-    # the embedded LLM's: "full" or the quantized type it serves (q4_0, q8_0); null on vLLM, which knows its own
+    # the embedded LLM's: "full" or the quantized type it serves (q4_k, q4_0, q8_0); null on vLLM, which knows its own
     llm_weights: str | None
 
 

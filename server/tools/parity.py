@@ -3,7 +3,7 @@
 For each case of `reference.json` the fixture's preprocessed input goes through this project's
 encoder and LLM; the prefix, the first logits and the greedy ids must match the authors' outputs
 (float32). With `--dtype bfloat16` (or float16) the same runs in that dtype, and with
-`--llm-weights q8_0` (or q4_0) the LLM runs on weights `onellm quantize` wrote, served by llama.cpp;
+`--llm-weights q8_0` (or q4_0, q4_k) the LLM runs on weights `onellm quantize` wrote, served by llama.cpp;
 the table then says how far that is from the authors' float32: a measurement of accuracy, not a
 parity check.
 """
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-url", help="decode the greedy ids through this vLLM server instead of in-process")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="compute in this dtype; other than float32, report how far it is from the reference")
-    parser.add_argument("--llm-weights", choices=("full", "q8_0", "q4_0"), default="full",
+    parser.add_argument("--llm-weights", choices=("full", "q8_0", "q4_0", "q4_k"), default="full",
                         help="the LLM's weights: quantized ones (the model folder's llm-<type>.gguf, written "
                         "if missing) are run by llama.cpp; report how far they are from the reference")
 

@@ -22,10 +22,18 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-# weight-only types: 32 weights share one scale (Q4_0 and Q8_0 are llama.cpp's plain block formats)
-TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
-FILE_TYPES = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+from server.tools import q4_k
+
+# weight-only types of the matrices: Q8_0 and Q4_0 are llama.cpp's plain formats (32 weights share a
+# float16 scale), Q4_K its 4.5-bit one of 256-weight blocks with 6-bit scales and mins (server/tools/q4_k.py)
+TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+         "q4_k": gguf.GGMLQuantizationType.Q4_K}
+FILE_TYPES = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+              "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}
 F32 = gguf.GGMLQuantizationType.F32
+# a matrix whose rows are no whole number of a type's blocks (only in small test models: OneLLM-7B's
+# 4096 and 11008 are multiples of 256) keeps 4 bits in Q4_0's blocks of 32
+NARROW = gguf.GGMLQuantizationType.Q4_0
 
 HF_BLOCK = {  # Hugging Face name after `model.layers.{i}.` -> GGUF name after `blk.{i}.`
     "input_layernorm.weight": "attn_norm.weight",
@@ -48,7 +56,7 @@ class QuantizeError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder (with llm/), e.g. model_repo/onellm-7b")
-    parser.add_argument("--type", choices=TYPES, default="q4_0", help="weight type of the matrices")
+    parser.add_argument("--type", choices=TYPES, default="q4_k", help="weight type of the matrices")
     parser.add_argument("--force", action="store_true", help="replace the file if it exists")
 
 
@@ -120,9 +128,16 @@ def write_gguf(out: Path, config: dict, tokenizer: Path, weight_type: str,
             weights = meta_rope_layout(weights, heads)
         elif p.gguf_name.endswith("attn_k.weight"):
             weights = meta_rope_layout(weights, kv_heads)
-        data = weights.numpy()
-        writer.write_tensor_data(data if p.qtype == F32 else gguf.quants.quantize(data, p.qtype))
+        writer.write_tensor_data(encode(weights.numpy(), p.qtype))
     writer.close()
+
+
+def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    if qtype == F32:
+        return data
+    if qtype == gguf.GGMLQuantizationType.Q4_K:
+        return q4_k.quantize(data)
+    return gguf.quants.quantize(data, qtype)
 
 
 def weight_files(llm: Path) -> dict[str, Path]:
@@ -150,20 +165,21 @@ def tensor_plan(config: dict, weight_type: str) -> Iterator[Planned]:
               "attn_k.weight": (kv_dim, dim), "attn_v.weight": (kv_dim, dim), "attn_output.weight": (dim, dim),
               "ffn_gate.weight": (hidden, dim), "ffn_up.weight": (hidden, dim), "ffn_down.weight": (dim, hidden)}
     matrix_type = TYPES[weight_type]
-    # the tensors whose errors every token meets (its embedding, the logits) keep 8 bits in q4_0
-    # files too, as llama.cpp's own q4_0 recipe keeps them wider
+    block = gguf.GGML_QUANT_SIZES[matrix_type][0]
+    # the tensors whose errors every token meets (its embedding, the logits) keep 8 bits in 4-bit
+    # files too, as llama.cpp's own 4-bit recipes keep them wider
     yield Planned("token_embd.weight", "model.embed_tokens.weight", (vocab, dim), TYPES["q8_0"])
     for i in range(config["num_hidden_layers"]):
         for hf, name in HF_BLOCK.items():
             shape = shapes[name]
             yield Planned(f"blk.{i}.{name}", f"model.layers.{i}.{hf}", shape,
-                          matrix_type if len(shape) == 2 else F32)
+                          F32 if len(shape) == 1 else matrix_type if shape[1] % block == 0 else NARROW)
     yield Planned("output_norm.weight", "model.norm.weight", (dim,), F32)
     yield Planned("output.weight", "lm_head.weight", (vocab, dim), TYPES["q8_0"])
 
 
 def check_quantizable(config: dict, files: dict[str, Path]) -> None:
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]  # 32 for every type here
+    block = gguf.GGML_QUANT_SIZES[NARROW][0]  # 32: the narrowest blocks a matrix may take
     dim, hidden = config["hidden_size"], config["intermediate_size"]
     if dim % block or hidden % block:
         raise QuantizeError(f"quantized blocks need widths that are multiples of {block} (width {dim}, hidden {hidden})")

@@ -30,13 +30,13 @@ def llama_cpp():
 
 @pytest.fixture(scope="module")
 def quantized_fixture(fixture_model, tmp_path_factory):
-    """The fixture's model folder with both quantized files beside its llm/ (a copy: the session's
+    """The fixture's model folder with the quantized files beside its llm/ (a copy: the session's
     fixture_model stays without them)."""
     import shutil
 
     folder = tmp_path_factory.mktemp("quantized") / "fixture"
     shutil.copytree(fixture_model, folder)
-    for weight_type in ("q8_0", "q4_0"):
+    for weight_type in ("q8_0", "q4_0", "q4_k"):
         quantize(folder, weight_type)
     return folder
 
@@ -64,6 +64,25 @@ def test_quantized_matrices_read_back_as_the_weights_within_their_rounding(quant
         assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
 
 
+def test_q4_k_files_hold_q4_k_blocks_where_rows_allow_and_q4_0_elsewhere(quantized_fixture):
+    """The fixture's LLM is 128 wide: only ffn_down (512 weights a row) holds whole blocks of 256;
+    there Q4_K comes closer to the weights than Q4_0 in the same bits."""
+    weights = load_file(quantized_fixture / "llm" / "model.safetensors")
+    files = {t: {x.name: x for x in gguf.GGUFReader(gguf_path(quantized_fixture, t)).tensors} for t in ("q4_k", "q4_0")}
+    types = {name: tensor.tensor_type.name for name, tensor in files["q4_k"].items()}
+    assert types["blk.0.ffn_down.weight"] == "Q4_K"
+    assert types["blk.0.ffn_up.weight"] == types["blk.0.attn_q.weight"] == "Q4_0"
+    assert types["token_embd.weight"] == types["output.weight"] == "Q8_0"
+    theirs = weights["model.layers.0.mlp.down_proj.weight"]
+
+    def rms_error(weight_type):
+        tensor = files[weight_type]["blk.0.ffn_down.weight"]
+        ours = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
+        return (ours - theirs).square().mean().sqrt() / theirs.square().mean().sqrt()
+
+    assert 0.01 < rms_error("q4_k") < rms_error("q4_0")
+
+
 def test_quantize_refuses_a_folder_without_an_llm_and_an_existing_file(quantized_fixture, tmp_path, capsys):
     assert main(["quantize", "--model", str(tmp_path), "--type", "q8_0"]) == 1
     assert "no config.json" in capsys.readouterr().err
@@ -71,13 +90,16 @@ def test_quantize_refuses_a_folder_without_an_llm_and_an_existing_file(quantized
     assert "already exists" in capsys.readouterr().err
 
 
-# Measured on this machine's Zen 5 against the authors' float32 (docs/benchmarks.md, "Accuracy of the
+# Measured on this project's Zen 4 against the authors' float32 (docs/benchmarks.md, "Accuracy of the
 # quantized weights"): first-logit max|err| q8_0 3.2e-3..3.9e-3 (bfloat16's is 2.5e-3..3.7e-3), all
 # 24 greedy ids in 4 modalities of 8; q4_0 2.2e-2..3.3e-2, no modality with all 24 ids, 62 of the
 # 192 before each first difference (the fixture's random LLM has near-ties: greedy margins of
-# 6e-5..2.5e-3). The bounds leave about twice that; a wrong RoPE layout or tensor misses them by far.
+# 6e-5..2.5e-3); q4_k, whose Q4_K blocks fit only the fixture's ffn_down (the rest is Q4_0),
+# 2.3e-2..3.2e-2 and 54 of 192. The bounds leave about twice that; a wrong RoPE layout or tensor
+# misses them by far.
 BOUNDS = {"q8_0": {"logits": 8e-3, "modalities_with_all_ids": 2, "leading_ids": 80},
-          "q4_0": {"logits": 7e-2, "modalities_with_all_ids": 0, "leading_ids": 30}}
+          "q4_0": {"logits": 7e-2, "modalities_with_all_ids": 0, "leading_ids": 30},
+          "q4_k": {"logits": 7e-2, "modalities_with_all_ids": 0, "leading_ids": 30}}
 
 
 @pytest.mark.parametrize("weight_type", BOUNDS)
@@ -259,11 +281,16 @@ def test_the_weights_are_read_into_memory_not_mapped_from_the_file(llama_cpp, qu
     assert mapped == []
 
 
-def test_auto_serves_the_smallest_quantized_file_on_a_cpu_and_full_weights_elsewhere(llama_cpp, quantized_fixture,
-                                                                                    fixture_model):
+def test_auto_serves_the_fastest_quantized_file_on_a_cpu_and_full_weights_elsewhere(llama_cpp, quantized_fixture,
+                                                                                   fixture_model, tmp_path):
+    import shutil
+
     from server.engines.llamacpp import quantized_weights
 
-    assert quantized_weights("auto", quantized_fixture, "cpu") == quantized_fixture / "llm-q4_0.gguf"
+    assert quantized_weights("auto", quantized_fixture, "cpu") == quantized_fixture / "llm-q4_k.gguf"
+    without_q4_k = tmp_path / "fixture"
+    shutil.copytree(quantized_fixture, without_q4_k, ignore=shutil.ignore_patterns("llm-q4_k.gguf"))
+    assert quantized_weights("auto", without_q4_k, "cpu") == without_q4_k / "llm-q4_0.gguf"
     assert quantized_weights("q8_0", quantized_fixture, "cpu") == quantized_fixture / "llm-q8_0.gguf"
     assert quantized_weights("auto", quantized_fixture, "cuda:0") is None  # llama.cpp here is a CPU build
     assert quantized_weights("full", quantized_fixture, "cpu") is None

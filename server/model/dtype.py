@@ -18,10 +18,10 @@ log = logging.getLogger("onellm.model")
 CHOICES = ("auto", "float32", "float16", "bfloat16")
 NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags
 NATIVE_FP16 = frozenset({"avx512_fp16", "amx_fp16"})
-# torch `@`, 2 threads: on a 2-core Zen 5 (avx512_bf16, no native fp16), and on a 2-core AVX2 EPYC
+# torch `@`, 2 threads: on a 2-core Zen 4 (avx512_bf16, no native fp16), and on a 2-core AVX2 EPYC
 EMULATED_COST = ("{dtype} has no native kernels on this CPU (no {instructions}): matrix products run "
-                 "hundreds of times slower than in float32 (measured: float16 under 1 GFLOP/s on a Zen 5 against "
-                 "~190 in float32; bfloat16 1.2 GFLOP/s on an AVX2 EPYC against ~130); --dtype auto picks the fast one")
+                 "tens to hundreds of times slower than in float32 (measured: float16 3.2 GFLOP/s on a Zen 4 "
+                 "against ~180 in float32; bfloat16 1.2 GFLOP/s on an AVX2 EPYC against ~130); --dtype auto picks the fast one")
 INSTRUCTIONS = {torch.bfloat16: "AVX512-BF16 or AMX", torch.float16: "AVX512-FP16 or AMX-FP16"}
 
 

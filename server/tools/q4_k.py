@@ -25,7 +25,7 @@ def quantize(rows: np.ndarray) -> np.ndarray:
     *lead, cols = rows.shape
     if cols % SUPER:
         raise ValueError(f"Q4_K rows need a multiple of {SUPER} weights, not {cols}")
-    x = rows.reshape(-1, SUPER // SUB, SUB).astype(np.float32)  # [B, 8, 32]
+    x = rows.reshape(-1, SUPER // SUB, SUB).astype(np.float32, copy=True)  # [B, 8, 32], ours to overwrite
     scale, low = sub_block_fit(x)  # [B, 8] each; low <= 0
     d = (scale.max(axis=1) / 63).astype(np.float16)  # [B]
     dmin = (-low.min(axis=1) / 63).astype(np.float16)
@@ -33,9 +33,8 @@ def quantize(rows: np.ndarray) -> np.ndarray:
     mins6 = six_bits(-low, dmin)
     step = d.astype(np.float32)[:, None] * scales6  # [B, 8]
     offset = dmin.astype(np.float32)[:, None] * mins6
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(step[..., None] > 0, np.rint((x + offset[..., None]) / step[..., None]), 0)
-    q = np.clip(q, 0, 15).astype(np.uint8)  # [B, 8, 32]
+    x += offset[..., None]
+    q = levels(x, np.where(step > 0, step, np.inf), out=x).astype(np.uint8)  # [B, 8, 32]; 0 where no step
     blocks = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2),
                              pack_scales(scales6, mins6), pack_levels(q)], axis=1)  # [B, 144]
     return blocks.reshape(*lead, cols // SUPER * BLOCK_BYTES)
@@ -44,36 +43,42 @@ def quantize(rows: np.ndarray) -> np.ndarray:
 def sub_block_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per sub-block of x [B, 8, 32]: a step and an offset (<= 0) with x ≈ step * q + offset, the
     best of a few level spacings around the sub-block's range, each refit by least squares."""
-    best_error, best_step, best_offset = None, None, None
+    n = x.shape[2]
+    low = np.minimum(x.min(axis=2), 0)  # [B, 8]
+    span = x.max(axis=2) - low
+    sx, sxx = x.sum(axis=2, dtype=np.float64), np.square(x).sum(axis=2, dtype=np.float64)
+    shifted = x - low[..., None]
+    q = np.empty_like(x)  # one buffer for every try's levels: a fresh array each time costs more than the math
+    best_error = best_step = best_offset = None
     for widen in RANGE_TRIES:
-        step, offset, q = fit_levels(x, widen)
-        error = np.square(step[..., None] * q + offset[..., None] - x).sum(axis=2)  # [B, 8]
+        spacing = span / (15 + widen)
+        levels(shifted, np.where(spacing > 0, spacing, 1), out=q)
+        # summed in float32 (exact for the levels' sums), combined in float64: the error below is a
+        # small difference of large terms
+        sq = q.sum(axis=2).astype(np.float64)
+        sqq, sqx = (np.einsum("bsi,bsi->bs", q, other).astype(np.float64) for other in (q, x))
+        det = n * sqq - sq * sq
+        fitted = det > 0  # levels rise with x, so a fitted step is never negative
+        step = np.where(fitted, (n * sqx - sq * sx) / np.where(fitted, det, 1), spacing)
+        # the format can only subtract a min: the offset stays at or below zero
+        offset = np.minimum(np.where(fitted, (sx - step * sq) / n, low), 0)
+        # sum of (step q + offset - x)^2, from the sums above
+        error = (step * step * sqq + 2 * step * offset * sq - 2 * step * sqx
+                 + n * offset * offset - 2 * offset * sx + sxx)
         if best_error is None:
             best_error, best_step, best_offset = error, step, offset
         else:
             better = error < best_error
             best_error = np.where(better, error, best_error)
             best_step, best_offset = np.where(better, step, best_step), np.where(better, offset, best_offset)
-    return best_step, best_offset
+    return best_step.astype(np.float32), best_offset.astype(np.float32)
 
 
-def fit_levels(x: np.ndarray, widen: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Levels q [B, 8, 32] of x spaced (range / (15 + widen)) from the sub-block's min (or 0), then
-    the step and offset that fit x to them best: x ≈ step * q + offset."""
-    low = np.minimum(x.min(axis=2), 0)
-    spacing = (x.max(axis=2) - low) / (15 + widen)
-    safe = np.where(spacing > 0, spacing, 1)
-    q = np.clip(np.rint((x - low[..., None]) / safe[..., None]), 0, 15)
-    n = x.shape[2]
-    sq, sx = q.sum(axis=2), x.sum(axis=2)
-    sqq, sqx = (q * q).sum(axis=2), (q * x).sum(axis=2)
-    det = n * sqq - sq * sq
-    fitted = det > 0
-    step = np.where(fitted, (n * sqx - sq * sx) / np.where(fitted, det, 1), spacing)
-    # levels rise with x, so the fitted step is never negative; the offset is kept at or below zero
-    # because the format can only subtract a min
-    offset = np.minimum(np.where(fitted, (sx - step * sq) / n, low), 0)
-    return step, offset, q
+def levels(shifted: np.ndarray, spacing: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out [B, 8, 32] = shifted / spacing [B, 8] rounded to the 16 levels 0..15, in place."""
+    np.divide(shifted, spacing[..., None], out=out)
+    np.rint(out, out=out)
+    return np.clip(out, 0, 15, out=out)
 
 
 def six_bits(values: np.ndarray, unit: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ def test_parity_refuses_a_folder_that_is_no_fixture(tmp_path, capsys):
     assert "reference.json" in capsys.readouterr().out
 
 
-# bfloat16 against the authors' float32, as measured (docs/benchmarks.md) on a Zen 5 with AVX512-BF16
+# bfloat16 against the authors' float32, as measured (docs/benchmarks.md) on a Zen 4 with AVX512-BF16
 # and on an EPYC with AVX2 alone, whose bfloat16 kernels round differently: prefix max|err|
 # 3.5e-2..5.2e-2 (relative to the largest |value| 1.0e-2..1.9e-2), first logits 2.5e-3..3.8e-3
 # (5.9e-3..1.02e-2). The bounds leave about twice that
@@ -34,7 +34,7 @@ BF16_PREFIX_ERROR, BF16_PREFIX_RELATIVE = 0.1, 0.04
 BF16_LOGITS_ERROR, BF16_LOGITS_RELATIVE = 8e-3, 0.02
 # the fixture's random LLM meets near-ties (greedy margins 6e-5..2.5e-3, smaller than bfloat16's
 # logit error), so where the ids part depends on the CPU's rounding: all 24 in 6 modalities of 8 and
-# 163 ids of 192 before the first difference on the Zen 5, 4 and 149 on the EPYC
+# 163 ids of 192 before the first difference on the Zen 4, 4 and 149 on the EPYC
 BF16_MODALITIES_WITH_ALL_IDS, BF16_LEADING_IDS = 3, 110
 
 

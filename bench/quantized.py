@@ -11,7 +11,7 @@ One run measures:
    (`torch._weight_int4pack_mm_for_cpu`, groups of 128), optionally bfloat16: the time of the
    matrices alone, a lower bound of a torch decode step;
 3. llama.cpp: GGUF files of LLaMA-2-7B's shapes with random weights, written by `onellm quantize`'s
-   writer (q8_0, q4_0; kept in --scratch for the next run), served by the embedded llama.cpp engine:
+   writer (q8_0, q4_0, q4_k; kept in --scratch for the next run), served by the embedded llama.cpp engine:
    the prefill of 100 embedding rows (the image question's prompt is 82), then 32 greedy tokens.
 Each figure is also given as a share of the bandwidth: bytes a token reads ÷ seconds ÷ bandwidth.
 """
@@ -150,10 +150,10 @@ def around(measure) -> tuple[dict, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scratch", type=Path, required=True, help="folder for the GGUF files (11 GB; reused)")
+    parser.add_argument("--scratch", type=Path, required=True, help="folder for the GGUF files (15 GB for the three; reused)")
     parser.add_argument("--tokenizer", type=Path, required=True, help="LLaMA-2's tokenizer.model (32000 pieces)")
     parser.add_argument("--torch", default="int8,int4", help="torch kinds to time: bfloat16,int8,int4")
-    parser.add_argument("--gguf", default="q8_0,q4_0")
+    parser.add_argument("--gguf", default="q8_0,q4_0,q4_k")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 

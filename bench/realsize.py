@@ -3,7 +3,7 @@
     uv run python bench/realsize.py --out docs/bench-realsize.json                # CPU, the device's dtype
     uv run python bench/realsize.py --device cuda --dtype float16                 # a GPU
     uv run python bench/realsize.py --model model_repo/tiny --skip-llm            # a converted model's shapes
-    uv run python bench/realsize.py --llm-layers 8 --gguf DIR/llm-q4_0.gguf       # float32 7B does not fit: 8 of its layers
+    uv run python bench/realsize.py --llm-layers 8 --gguf DIR/llm-q4_k.gguf       # float32 7B does not fit: 8 of its layers
 
 Random weights of OneLLM-7B's shapes (the real checkpoint cannot be fetched here): the encoder of
 bench/encoder.py and LLaMA-2-7B built in memory. The run measures the device's matmul rate per dtype

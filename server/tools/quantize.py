@@ -56,7 +56,8 @@ class QuantizeError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder (with llm/), e.g. model_repo/onellm-7b")
-    parser.add_argument("--type", choices=TYPES, default="q4_k", help="weight type of the matrices")
+    parser.add_argument("--type", choices=TYPES, default="q4_k",
+                        help="weight type of the matrices (default %(default)s: the fastest decode measured)")
     parser.add_argument("--force", action="store_true", help="replace the file if it exists")
 
 

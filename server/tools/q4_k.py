@@ -49,7 +49,7 @@ def sub_block_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sx, sxx = x.sum(axis=2, dtype=np.float64), np.square(x).sum(axis=2, dtype=np.float64)
     shifted = x - low[..., None]
     q = np.empty_like(x)  # one buffer for every try's levels: a fresh array each time costs more than the math
-    best_error = best_step = best_offset = None
+    errors, steps, offsets = [], [], []  # per try, [B, 8] each
     for widen in RANGE_TRIES:
         spacing = span / (15 + widen)
         levels(shifted, np.where(spacing > 0, spacing, 1), out=q)
@@ -63,15 +63,13 @@ def sub_block_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # the format can only subtract a min: the offset stays at or below zero
         offset = np.minimum(np.where(fitted, (sx - step * sq) / n, low), 0)
         # sum of (step q + offset - x)^2, from the sums above
-        error = (step * step * sqq + 2 * step * offset * sq - 2 * step * sqx
-                 + n * offset * offset - 2 * offset * sx + sxx)
-        if best_error is None:
-            best_error, best_step, best_offset = error, step, offset
-        else:
-            better = error < best_error
-            best_error = np.where(better, error, best_error)
-            best_step, best_offset = np.where(better, step, best_step), np.where(better, offset, best_offset)
-    return best_step.astype(np.float32), best_offset.astype(np.float32)
+        errors.append(step * step * sqq + 2 * step * offset * sq - 2 * step * sqx
+                      + n * offset * offset - 2 * offset * sx + sxx)
+        steps.append(step)
+        offsets.append(offset)
+    best = np.argmin(errors, axis=0)[None]  # [1, B, 8]: the first of equal errors
+    return (np.take_along_axis(np.array(steps, np.float32), best, 0)[0],
+            np.take_along_axis(np.array(offsets, np.float32), best, 0)[0])
 
 
 def levels(shifted: np.ndarray, spacing: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -38,8 +38,8 @@ DTYPES = ("bfloat16", "float32", "float16")
 CPU_FLAGS = host_cpu_flags()
 
 
-def onednn_linear_flops(x_shape, weight_shape, *_, **__) -> int:
-    return 2 * math.prod(x_shape) * weight_shape[0]  # weight [out, in]
+def onednn_linear_flops(x_shape, *_, out_shape, **__) -> int:
+    return 2 * math.prod(x_shape) * out_shape[-1]  # x [..., in] -> [..., out], with or without a fused op after it
 
 
 def fused_attention_flops(query_shape, *_, **__) -> int:

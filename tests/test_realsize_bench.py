@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from missing import unavailable
-from server.engines.linear import Linear, SelfAttention
+from server.engines.linear import Linear, SelfAttention, linear_add, linear_silu, pack_linears
 
 BENCH = Path(__file__).parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -25,6 +25,18 @@ _SPEC.loader.exec_module(realsize)
 def test_a_linear_layer_counts_two_flops_per_multiply_add(rows):
     n_in, n_out = 64, 32
     assert realsize.count_flops(Linear(n_in, n_out), torch.randn(rows, n_in)) == 2 * rows * n_in * n_out
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="this CPU's oneDNN has no bfloat16 kernels")
+@torch.inference_mode()
+def test_a_packed_product_with_an_op_after_it_counts_as_the_product():
+    n_in, n_out, rows = 64, 32, 9
+    layer = Linear(n_in, n_out, bias=False).to(torch.bfloat16)
+    pack_linears(layer)
+    x, other = torch.randn(rows, n_in, dtype=torch.bfloat16), torch.randn(rows, n_out, dtype=torch.bfloat16)
+    for op in (lambda: linear_add(x, layer.weight, other), lambda: linear_silu(x, layer.weight)):
+        assert realsize.count_flops(op) == 2 * rows * n_in * n_out
 
 
 @pytest.mark.parametrize("length", [7, 300])  # 7: products through oneDNN, 300: torch's fused op

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from server.model import upm
 from server.model.onellm import load_model
 
 # tokens each modality's tokenizer makes (ONELLM.md §3); the trunk adds the class token
@@ -52,6 +53,23 @@ def test_batch_of_three_equals_three_single_runs(model, inputs, modality):
 @pytest.mark.parametrize("modality", ["image", "imu", "fmri"])
 def test_fp32_cpu_runs_are_bitwise_deterministic(model, inputs, modality):
     assert torch.equal(model.encode(modality, inputs[modality]), model.encode(modality, inputs[modality]))
+
+
+@pytest.mark.parametrize("modality", ["image", "fmri"])
+def test_the_experts_give_one_prefix_run_side_by_side_or_one_at_a_time(model, inputs, modality, monkeypatch):
+    """Small inputs run the UPM's 3 experts block by block together (one norm, attention and
+    residual for the three), larger ones one expert at a time: the same prefix either way, and the
+    priority hook before each step (the fixture's 8 blocks: 8 steps together, 24 one at a time)."""
+    def run() -> tuple[torch.Tensor, int]:
+        steps = []
+        prefix = model.encoder(modality, inputs[modality], lambda: steps.append(1))
+        return prefix, len(steps)
+
+    together, together_steps = run()
+    monkeypatch.setattr(upm, "SIDE_BY_SIDE_ROWS", 0)
+    apart, apart_steps = run()
+    assert apart_steps - together_steps == 24 - 8
+    torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-5)
 
 
 def test_video_trunk_output_is_the_mean_over_frames(model, inputs):

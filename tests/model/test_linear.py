@@ -9,7 +9,8 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from server.engines.linear import FEW_ROWS, Linear, SelfAttention, adopt_linears, linear, pack_linears
+from server.engines.linear import (FEW_ROWS, Linear, SelfAttention, adopt_linears, linear, linear_add, linear_mul,
+                                   linear_silu, pack_linears)
 from server.engines.local import LocalEngine
 from server.model import onellm
 from server.model.onellm import load_model
@@ -124,6 +125,30 @@ def test_packed_bfloat16_weights_compute_what_the_plain_ones_did(rows):
     torch.testing.assert_close(model.attention(x, x, x)[0], plain_attention, atol=2e-2, rtol=2e-2)
 
 
+def after_products(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"silu": linear_silu(x, weight), "mul": linear_mul(x, weight, other), "add": linear_add(x, weight, other)}
+
+
+@needs_bf16_onednn
+@pytest.mark.parametrize("rows", [9, 300])
+@torch.inference_mode()
+def test_a_packed_product_applies_the_op_after_it_as_the_plain_one_does(rows):
+    """silu, a product or a residual after a packed weight's product come from the product itself
+    (no op of their own), with what the plain weight's product and the op after it give; the other
+    operand may be a view of a larger tensor, as a residual's first rows are."""
+    torch.manual_seed(0)
+    layer = Linear(64, 48, bias=False).to(torch.bfloat16)
+    x = torch.randn(2, rows, 64, dtype=torch.bfloat16)
+    other = torch.randn(2, rows + 5, 48, dtype=torch.bfloat16)[:, :rows]
+    plain = after_products(x, layer.weight, other)
+    pack_linears(layer)
+    packed = after_products(x, layer.weight, other)
+    for name, op in (("silu", lambda: linear_silu(x, layer.weight)), ("add", lambda: linear_add(x, layer.weight, other))):
+        assert ops_of(op) == ["_linear_pointwise"], name
+    for name in plain:
+        torch.testing.assert_close(packed[name], plain[name], atol=3e-2, rtol=2e-2, msg=name)
+
+
 def test_only_bfloat16_weights_on_a_cpu_are_packed():
     with pytest.raises(ValueError, match="only bfloat16 weights on a CPU"):
         pack_linears(Linear(4, 4))  # float32
@@ -140,7 +165,7 @@ def test_the_encoder_is_packed_where_the_cpu_computes_bfloat16_natively(fixture_
     state = pack_state(packed)
     assert not any(v for name, v in state.items() if name.startswith("conv1."))  # one row a call at batch 1
     assert all(state[f"{part}.weight"] for part in ("clip.visual.transformer.resblocks.0.mlp.c_fc",
-                                                     "resample_layers.0.0.attention.wq", "routers.image.fc1",
+                                                     "resample_layers.0.0.attention.wqkv", "routers.image.fc1",
                                                      "clip_proj2.image.0"))
     assert state["clip.visual.transformer.resblocks.0.attn.in_proj_weight"]
     monkeypatch.setattr(onellm, "host_cpu_flags", lambda: frozenset())

@@ -9,7 +9,7 @@ from torch import nn
 from server.engines.linear import Linear, linear_add, linear_mul, linear_silu
 
 # rows per expert (B × N) up to which the 3 experts run block by block together: one op per norm,
-# attention and residual instead of three (2-3 % of the UPM's time at 39 to 2,296 rows on a 2-core
+# attention and residual instead of three (2-4 % of the UPM's time at 39 to 2,296 rows on a 2-core
 # Zen 4); above it one expert at a time, which holds one expert's activations, not three
 SIDE_BY_SIDE_ROWS = 2048
 

@@ -31,6 +31,7 @@ from encoder import INPUT_SHAPES, random_7b_encoder  # noqa: E402
 from realsize_llm import llm_figures  # noqa: E402
 from realsize_memory import PeakMemory  # noqa: E402
 
+from server.engines import panels  # noqa: E402
 from server.model.dtype import decide_dtype, host_cpu_flags, native_on_cpu  # noqa: E402
 from server.model.onellm import load_model, place  # noqa: E402
 
@@ -51,12 +52,26 @@ def count_flops(fn, *args) -> int:
     """Floating-point operations of fn(*args), counted op by op from the shapes torch sees.
 
     The counter knows aten's products and attention; the oneDNN product server/engines/linear.py
-    calls, and the fused op its SelfAttention runs on plain weights of many rows, are taught to it here."""
-    with FlopCounterMode(display=False,
-                         custom_mapping={torch.ops.mkldnn._linear_pointwise: onednn_linear_flops,
-                                         torch.ops.aten._native_multi_head_attention: fused_attention_flops}) as counter:
-        fn(*args)
-    return counter.get_total_flops()
+    calls, and the fused op its SelfAttention runs on plain weights of many rows, are taught to it
+    here. The products on panels (server/engines/panels.py) call C without torch seeing them: they
+    are counted as they are made."""
+    on_panels = 0
+    product = panels.product
+
+    def counted(x, weight, *rest, **kwargs):
+        nonlocal on_panels
+        on_panels += 2 * x.numel() * weight.shape[0] * weight.shape[2]  # rows × K × N, N = panels × 32
+        return product(x, weight, *rest, **kwargs)
+
+    panels.product = counted
+    try:
+        with FlopCounterMode(display=False,
+                             custom_mapping={torch.ops.mkldnn._linear_pointwise: onednn_linear_flops,
+                                             torch.ops.aten._native_multi_head_attention: fused_attention_flops}) as counter:
+            fn(*args)
+    finally:
+        panels.product = product
+    return counter.get_total_flops() + on_panels
 
 
 def release_freed_heap() -> None:

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from missing import unavailable
+from server.engines import panels
 from server.engines.linear import Linear, SelfAttention, linear_add, linear_silu, pack_linears
+from server.model.dtype import host_cpu_flags
 
 BENCH = Path(__file__).parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -29,11 +31,15 @@ def test_a_linear_layer_counts_two_flops_per_multiply_add(rows):
 
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                     reason="this CPU's oneDNN has no bfloat16 kernels")
+@pytest.mark.parametrize("cpu_flags", [pytest.param(host_cpu_flags(), id="panels", marks=pytest.mark.skipif(
+    not panels.usable(host_cpu_flags()), reason="no AVX512-BF16 or no C compiler here: no panels")),
+    pytest.param(frozenset(), id="onednn")])
 @torch.inference_mode()
-def test_a_packed_product_with_an_op_after_it_counts_as_the_product():
+def test_a_packed_product_with_an_op_after_it_counts_as_the_product(cpu_flags):
     n_in, n_out, rows = 64, 32, 9
     layer = Linear(n_in, n_out, bias=False).to(torch.bfloat16)
-    pack_linears(layer)
+    pack_linears(layer, cpu_flags)
+    assert panels.is_panels(layer.weight) == bool(cpu_flags)
     x, other = torch.randn(rows, n_in, dtype=torch.bfloat16), torch.randn(rows, n_out, dtype=torch.bfloat16)
     for op in (lambda: linear_add(x, layer.weight, other), lambda: linear_silu(x, layer.weight)):
         assert realsize.count_flops(op) == 2 * rows * n_in * n_out

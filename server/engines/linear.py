@@ -19,11 +19,20 @@ of the encoder's and the LLM's shapes from 1024×4096 to 8192×15724): 9 rows 98
 415-436, 1,243 rows 352-409 against 383-438. One row is the exception: packed was slower for 7 of
 the 9 weights (20-31 GB/s against 26-49), so what multiplies one row a call (the fMRI tokenizer at
 batch 1, an LLM's decode step) keeps the plain layout.
+
+Where the CPU has AVX512-BF16 and a C compiler is there, the packed layout is panels of our own
+(server/engines/panels.py) instead: oneDNN's products of few rows read their weights from memory at
+about half the rate they compute from cache. Measured on the same machine (GFLOP/s, oneDNN's packed
+layout against panels, four weights of 1024 to 4096 columns, each read from memory): 9 rows
+153-201 against 206-243, 39 rows 325-373 against 373-383, 257 rows 415-430 against 423-441, 1,243
+rows 427-444 against 424-449.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from server.engines import panels
 
 FEW_ROWS = 256  # below it oneDNN was faster for nearly every shape measured above; from 512, MKL
 ONEDNN = torch.backends.mkldnn.is_available()
@@ -34,8 +43,14 @@ def routed(x: torch.Tensor) -> bool:
     return ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() < FEW_ROWS * x.shape[-1]
 
 
+def is_packed(weight: torch.Tensor) -> bool:
+    return weight.is_mkldnn or panels.is_panels(weight)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear: x [..., in] @ weight [out, in]ᵀ + bias -> [..., out]; the weight plain or packed."""
+    if panels.is_panels(weight):
+        return panels.product(x, weight, bias)
     if weight.is_mkldnn or routed(x):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -47,6 +62,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """silu(x @ weightᵀ)"""
+    if panels.is_panels(weight):
+        return panels.product(x, weight, op="silu")
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "swish", [], "")
     return F.silu(linear(x, weight))
@@ -54,6 +71,8 @@ def linear_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def linear_mul(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """(x @ weightᵀ) * other, other shaped as the product"""
+    if panels.is_panels(weight):
+        return panels.product(x, weight, op="mul", other=other)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "mul")
     return linear(x, weight).mul_(other)
@@ -61,6 +80,8 @@ def linear_mul(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> to
 
 def linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """x @ weightᵀ + other, other shaped as the product (a residual)"""
+    if panels.is_panels(weight):
+        return panels.product(x, weight, op="add", other=other)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "add")
     return linear(x, weight).add_(other)
@@ -100,7 +121,7 @@ class SelfAttention(nn.Module):
         if key is not query or value is not query or need_weights or attn_mask is not None:
             raise ValueError("SelfAttention attends a sequence to itself, unmasked, and returns no weights")
         b, n, w = query.shape
-        if not (routed(query) or self.in_proj_weight.is_mkldnn):
+        if not (routed(query) or is_packed(self.in_proj_weight)):
             return torch._native_multi_head_attention(
                 query, query, query, w, self.heads, self.in_proj_weight, self.in_proj_bias,
                 self.out_proj.weight, self.out_proj.bias, None, False)[0], None
@@ -110,22 +131,29 @@ class SelfAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(b, n, w)), None
 
 
-def pack_linears(module: nn.Module) -> None:
-    """Packs the bfloat16 weights of every Linear and SelfAttention in `module`, on a CPU, into
-    oneDNN's blocked layout in place of the plain one (the plain copy is freed, not kept beside it).
-    Packed weights serve only these layers' products: nothing may move or cast them afterwards."""
-    if not ONEDNN:
+def pack_linears(module: nn.Module, cpu_flags: frozenset[str]) -> None:
+    """Packs the bfloat16 weights of every Linear and SelfAttention in `module`, on a CPU with
+    `cpu_flags`, in place of the plain ones (the plain copy is freed, not kept beside it): into
+    panels (server/engines/panels.py) where the CPU and the weight's shape allow, else into oneDNN's
+    blocked layout. Packed weights serve only these layers' products: nothing may move or cast them
+    afterwards."""
+    use_panels = panels.usable(cpu_flags)
+    if not (ONEDNN or use_panels):
         return
     for layer in module.modules():
         if isinstance(layer, Linear):
-            layer.weight = _packed(layer.weight)
+            layer.weight = _packed(layer.weight, use_panels)
         elif isinstance(layer, SelfAttention):
-            layer.in_proj_weight = _packed(layer.in_proj_weight)  # its out_proj is a Linear: packed above
+            layer.in_proj_weight = _packed(layer.in_proj_weight, use_panels)  # its out_proj is a Linear: packed above
 
 
-def _packed(weight: nn.Parameter) -> nn.Parameter:
+def _packed(weight: nn.Parameter, use_panels: bool) -> nn.Parameter:
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
         raise ValueError(f"only bfloat16 weights on a CPU are packed, not {weight.dtype} on {weight.device}")
+    if use_panels and panels.packable(weight):
+        return panels.pack(weight)
+    if not ONEDNN:
+        return weight
     return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach()), requires_grad=False)
 
 

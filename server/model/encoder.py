@@ -62,11 +62,11 @@ class Encoder(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def pack_weights(self) -> None:
+    def pack_weights(self, cpu_flags: frozenset[str]) -> None:
         """Packs the bfloat16 weights of the layers that multiply many rows a call for oneDNN on a CPU
         (server/engines/linear.py says why): all but the tokenizers', which at batch 1 multiply one."""
         for part in (self.clip, self.resample_layers, self.routers, self.clip_proj1, self.clip_proj2):
-            pack_linears(part)
+            pack_linears(part, cpu_flags)
 
     @property
     def modalities(self) -> list[str]:

@@ -88,8 +88,9 @@ def place(encoder: Encoder, device: str | torch.device, dtype: torch.dtype) -> E
     """The encoder moved to `device` in `dtype`, ready to run: on a CPU that computes bfloat16
     natively, its weights packed for oneDNN (after which it must not be moved or cast again)."""
     encoder.to(device=device, dtype=dtype)
-    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and native_on_cpu(dtype, host_cpu_flags()):
-        encoder.pack_weights()
+    cpu_flags = host_cpu_flags()
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and native_on_cpu(dtype, cpu_flags):
+        encoder.pack_weights(cpu_flags)
     return encoder
 
 

@@ -1,6 +1,6 @@
 """server/engines/linear.py: few float32 rows through oneDNN, many through aten, the same results
-either way; bfloat16 weights packed for oneDNN, the same results as plain ones; CLIP's attention and
-the in-process LLM taken over without touching their weights."""
+either way; bfloat16 weights packed in panels or for oneDNN, the same results as plain ones; CLIP's
+attention and the in-process LLM taken over without touching their weights."""
 
 import pytest
 import torch
@@ -9,14 +9,25 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from server.engines.linear import (FEW_ROWS, Linear, SelfAttention, adopt_linears, linear, linear_add, linear_mul,
-                                   linear_silu, pack_linears)
+from server.engines import panels
+from server.engines.linear import (FEW_ROWS, Linear, SelfAttention, adopt_linears, is_packed, linear, linear_add,
+                                   linear_mul, linear_silu, pack_linears)
 from server.engines.local import LocalEngine
 from server.model import onellm
 from server.model.onellm import load_model
 
 BF16_ON_ONEDNN = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 needs_bf16_onednn = pytest.mark.skipif(not BF16_ON_ONEDNN, reason="this CPU's oneDNN has no bfloat16 kernels")
+HOST_FLAGS = onellm.host_cpu_flags()
+# how bfloat16 weights are packed: into panels (this CPU's own flags, where panels serve them), or
+# for oneDNN (flags that do not let panels serve)
+PACKINGS = [pytest.param(HOST_FLAGS, id="panels", marks=pytest.mark.skipif(
+                not panels.usable(HOST_FLAGS), reason="no AVX512-BF16 or no C compiler here: no panels")),
+            pytest.param(frozenset({"avx512_bf16"}), id="onednn")]
+
+
+def packed_into_panels(cpu_flags: frozenset[str]) -> bool:
+    return panels.usable(cpu_flags)
 
 
 class OpsCalled(TorchDispatchMode):
@@ -105,9 +116,10 @@ def test_the_in_process_llm_decodes_through_the_routed_products(fixture_model):
 
 
 @needs_bf16_onednn
+@pytest.mark.parametrize("cpu_flags", PACKINGS)
 @pytest.mark.parametrize("rows", [1, 9, 300])
 @torch.inference_mode()
-def test_packed_bfloat16_weights_compute_what_the_plain_ones_did(rows):
+def test_packed_bfloat16_weights_compute_what_the_plain_ones_did(rows, cpu_flags):
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(64, 4, batch_first=True)
     nn.init.normal_(mha.in_proj_bias)
@@ -116,11 +128,13 @@ def test_packed_bfloat16_weights_compute_what_the_plain_ones_did(rows):
     model = model.to(torch.bfloat16).eval()
     x = torch.randn(1, rows, 80, dtype=torch.bfloat16)[..., 8:72]  # rows not contiguous
     plain_linear, plain_attention = model[0](x), model.attention(x, x, x)[0]
-    pack_linears(model)
-    assert model[0].weight.is_mkldnn and model.attention.in_proj_weight.is_mkldnn
-    assert model.attention.out_proj.weight.is_mkldnn and not model.attention.in_proj_bias.is_mkldnn
+    pack_linears(model, cpu_flags)
+    weights = [model[0].weight, model.attention.in_proj_weight, model.attention.out_proj.weight]
+    on_panels = packed_into_panels(cpu_flags)
+    assert all(panels.is_panels(w) == on_panels and w.is_mkldnn != on_panels for w in weights)
+    assert not is_packed(model.attention.in_proj_bias)
     ops = ops_of(lambda: model.attention(x, x, x))
-    assert "_linear_pointwise" in ops and "_native_multi_head_attention" not in ops, ops
+    assert ("_linear_pointwise" in ops) != on_panels and "_native_multi_head_attention" not in ops, ops
     torch.testing.assert_close(model[0](x), plain_linear, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(model.attention(x, x, x)[0], plain_attention, atol=2e-2, rtol=2e-2)
 
@@ -130,44 +144,51 @@ def after_products(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -
 
 
 @needs_bf16_onednn
+@pytest.mark.parametrize("cpu_flags", PACKINGS)
 @pytest.mark.parametrize("rows", [9, 300])
 @torch.inference_mode()
-def test_a_packed_product_applies_the_op_after_it_as_the_plain_one_does(rows):
+def test_a_packed_product_applies_the_op_after_it_as_the_plain_one_does(rows, cpu_flags):
     """silu, a product or a residual after a packed weight's product come from the product itself
     (no op of their own), with what the plain weight's product and the op after it give; the other
     operand may be a view of a larger tensor, as a residual's first rows are."""
     torch.manual_seed(0)
-    layer = Linear(64, 48, bias=False).to(torch.bfloat16)
+    layer = Linear(64, 96, bias=False).to(torch.bfloat16)
     x = torch.randn(2, rows, 64, dtype=torch.bfloat16)
-    other = torch.randn(2, rows + 5, 48, dtype=torch.bfloat16)[:, :rows]
+    other = torch.randn(2, rows + 5, 96, dtype=torch.bfloat16)[:, :rows]
     plain = after_products(x, layer.weight, other)
-    pack_linears(layer)
+    pack_linears(layer, cpu_flags)
     packed = after_products(x, layer.weight, other)
-    for name, op in (("silu", lambda: linear_silu(x, layer.weight)), ("add", lambda: linear_add(x, layer.weight, other))):
-        assert ops_of(op) == ["_linear_pointwise"], name
+    # panels: C, which torch does not see (beside the output's memory and a copy of a view)
+    alone = [] if packed_into_panels(cpu_flags) else ["_linear_pointwise"]
+    for name, op in (("silu", lambda: linear_silu(x, layer.weight)), ("mul", lambda: linear_mul(x, layer.weight, other)),
+                     ("add", lambda: linear_add(x, layer.weight, other))):
+        assert [op for op in ops_of(op) if op not in ("empty", "empty_like", "contiguous")] == alone, name
     for name in plain:
         torch.testing.assert_close(packed[name], plain[name], atol=3e-2, rtol=2e-2, msg=name)
 
 
 def test_only_bfloat16_weights_on_a_cpu_are_packed():
     with pytest.raises(ValueError, match="only bfloat16 weights on a CPU"):
-        pack_linears(Linear(4, 4))  # float32
+        pack_linears(Linear(4, 4), HOST_FLAGS)  # float32
 
 
 def pack_state(model) -> dict[str, bool]:
-    return {name: p.is_mkldnn for name, p in model.encoder.named_parameters()}
+    return {name: is_packed(p) for name, p in model.encoder.named_parameters()}
 
 
 @needs_bf16_onednn
-def test_the_encoder_is_packed_where_the_cpu_computes_bfloat16_natively(fixture_model, monkeypatch):
-    monkeypatch.setattr(onellm, "host_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+@pytest.mark.parametrize("cpu_flags", PACKINGS)
+def test_the_encoder_is_packed_where_the_cpu_computes_bfloat16_natively(fixture_model, monkeypatch, cpu_flags):
+    monkeypatch.setattr(onellm, "host_cpu_flags", lambda: cpu_flags)
     packed = load_model(fixture_model, dtype="bfloat16")
     state = pack_state(packed)
     assert not any(v for name, v in state.items() if name.startswith("conv1."))  # one row a call at batch 1
-    assert all(state[f"{part}.weight"] for part in ("clip.visual.transformer.resblocks.0.mlp.c_fc",
-                                                     "resample_layers.0.0.attention.wqkv", "routers.image.fc1",
-                                                     "clip_proj2.image.0"))
-    assert state["clip.visual.transformer.resblocks.0.attn.in_proj_weight"]
+    parts = [f"{part}.weight" for part in ("clip.visual.transformer.resblocks.0.mlp.c_fc",
+                                           "resample_layers.0.0.attention.wqkv", "routers.image.fc1",
+                                           "clip_proj2.image.0")] + ["clip.visual.transformer.resblocks.0.attn.in_proj_weight"]
+    assert all(state[name] for name in parts)
+    weights = dict(packed.encoder.named_parameters())
+    assert all(panels.is_panels(weights[name]) == packed_into_panels(cpu_flags) for name in parts)
     monkeypatch.setattr(onellm, "host_cpu_flags", lambda: frozenset())
     plain = load_model(fixture_model, dtype="bfloat16")
     assert not any(pack_state(plain).values())

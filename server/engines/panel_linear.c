@@ -16,7 +16,7 @@
 typedef uint16_t bf16;
 
 enum { COLS = 32, ROWS = 12 };
-enum op { OP_NONE, OP_SILU, OP_QUICK_GELU, OP_MUL, OP_ADD };
+enum op { OP_NONE, OP_SILU, OP_MUL, OP_ADD };
 
 static inline __m512 widen(const bf16 *p) {  /* 16 bfloat16 -> 16 float32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -38,16 +38,15 @@ static inline __m512 exp_ps(__m512 x) {  /* e^x to float32 precision: 2^n · e^r
     return _mm512_scalef_ps(p, n);
 }
 
-static inline __m512 times_sigmoid(__m512 v, float scale) {  /* v · σ(scale · v) */
-    __m512 e = exp_ps(_mm512_mul_ps(v, _mm512_set1_ps(-scale)));
+static inline __m512 silu(__m512 v) {  /* v · σ(v) */
+    __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v));
     return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
 static inline __m512 finish(__m512 v, int op, const bf16 *bias, const bf16 *other) {
     if (bias) v = _mm512_add_ps(v, widen(bias));
     switch (op) {
-    case OP_SILU: return times_sigmoid(v, 1.0f);
-    case OP_QUICK_GELU: return times_sigmoid(v, 1.702f);
+    case OP_SILU: return silu(v);
     case OP_MUL: return _mm512_mul_ps(v, widen(other));
     case OP_ADD: return _mm512_add_ps(v, widen(other));
     default: return v;

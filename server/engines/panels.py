@@ -25,7 +25,7 @@ SOURCE = Path(__file__).with_name("panel_linear.c")
 COLUMNS = 32  # a panel's output columns: two AVX-512 registers of float32 sums
 NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})  # /proc/cpuinfo flags
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-OPS = {"none": 0, "silu": 1, "quick_gelu": 2, "mul": 3, "add": 4}  # panel_linear.c's `enum op`
+OPS = {"none": 0, "silu": 1, "mul": 2, "add": 3}  # panel_linear.c's `enum op`
 
 
 def cache_folder() -> Path:

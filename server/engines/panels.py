@@ -23,6 +23,7 @@ log = logging.getLogger("onellm.engines")
 
 SOURCE = Path(__file__).with_name("panel_linear.c")
 COLUMNS = 32  # a panel's output columns: two AVX-512 registers of float32 sums
+CHUNK_ROWS = 192  # panel_linear.c's CHUNK: the rows of x it pairs up at a time
 NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})  # /proc/cpuinfo flags
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 OPS = {"none": 0, "silu": 1, "mul": 2, "add": 3}  # panel_linear.c's `enum op`
@@ -42,15 +43,19 @@ def library() -> ctypes.CDLL | None:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     built = cache_folder() / f"panel_linear-{key}.so"
-    if not built.exists():
-        built.parent.mkdir(parents=True, exist_ok=True)
-        partial = built.with_suffix(f".{os.getpid()}.tmp")
-        run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
-        if run.returncode != 0:
-            log.warning("compiling %s failed, products run through oneDNN: %s", SOURCE.name, run.stderr.strip())
-            return None
-        os.replace(partial, built)  # whole or absent, for a process compiling beside this one
-    lib = ctypes.CDLL(str(built))
+    try:
+        if not built.exists():
+            built.parent.mkdir(parents=True, exist_ok=True)
+            partial = built.with_suffix(f".{os.getpid()}.tmp")
+            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
+            if run.returncode != 0:
+                log.warning("compiling %s failed, products run through oneDNN: %s", SOURCE.name, run.stderr.strip())
+                return None
+            os.replace(partial, built)  # whole or absent, for a process compiling beside this one
+        lib = ctypes.CDLL(str(built))
+    except OSError as error:  # a cache folder it may not write, a library it cannot load
+        log.warning("no %s (%s): bfloat16 products of packed weights run through oneDNN", built.name, error)
+        return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.panel_linear.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, size, size, size,
                                  ctypes.c_int, ctypes.c_int]
@@ -93,7 +98,7 @@ def product(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = N
     k, n = x.shape[-1], panels.shape[0] * COLUMNS
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    scratch = torch.empty_like(x)
+    scratch = torch.empty(min(x.numel() // k, CHUNK_ROWS), k, dtype=torch.bfloat16)
     if other is not None:
         other = other.contiguous()
     library().panel_linear(x.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(),

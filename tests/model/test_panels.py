@@ -73,9 +73,12 @@ def test_the_library_is_compiled_once_into_the_cache_folder(fresh_library):
     assert panels.library() is not None and built[0].stat().st_mtime_ns == mtime  # loaded, not compiled again
 
 
-@pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])  # none there; one that fails
-def test_without_a_compiler_bfloat16_weights_are_packed_for_onednn(fresh_library, monkeypatch, compiler, caplog):
+@pytest.mark.parametrize("compiler, cache", [("/nonexistent/cc", None), ("false", None),  # none there; one that fails
+                                             ("cc", "/proc/no-cache-here")])  # a cache folder it cannot write
+def test_without_a_compiler_bfloat16_weights_are_packed_for_onednn(fresh_library, monkeypatch, compiler, cache, caplog):
     monkeypatch.setenv("CC", compiler)
+    if cache:
+        monkeypatch.setenv("XDG_CACHE_HOME", cache)
     assert not panels.usable(host_cpu_flags())
     assert "oneDNN" in caplog.text
     layer = linear.Linear(64, 64).to(torch.bfloat16)

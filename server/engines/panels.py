@@ -35,7 +35,7 @@ def cache_folder() -> Path:
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """panel_linear.c compiled and loaded, or None (logged) where there is no x86-64 C compiler."""
+    """panel_linear.c compiled and loaded, or None (logged) where it cannot be built or loaded."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if platform.machine() != "x86_64" or compiler is None:
         log.warning("no C compiler for x86-64 here: bfloat16 products of packed weights run through oneDNN")
@@ -77,7 +77,7 @@ class Panels(nn.Parameter):
 def pack(weight: torch.Tensor) -> Panels:
     """weight [N, K] bfloat16, N a multiple of 32 and K even -> panels [N/32, K/2, 32, 2]."""
     n, k = weight.shape
-    return Panels(weight.detach().view(n // COLUMNS, COLUMNS, k // 2, 2).transpose(1, 2).contiguous(),
+    return Panels(weight.detach().reshape(n // COLUMNS, COLUMNS, k // 2, 2).transpose(1, 2).contiguous(),
                   requires_grad=False)
 
 
@@ -93,9 +93,12 @@ def product(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = N
             other: torch.Tensor | None = None) -> torch.Tensor:
     """op(x [..., K] @ Wᵀ + bias, other) -> [..., N], W the weight `panels` was packed from; op is
     applied to the float32 sums before they are rounded, `other` is shaped as the product."""
-    if x.dtype != torch.bfloat16:
-        raise TypeError(f"panels multiply bfloat16 rows, not {x.dtype}")
     k, n = x.shape[-1], panels.shape[0] * COLUMNS
+    if any(t is not None and t.dtype != torch.bfloat16 for t in (x, bias, other)):
+        raise TypeError("panels multiply bfloat16 rows, add a bfloat16 bias and other")
+    if k != 2 * panels.shape[1] or (bias is not None and bias.shape != (n,)) or \
+            (other is not None and other.shape != (*x.shape[:-1], n)):
+        raise ValueError(f"x {tuple(x.shape)}, bias and other do not fit a weight of {n}×{2 * panels.shape[1]}")
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
     scratch = torch.empty(min(x.numel() // k, CHUNK_ROWS), k, dtype=torch.bfloat16)
@@ -103,6 +106,5 @@ def product(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = N
         other = other.contiguous()
     library().panel_linear(x.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(),
                            None if other is None else other.data_ptr(), y.data_ptr(), scratch.data_ptr(),
-                           x.numel() // k, n, k,
-                           OPS[op], torch.get_num_threads())
+                           x.numel() // k, n, k, OPS[op], torch.get_num_threads())
     return y

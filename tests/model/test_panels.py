@@ -50,9 +50,17 @@ def test_only_weights_of_whole_panels_are_packed_into_panels():
     assert layer.weight.is_mkldnn and not panels.is_panels(layer.weight)
 
 
-def test_rows_in_another_dtype_are_refused():
+def test_operands_the_c_would_misread_are_refused():
+    weight = panels.pack(torch.randn(32, 64, dtype=torch.bfloat16))
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="bfloat16 rows"):
-        panels.product(torch.randn(2, 64), panels.pack(torch.randn(32, 64, dtype=torch.bfloat16)))
+        panels.product(x.float(), weight)
+    with pytest.raises(TypeError, match="bfloat16 bias"):
+        panels.product(x, weight, bias=torch.randn(32))
+    for wrong in (dict(x=torch.randn(2, 48, dtype=torch.bfloat16)), dict(bias=torch.randn(16, dtype=torch.bfloat16)),
+                  dict(other=torch.randn(3, 32, dtype=torch.bfloat16), op="add")):
+        with pytest.raises(ValueError, match="do not fit a weight of 32×64"):
+            panels.product(**{"x": x, "panels": weight, **wrong})
 
 
 @pytest.fixture

@@ -6,17 +6,16 @@
  * oneDNN's 9-row products read their weights from memory at 17-24 GB/s on a 2-core Zen 4 whose
  * sum of a large tensor reads 36-45; one sequential stream per thread keeps the hardware
  * prefetcher ahead of the arithmetic.
- * Where x's rows are a multiple of 4 KiB apart (K = 4096), a block's rows would all fall on the
- * same few L1 sets, more of them than the sets have ways: x is then first copied block by block
- * into the same pair order, [K/2][rows][2], one stream. Elsewhere the copy costs more than it
- * saves, and x is read in place.
+ * Where x's rows are a multiple of 4 KiB apart (K = 2048, 4096), a block's rows all fall on the
+ * same L1 set, which holds 8 lines: blocks there have at most ALIASED_ROWS rows, which leaves the
+ * panel's lines room (6 and 8 measured alike; 12 rows, or x first copied out into pairs, 4-14 % slower).
  */
 #include <immintrin.h>
 #include <stdint.h>
 
 typedef uint16_t bf16;
 
-enum { COLS = 32, ROWS = 12, CHUNK = 192 };
+enum { COLS = 32, ROWS = 12, ALIASED_ROWS = 6, CHUNK = 192 };
 enum op { OP_NONE, OP_SILU, OP_MUL, OP_ADD };
 
 static inline __m512 widen(const bf16 *p) {  /* 16 bfloat16 -> 16 float32 */
@@ -54,9 +53,9 @@ static inline __m512 finish(__m512 v, int op, const bf16 *bias, const bf16 *othe
     }
 }
 
-/* R rows of y, the 32 columns of one panel; row r's pair kk of x at x[r * row_step + kk * pair_step] */
+/* R rows of y, the 32 columns of one panel */
 static inline __attribute__((always_inline)) void rows_by_panel(
-    const int R, const bf16 *x, int64_t row_step, int64_t pair_step, const bf16 *panel, int64_t k, const bf16 *bias, const bf16 *other,
+    const int R, const bf16 *x, const bf16 *panel, int64_t k, const bf16 *bias, const bf16 *other,
     bf16 *y, int64_t n, int op) {
     __m512 lo[ROWS], hi[ROWS];
 #pragma GCC unroll 12
@@ -66,7 +65,7 @@ static inline __attribute__((always_inline)) void rows_by_panel(
         __m512bh w_hi = (__m512bh)_mm512_loadu_si512(panel + kk * 2 * COLS + COLS);
 #pragma GCC unroll 12
         for (int r = 0; r < R; r++) {
-            __m512bh pair = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + r * row_step + kk * pair_step));
+            __m512bh pair = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + r * k + 2 * kk));
             lo[r] = _mm512_dpbf16_ps(lo[r], pair, w_lo);
             hi[r] = _mm512_dpbf16_ps(hi[r], pair, w_hi);
         }
@@ -80,8 +79,8 @@ static inline __attribute__((always_inline)) void rows_by_panel(
     }
 }
 
-#define ROWS_CASE(R) case R: rows_by_panel(R, x, paired ? 2 : k, paired ? 2 * R : 2, panel, k, bias, other, y, n, op); break;
-static void any_rows_by_panel(int rows, const bf16 *x, int paired, const bf16 *panel, int64_t k, const bf16 *bias,
+#define ROWS_CASE(R) case R: rows_by_panel(R, x, panel, k, bias, other, y, n, op); break;
+static void any_rows_by_panel(int rows, const bf16 *x, const bf16 *panel, int64_t k, const bf16 *bias,
                               const bf16 *other, bf16 *y, int64_t n, int op) {
     switch (rows) {
     ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6)
@@ -89,35 +88,20 @@ static void any_rows_by_panel(int rows, const bf16 *x, int paired, const bf16 *p
     }
 }
 
-/* x's rows r0..r0+rows as pairs along K: pairs[K/2][rows][2] */
-static void pair_up(const bf16 *x, bf16 *pairs, int64_t rows, int64_t k) {
-    const int32_t *from = (const int32_t *)x;
-    int32_t *to = (int32_t *)pairs;
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t kk = 0; kk < k / 2; kk++) to[kk * rows + r] = from[r * (k / 2) + kk];
-}
-
-/* y [m, n] = op(x [m, k] @ Wᵀ + bias [n]; other [m, n]); W as n/32 panels; bias, other may be NULL;
- * scratch holds min(m, CHUNK) × k bfloat16. Rows go CHUNK at a time, all panels each: more at once and x would
- * no longer stay in cache while the panels pass (at 10,000 rows of 4096 it is 80 MB). */
-void panel_linear(const bf16 *x, const bf16 *panels, const bf16 *bias, const bf16 *other, bf16 *y, bf16 *scratch,
+/* y [m, n] = op(x [m, k] @ Wᵀ + bias [n]; other [m, n]); W as n/32 panels; bias, other may be NULL.
+ * Rows go CHUNK at a time through every panel: x stays in cache at any batch. */
+void panel_linear(const bf16 *x, const bf16 *panels, const bf16 *bias, const bf16 *other, bf16 *y,
                   int64_t m, int64_t n, int64_t k, int op, int threads) {
-    int paired = k * sizeof(bf16) % 4096 == 0;
+    int most = k * sizeof(bf16) % 4096 == 0 ? ALIASED_ROWS : ROWS;
 #pragma omp parallel num_threads(threads)
     for (int64_t c0 = 0; c0 < m; c0 += CHUNK) {
         int64_t rows = m - c0 < CHUNK ? m - c0 : CHUNK;
-        int64_t blocks = (rows + ROWS - 1) / ROWS, per = (rows + blocks - 1) / blocks;  /* even row blocks */
-        if (paired) {
-#pragma omp for schedule(static)
-            for (int64_t r0 = c0; r0 < c0 + rows; r0 += per)
-                pair_up(x + r0 * k, scratch + (r0 - c0) * k, c0 + rows - r0 < per ? c0 + rows - r0 : per, k);
-        }
-        const bf16 *rows_from = paired ? scratch - c0 * k : x;  /* row r0 at rows_from + r0 * k */
+        int64_t blocks = (rows + most - 1) / most, per = (rows + blocks - 1) / blocks;  /* even row blocks */
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < n / COLS; p++) {
             for (int64_t r0 = c0; r0 < c0 + rows; r0 += per) {
                 int r = (int)(c0 + rows - r0 < per ? c0 + rows - r0 : per);
-                any_rows_by_panel(r, rows_from + r0 * k, paired, panels + p * k * COLS, k, bias ? bias + p * COLS : 0,
+                any_rows_by_panel(r, x + r0 * k, panels + p * k * COLS, k, bias ? bias + p * COLS : 0,
                                   other ? other + r0 * n + p * COLS : 0, y + r0 * n + p * COLS, n, op);
             }
         }

@@ -23,7 +23,6 @@ log = logging.getLogger("onellm.engines")
 
 SOURCE = Path(__file__).with_name("panel_linear.c")
 COLUMNS = 32  # a panel's output columns: two AVX-512 registers of float32 sums
-CHUNK_ROWS = 192  # panel_linear.c's CHUNK: the rows of x it pairs up at a time
 NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})  # /proc/cpuinfo flags
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 OPS = {"none": 0, "silu": 1, "mul": 2, "add": 3}  # panel_linear.c's `enum op`
@@ -57,8 +56,8 @@ def library() -> ctypes.CDLL | None:
         log.warning("no %s (%s): bfloat16 products of packed weights run through oneDNN", built.name, error)
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.panel_linear.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, size, size, size,
-                                 ctypes.c_int, ctypes.c_int]
+    lib.panel_linear.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int,
+                                 ctypes.c_int]
     lib.panel_linear.restype = None
     return lib
 
@@ -101,10 +100,9 @@ def product(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = N
         raise ValueError(f"x {tuple(x.shape)}, bias and other do not fit a weight of {n}×{2 * panels.shape[1]}")
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    scratch = torch.empty(min(x.numel() // k, CHUNK_ROWS), k, dtype=torch.bfloat16)
     if other is not None:
         other = other.contiguous()
     library().panel_linear(x.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(),
-                           None if other is None else other.data_ptr(), y.data_ptr(), scratch.data_ptr(),
+                           None if other is None else other.data_ptr(), y.data_ptr(),
                            x.numel() // k, n, k, OPS[op], torch.get_num_threads())
     return y

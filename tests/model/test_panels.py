@@ -21,8 +21,8 @@ def rounded_once(x, weight, bias, op, other):
 
 
 @pytest.mark.parametrize("op", list(AFTER))
-@pytest.mark.parametrize("rows", [1, 12, 13, 39, 300])  # 12 rows a block in registers; 13 and 39: uneven blocks
-@pytest.mark.parametrize("k", [64, 2048])  # 2048: rows 4 KiB apart, paired up before the product
+@pytest.mark.parametrize("rows", [1, 12, 13, 39, 300])  # up to 12 rows a block in registers; 300: two chunks of rows
+@pytest.mark.parametrize("k", [64, 2048])  # 2048: rows 4 KiB apart, at most 6 a block
 @torch.inference_mode()
 def test_a_product_on_panels_is_the_float32_product_rounded_once(op, rows, k):
     torch.manual_seed(rows)

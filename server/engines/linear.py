@@ -23,9 +23,9 @@ batch 1, an LLM's decode step) keeps the plain layout.
 Where the CPU has AVX512-BF16 and a C compiler is there, the packed layout is panels of our own
 (server/engines/panels.py) instead: oneDNN's products of few rows read their weights from memory at
 about half the rate they compute from cache. Measured on the same machine (GFLOP/s, oneDNN's packed
-layout against panels, four weights of 1024 to 4096 columns, each read from memory): 9 rows
-153-201 against 206-243, 39 rows 325-373 against 373-383, 257 rows 415-430 against 423-441, 1,243
-rows 427-444 against 424-449.
+layout against panels, four weights of the encoder's shapes, each read from memory): 9 rows 189-200
+against 229-291, 39 rows 350-369 against 390-405, 257 rows 416-431 against 426-445, 1,243 rows
+434-447 against 433-450, 9,944 rows 390-444 against 371-449.
 """
 
 import torch

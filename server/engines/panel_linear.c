@@ -3,8 +3,8 @@
  * A panel is 32 of W's output columns laid out along K as pairs: panel[K/2][32][2], the order
  * vdpbf16ps reads. Each thread streams its own run of panels from memory once and multiplies
  * every row of x by a panel while it is in cache, up to ROWS rows at a time in registers.
- * oneDNN's 9-row products read their weights from memory at 17-24 GB/s on a 2-core Zen 4 whose
- * sum of a large tensor reads 36-45; one sequential stream per thread keeps the hardware
+ * oneDNN's 9-row products read their weights from memory at 17-25 GB/s on a 2-core Zen 4 whose
+ * sum of a large tensor reads 32-45; one sequential stream per thread keeps the hardware
  * prefetcher ahead of the arithmetic.
  * Where x's rows are a multiple of 4 KiB apart (K = 2048, 4096), a block's rows all fall on the
  * same L1 set, which holds 8 lines: blocks there have at most ALIASED_ROWS rows, which leaves the

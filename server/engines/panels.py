@@ -59,6 +59,7 @@ def library() -> ctypes.CDLL | None:
     lib.panel_linear.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int,
                                  ctypes.c_int]
     lib.panel_linear.restype = None
+    log.info("bfloat16 products of packed weights run on panels (%s)", built)
     return lib
 
 

@@ -72,8 +72,10 @@ def fresh_library(monkeypatch, tmp_path):
     panels.library.cache_clear()
 
 
-def test_the_library_is_compiled_once_into_the_cache_folder(fresh_library):
+def test_the_library_is_compiled_once_into_the_cache_folder(fresh_library, caplog):
+    caplog.set_level("INFO", logger="onellm.engines")
     assert panels.library() is not None
+    assert "run on panels" in caplog.text  # which products run is in the server's log
     built = list((fresh_library / "onellm-serve").glob("panel_linear-*.so"))
     assert len(built) == 1 and not list((fresh_library / "onellm-serve").glob("*.tmp"))
     panels.library.cache_clear()

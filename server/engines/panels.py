@@ -99,10 +99,8 @@ def product(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = N
     if k != 2 * panels.shape[1] or (bias is not None and bias.shape != (n,)) or \
             (other is not None and other.shape != (*x.shape[:-1], n)):
         raise ValueError(f"x {tuple(x.shape)}, bias and other do not fit a weight of {n}×{2 * panels.shape[1]}")
-    x = x.contiguous()
+    x, bias, other = (None if t is None else t.contiguous() for t in (x, bias, other))
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    if other is not None:
-        other = other.contiguous()
     library().panel_linear(x.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(),
                            None if other is None else other.data_ptr(), y.data_ptr(),
                            x.numel() // k, n, k, OPS[op], torch.get_num_threads())

@@ -26,7 +26,7 @@ def rounded_once(x, weight, bias, op, other):
 @torch.inference_mode()
 def test_a_product_on_panels_is_the_float32_product_rounded_once(op, rows, k):
     torch.manual_seed(rows)
-    weight, bias = torch.randn(96, k, dtype=torch.bfloat16), torch.randn(96, dtype=torch.bfloat16)
+    weight, bias = torch.randn(96, k, dtype=torch.bfloat16), torch.randn(2 * 96, dtype=torch.bfloat16)[::2]  # a view
     x = torch.randn(2, rows, k + 16, dtype=torch.bfloat16)[..., 8 : k + 8]  # rows not contiguous
     other = torch.randn(2, rows + 3, 96, dtype=torch.bfloat16)[:, :rows] if op in ("mul", "add") else None
     got = panels.product(x, panels.pack(weight), bias, op, other)

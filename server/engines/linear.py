@@ -1,4 +1,4 @@
-"""Linear layers run through oneDNN on a CPU: float32 products of few rows, bfloat16 on packed weights.
+"""Linear layers on a CPU: float32 products of few rows through oneDNN, bfloat16 on packed weights.
 
 torch's float32 `F.linear` on a CPU calls MKL's sgemm, which is slow for products of few rows:
 measured on a 2-core AVX2 EPYC (GFLOP/s, MKL against oneDNN's `_linear_pointwise`, five weights

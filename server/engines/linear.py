@@ -71,20 +71,21 @@ def linear_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def linear_mul(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """(x @ weightᵀ) * other, other shaped as the product"""
-    if panels.is_panels(weight):
-        return panels.product(x, weight, op="mul", other=other)
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "mul")
-    return linear(x, weight).mul_(other)
+    return _linear_then(x, weight, "mul", other)
 
 
 def linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """x @ weightᵀ + other, other shaped as the product (a residual)"""
+    return _linear_then(x, weight, "add", other)
+
+
+def _linear_then(x: torch.Tensor, weight: torch.Tensor, op: str, other: torch.Tensor) -> torch.Tensor:
     if panels.is_panels(weight):
-        return panels.product(x, weight, op="add", other=other)
+        return panels.product(x, weight, op=op, other=other)
     if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "add")
-    return linear(x, weight).add_(other)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, op)
+    y = linear(x, weight)
+    return y.mul_(other) if op == "mul" else y.add_(other)
 
 
 class Linear(nn.Linear):

@@ -63,8 +63,9 @@ class Encoder(nn.Module):
         self.eval()
 
     def pack_weights(self, cpu_flags: frozenset[str]) -> None:
-        """Packs the bfloat16 weights of the layers that multiply many rows a call for oneDNN on a CPU
-        (server/engines/linear.py says why): all but the tokenizers', which at batch 1 multiply one."""
+        """Packs the bfloat16 weights of the layers that multiply many rows a call, on a CPU with
+        `cpu_flags`, in panels or for oneDNN (server/engines/linear.py says why): all but the
+        tokenizers', which at batch 1 multiply one."""
         for part in (self.clip, self.resample_layers, self.routers, self.clip_proj1, self.clip_proj2):
             pack_linears(part, cpu_flags)
 

@@ -86,7 +86,8 @@ class OneLLM:
 
 def place(encoder: Encoder, device: str | torch.device, dtype: torch.dtype) -> Encoder:
     """The encoder moved to `device` in `dtype`, ready to run: on a CPU that computes bfloat16
-    natively, its weights packed for oneDNN (after which it must not be moved or cast again)."""
+    natively, its weights packed, in panels or for oneDNN (server/engines/linear.py; after which it
+    must not be moved or cast again)."""
     encoder.to(device=device, dtype=dtype)
     cpu_flags = host_cpu_flags()
     if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and native_on_cpu(dtype, cpu_flags):

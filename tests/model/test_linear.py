@@ -26,10 +26,6 @@ PACKINGS = [pytest.param(HOST_FLAGS, id="panels", marks=pytest.mark.skipif(
             pytest.param(frozenset({"avx512_bf16"}), id="onednn")]
 
 
-def packed_into_panels(cpu_flags: frozenset[str]) -> bool:
-    return panels.usable(cpu_flags)
-
-
 class OpsCalled(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -130,7 +126,7 @@ def test_packed_bfloat16_weights_compute_what_the_plain_ones_did(rows, cpu_flags
     plain_linear, plain_attention = model[0](x), model.attention(x, x, x)[0]
     pack_linears(model, cpu_flags)
     weights = [model[0].weight, model.attention.in_proj_weight, model.attention.out_proj.weight]
-    on_panels = packed_into_panels(cpu_flags)
+    on_panels = panels.usable(cpu_flags)
     assert all(panels.is_panels(w) == on_panels and w.is_mkldnn != on_panels for w in weights)
     assert not is_packed(model.attention.in_proj_bias)
     ops = ops_of(lambda: model.attention(x, x, x))
@@ -159,7 +155,7 @@ def test_a_packed_product_applies_the_op_after_it_as_the_plain_one_does(rows, cp
     pack_linears(layer, cpu_flags)
     packed = after_products(x, layer.weight, other)
     # panels: C, which torch does not see (beside the output's memory and a copy of a view)
-    alone = [] if packed_into_panels(cpu_flags) else ["_linear_pointwise"]
+    alone = [] if panels.usable(cpu_flags) else ["_linear_pointwise"]
     for name, op in (("silu", lambda: linear_silu(x, layer.weight)), ("mul", lambda: linear_mul(x, layer.weight, other)),
                      ("add", lambda: linear_add(x, layer.weight, other))):
         assert [op for op in ops_of(op) if op not in ("empty", "empty_like", "contiguous")] == alone, name
@@ -188,7 +184,7 @@ def test_the_encoder_is_packed_where_the_cpu_computes_bfloat16_natively(fixture_
                                            "clip_proj2.image.0")] + ["clip.visual.transformer.resblocks.0.attn.in_proj_weight"]
     assert all(state[name] for name in parts)
     weights = dict(packed.encoder.named_parameters())
-    assert all(panels.is_panels(weights[name]) == packed_into_panels(cpu_flags) for name in parts)
+    assert all(panels.is_panels(weights[name]) == panels.usable(cpu_flags) for name in parts)
     monkeypatch.setattr(onellm, "host_cpu_flags", lambda: frozenset())
     plain = load_model(fixture_model, dtype="bfloat16")
     assert not any(pack_state(plain).values())
